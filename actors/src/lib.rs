@@ -1,10 +1,20 @@
 //! contact-bulk-actors: the job model, the filter, the supervisor and the job actors.
 //!
-//! The service crate (`contact-bulk`) feeds commands in through [`supervisor`]
-//! and reads job state through [`store`]; everything that touches contacts lives here.
+//! The service crate (`contact-bulk`) creates job records through [`store`],
+//! hands them to the [`supervisor`], and reads their state back through [`store`];
+//! everything that reads or deletes contacts lives here.
 
+pub mod artifact;
+pub mod delete;
 pub mod encode;
 pub mod error;
+pub mod events;
+pub mod export;
 pub mod filter;
+pub mod job;
+pub mod lookup;
+pub mod model;
+pub mod store;
+pub mod supervisor;
 
 pub use error::{JobError, ValidationError};

@@ -1,0 +1,351 @@
+//! The export actor: one per export job; each `Step` message reads one batch from
+//! the cursor, so cancel and shutdown land between batches.
+//!
+//! Rows are encoded into a buffer that is flushed as one artifact chunk together
+//! with a checkpoint (last `_id`, next chunk, bytes, rows). `processed` only ever
+//! reports flushed rows, so it never goes backwards across a restart.
+
+use bson::{doc, oid::ObjectId, Document};
+use futures::TryStreamExt;
+use mongodb::Cursor;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::io::AsyncWriteExt;
+
+use crate::encode::{collect_custom_keys, Encoder};
+use crate::error::JobError;
+use crate::job::{handle_job_msg, JobEnv, JobMsg, JobRun, JobStep};
+use crate::lookup::NameCache;
+use crate::model::{ExportSpec, JobRecord, JobStatus};
+
+/// The export actor.
+pub struct ExportActor;
+
+/// Its state, built in `pre_start`.
+pub struct ExportState {
+    run: JobRun,
+    spec: ExportSpec,
+    encoder: Option<Encoder>,
+    cursor: Option<Cursor<Document>>,
+    names: NameCache,
+    /// Encoded rows not yet flushed.
+    buf: Vec<u8>,
+    buf_rows: i64,
+    /// Last `_id` read into `buf` (resume point of the cursor itself).
+    read_last: Option<ObjectId>,
+    last_flush: std::time::Instant,
+    exhausted: bool,
+    resumed: bool,
+}
+
+impl Actor for ExportActor {
+    type Msg = JobMsg;
+    type State = ExportState;
+    type Arguments = (JobEnv, JobRecord);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<JobMsg>,
+        (env, job): (JobEnv, JobRecord),
+    ) -> Result<ExportState, ActorProcessingErr> {
+        let spec = job
+            .export
+            .clone()
+            .ok_or_else(|| JobError::Internal("export job without export settings".into()))?;
+        let read_last = job.checkpoint.last_id;
+        Ok(ExportState {
+            run: JobRun::new(env, job),
+            spec,
+            encoder: None,
+            cursor: None,
+            names: NameCache::default(),
+            buf: Vec::new(),
+            buf_rows: 0,
+            read_last,
+            last_flush: std::time::Instant::now(),
+            exhausted: false,
+            resumed: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<JobMsg>,
+        _state: &mut ExportState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = myself.send_message(JobMsg::Step);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<JobMsg>,
+        msg: JobMsg,
+        state: &mut ExportState,
+    ) -> Result<(), ActorProcessingErr> {
+        handle_job_msg(&myself, msg, state).await
+    }
+}
+
+impl JobStep for ExportState {
+    fn run(&mut self) -> &mut JobRun {
+        &mut self.run
+    }
+
+    fn reset(&mut self) {
+        self.cursor = None;
+    }
+
+    async fn step(&mut self) -> Result<bool, JobError> {
+        step(self).await
+    }
+}
+
+/// One batch. `Ok(true)` = more to do.
+async fn step(s: &mut ExportState) -> Result<bool, JobError> {
+    if s.run.cancel {
+        // Rows read but not flushed were never reported: dropping them keeps
+        // the snapshot equal to what the file holds.
+        s.run.finish(JobStatus::Cancelled, doc! {}).await?;
+        return Ok(false);
+    }
+    if !s.run.job.initialised {
+        initialise(s).await?;
+    } else if !s.resumed {
+        // A crash may have left a chunk past the checkpoint; it is rewritten.
+        let job = &s.run.job;
+        s.run
+            .env
+            .artifacts
+            .truncate_from(&job.job_id, job.checkpoint.next_chunk)
+            .await?;
+    }
+    s.resumed = true;
+    if s.encoder.is_none() {
+        let columns = s
+            .spec
+            .columns
+            .expand(s.run.job.custom_keys.as_deref().unwrap_or_default());
+        s.encoder = Some(Encoder::new(s.spec.format, columns));
+    }
+    let Some(max_id) = s.run.job.snapshot_max_id else {
+        return complete(s).await;
+    };
+    if !s.exhausted {
+        read_batch(s, max_id).await?;
+    }
+    let due = s.buf.len() >= s.run.env.settings.flush_bytes
+        || s.last_flush.elapsed() >= s.run.env.settings.flush_interval;
+    if s.buf_rows > 0 && (due || s.exhausted) {
+        flush(s).await?;
+        if s.run.cancel {
+            return Ok(true);
+        }
+    }
+    if s.exhausted && s.buf_rows == 0 {
+        return complete(s).await;
+    }
+    Ok(true)
+}
+
+/// Freezes the snapshot, counts `total`, discovers custom keys, writes the header.
+async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
+    let job = &s.run.job;
+    let db = s.run.env.store.db();
+    let coll = db.collection::<Document>(job.filter.pipeline_type.collection());
+    let query = job.filter.query(job.org_id);
+    let last = coll
+        .find_one(query.clone())
+        .sort(doc! {"_id": -1})
+        .projection(doc! {"_id": 1})
+        .await?;
+    let max_id = last.and_then(|d| d.get_object_id("_id").ok());
+    let mut total = 0i64;
+    let mut custom_keys = None;
+    if let Some(max_id) = max_id {
+        let mut bounded = query.clone();
+        bounded.insert("_id", doc! {"$lte": max_id});
+        total = coll.count_documents(bounded.clone()).await? as i64;
+        if let Some(limit) = job.filter.limit {
+            total = total.min(limit as i64);
+        }
+        if s.spec.columns.needs_custom_discovery() {
+            let mut keys = std::collections::BTreeSet::new();
+            let mut find = coll
+                .find(bounded)
+                .sort(doc! {"_id": 1})
+                .projection(doc! {"customFields": 1});
+            if let Some(limit) = job.filter.limit {
+                find = find.limit(limit as i64);
+            }
+            let mut cursor = find.batch_size(2000).await?;
+            while let Some(d) = cursor.try_next().await? {
+                collect_custom_keys(&d, &mut keys);
+            }
+            custom_keys = Some(keys.into_iter().collect::<Vec<_>>());
+        }
+    } else if s.spec.columns.needs_custom_discovery() {
+        custom_keys = Some(Vec::new());
+    }
+    let columns = s
+        .spec
+        .columns
+        .expand(custom_keys.as_deref().unwrap_or_default());
+    let encoder = Encoder::new(s.spec.format, columns);
+    let header = encoder.header().await.map_err(io_err)?;
+    let header = pack(&s.spec, header).await?;
+    let header_len = header.len() as i64;
+    s.run.env.artifacts.put(&job.job_id, 0, header).await?;
+    s.run.env.artifacts.truncate_from(&job.job_id, 1).await?;
+    let custom = match &custom_keys {
+        Some(k) => bson::to_bson(k)?,
+        None => bson::Bson::Null,
+    };
+    s.run
+        .update(doc! {"$set": {
+            "initialised": true,
+            "status": "processing",
+            "startedAt": bson::DateTime::now(),
+            "snapshotMaxId": max_id,
+            "total": total,
+            "customKeys": custom,
+            "processed": 0i64,
+            "checkpoint": {"lastId": null, "nextChunk": 1i64, "bytes": header_len},
+        }})
+        .await?;
+    s.encoder = Some(encoder);
+    s.read_last = None;
+    s.run.status_event().await;
+    tracing::info!(job_id = %s.run.job.job_id, total, "export started");
+    Ok(())
+}
+
+async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobError> {
+    let job = &s.run.job;
+    let remaining = job
+        .filter
+        .limit
+        .map(|l| l as i64 - job.processed - s.buf_rows);
+    if remaining.is_some_and(|r| r <= 0) {
+        s.exhausted = true;
+        return Ok(());
+    }
+    if s.cursor.is_none() {
+        let mut query = job.filter.query(job.org_id);
+        let mut range = doc! {"$lte": max_id};
+        if let Some(after) = s.read_last {
+            range.insert("$gt", after);
+        }
+        query.insert("_id", range);
+        let coll = s
+            .run
+            .env
+            .store
+            .db()
+            .collection::<Document>(job.filter.pipeline_type.collection());
+        let cursor = coll
+            .find(query)
+            .sort(doc! {"_id": 1})
+            .projection(s.spec.columns.projection())
+            .batch_size(s.run.env.settings.export_batch)
+            .await?;
+        s.cursor = Some(cursor);
+    }
+    let want = remaining
+        .unwrap_or(i64::MAX)
+        .min(s.run.env.settings.export_batch as i64) as usize;
+    let mut docs = Vec::with_capacity(want);
+    if let Some(cursor) = s.cursor.as_mut() {
+        while docs.len() < want {
+            match cursor.try_next().await? {
+                Some(d) => docs.push(d),
+                None => {
+                    s.exhausted = true;
+                    break;
+                }
+            }
+        }
+    }
+    if remaining.is_some_and(|r| r <= docs.len() as i64) {
+        s.exhausted = true;
+    }
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let cols = &s.spec.columns;
+    s.names
+        .resolve(
+            s.run.env.store.db(),
+            job.org_id,
+            &docs,
+            cols.needs_pipeline() || cols.needs_stage(),
+            cols.needs_owner(),
+        )
+        .await?;
+    let encoder = s
+        .encoder
+        .as_ref()
+        .ok_or_else(|| JobError::Internal("encoder missing".into()))?;
+    let rows = encoder
+        .encode_batch(&docs, &s.names.names, &mut s.buf)
+        .await
+        .map_err(io_err)?;
+    s.buf_rows += rows as i64;
+    s.read_last = docs.last().and_then(|d| d.get_object_id("_id").ok());
+    Ok(())
+}
+
+/// Writes the buffer as the next chunk, then the checkpoint that covers it.
+async fn flush(s: &mut ExportState) -> Result<(), JobError> {
+    let n = s.run.job.checkpoint.next_chunk;
+    let data = pack(&s.spec, s.buf.clone()).await?;
+    let len = data.len() as i64;
+    s.run.env.artifacts.put(&s.run.job.job_id, n, data).await?;
+    s.run
+        .update(doc! {
+            "$set": {
+                "checkpoint.lastId": s.read_last,
+                "checkpoint.nextChunk": n + 1,
+            },
+            "$inc": {"checkpoint.bytes": len, "processed": s.buf_rows},
+        })
+        .await?;
+    s.buf.clear();
+    s.buf_rows = 0;
+    s.last_flush = std::time::Instant::now();
+    s.run.progress_event().await;
+    Ok(())
+}
+
+async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
+    let job_id = s.run.job.job_id.clone();
+    let (bytes, sha256) = s.run.env.artifacts.digest(&job_id).await?;
+    let result = doc! {
+        "fileName": &s.spec.file_name,
+        "format": bson::to_bson(&s.spec.format)?,
+        "gzip": s.spec.gzip,
+        "rows": s.run.job.processed,
+        "bytes": bytes,
+        "sha256": sha256,
+    };
+    s.run
+        .finish(JobStatus::Completed, doc! {"result": result})
+        .await?;
+    Ok(false)
+}
+
+/// Compresses a chunk as its own gzip member when asked: concatenated members
+/// are one valid gzip file, and each chunk stands alone so a resume needs no
+/// compressor state.
+async fn pack(spec: &ExportSpec, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
+    if !spec.gzip {
+        return Ok(data);
+    }
+    let mut enc = async_compression::tokio::write::GzipEncoder::new(Vec::with_capacity(data.len() / 4));
+    enc.write_all(&data).await.map_err(io_err)?;
+    enc.shutdown().await.map_err(io_err)?;
+    Ok(enc.into_inner())
+}
+
+fn io_err(e: std::io::Error) -> JobError {
+    JobError::Internal(format!("encoding: {e}"))
+}

@@ -1,0 +1,338 @@
+//! The job model: the record stored in `bulk_jobs`, and the snapshot every caller sees.
+
+use bson::{oid::ObjectId, DateTime};
+use chrono::SecondsFormat;
+use serde::{Deserialize, Serialize};
+
+use crate::encode::{ColumnSpec, Format};
+use crate::filter::Filter;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Streams matching contacts into a file.
+    Export,
+    /// Cascade-deletes matching contacts.
+    Delete,
+}
+
+impl JobKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Export => "export",
+            JobKind::Delete => "delete",
+        }
+    }
+}
+
+/// Where a job is in its life. Terminal states never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Accepted, waiting for a slot.
+    Pending,
+    /// Running (or resumable after a crash).
+    Processing,
+    /// Done; terminal.
+    Completed,
+    /// Gave up after bounded attempts; terminal.
+    Failed,
+    /// Stopped on request at a batch boundary; terminal.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// True for completed, failed and cancelled.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Processing => "processing",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Documents removed by a delete job (zero for exports).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    /// Contacts (or applications) deleted.
+    pub contacts: u64,
+    /// Conversations deleted.
+    pub conversations: u64,
+    /// Messages deleted.
+    pub messages: u64,
+}
+
+/// How an export writes its file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportSpec {
+    /// CSV or NDJSON.
+    pub format: Format,
+    /// Compress with gzip.
+    pub gzip: bool,
+    /// Requested columns (may still hold "all custom fields").
+    pub columns: ColumnSpec,
+    /// Sanitised file name, extension included.
+    pub file_name: String,
+}
+
+/// Where a running job is; written atomically with the job's progress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    /// Highest `_id` fully handled.
+    pub last_id: Option<ObjectId>,
+    /// Next artifact chunk number (exports).
+    pub next_chunk: i64,
+    /// Bytes of the artifact written so far (exports).
+    pub bytes: i64,
+}
+
+/// The finished export file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportFile {
+    /// Download file name.
+    pub file_name: String,
+    /// CSV or NDJSON.
+    pub format: Format,
+    /// Gzip-compressed.
+    pub gzip: bool,
+    /// Data rows (header excluded).
+    pub rows: i64,
+    /// File size in bytes.
+    pub bytes: i64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// The batch a delete job is in the middle of: its claimed contacts and the
+/// children counted before they were deleted, so a resumed batch neither
+/// recounts nor loses counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteInflight {
+    /// Highest candidate `_id` of the batch (the next checkpoint).
+    pub upto: ObjectId,
+    /// Contacts claimed by the batch.
+    pub contacts: u64,
+    /// Conversations counted for them.
+    pub conversations: u64,
+    /// Messages counted for them.
+    pub messages: u64,
+}
+
+/// A job as stored in `bulk_jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRecord {
+    /// UUID string.
+    #[serde(rename = "_id")]
+    pub job_id: String,
+    /// Export or delete.
+    pub kind: JobKind,
+    /// Owning organisation; every query of the job is scoped to it.
+    pub org_id: ObjectId,
+    /// Caller's idempotency key.
+    pub command_id: Option<String>,
+    /// `<orgId>:<commandId>`, unique (sparse) so a replayed command cannot create a second job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_key: Option<String>,
+    /// User who asked, if known.
+    pub requested_by: Option<ObjectId>,
+    /// Lifecycle state.
+    pub status: JobStatus,
+    /// The validated filter.
+    pub filter: Filter,
+    /// Export settings (exports only).
+    pub export: Option<ExportSpec>,
+    /// Delete preview only: no job is created for dry runs, kept for symmetry.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Upper bound on `_id` frozen when the job started; `None` before start or when nothing matched.
+    pub snapshot_max_id: Option<ObjectId>,
+    /// Whether the start-up phase (snapshot, total, header) is done.
+    #[serde(default)]
+    pub initialised: bool,
+    /// Matching documents at start.
+    pub total: Option<i64>,
+    /// Rows exported or contacts handled; only grows.
+    pub processed: i64,
+    /// Documents deleted.
+    pub counts: Counts,
+    /// Why the job failed.
+    pub error: Option<String>,
+    /// Times an actor started on the job.
+    pub attempts: i32,
+    /// Accepted at.
+    pub created_at: DateTime,
+    /// First started at.
+    pub started_at: Option<DateTime>,
+    /// Reached a terminal state at.
+    pub finished_at: Option<DateTime>,
+    /// Resume point.
+    #[serde(default)]
+    pub checkpoint: Checkpoint,
+    /// Custom-field keys discovered at start (exports asking for all custom fields).
+    #[serde(default)]
+    pub custom_keys: Option<Vec<String>>,
+    /// The finished file (exports).
+    pub result: Option<ExportFile>,
+    /// A cancel was asked for; honoured at the next batch boundary.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Instance holding the job.
+    pub lease_owner: Option<String>,
+    /// Lease expiry; another instance may take over after it.
+    pub lease_until: Option<DateTime>,
+    /// Delete batch in progress.
+    #[serde(default)]
+    pub inflight: Option<DeleteInflight>,
+}
+
+impl JobRecord {
+    /// A new pending job.
+    pub fn new(
+        kind: JobKind,
+        org_id: ObjectId,
+        command_id: Option<String>,
+        requested_by: Option<ObjectId>,
+        filter: Filter,
+        export: Option<ExportSpec>,
+    ) -> JobRecord {
+        let command_key = command_id.as_ref().map(|c| format!("{}:{c}", org_id.to_hex()));
+        JobRecord {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            org_id,
+            command_id,
+            command_key,
+            requested_by,
+            status: JobStatus::Pending,
+            filter,
+            export,
+            dry_run: false,
+            snapshot_max_id: None,
+            initialised: false,
+            total: None,
+            processed: 0,
+            counts: Counts::default(),
+            error: None,
+            attempts: 0,
+            created_at: DateTime::now(),
+            started_at: None,
+            finished_at: None,
+            checkpoint: Checkpoint::default(),
+            custom_keys: None,
+            result: None,
+            cancel_requested: false,
+            lease_owner: None,
+            lease_until: None,
+            inflight: None,
+        }
+    }
+
+    /// The snapshot callers see. `downloadUrl` is filled in by the service, which holds the signing key.
+    pub fn snapshot(&self) -> JobSnapshot {
+        JobSnapshot {
+            job_id: self.job_id.clone(),
+            kind: self.kind,
+            org_id: self.org_id.to_hex(),
+            command_id: self.command_id.clone(),
+            status: self.status,
+            total: self.total,
+            processed: self.processed,
+            counts: self.counts,
+            error: self.error.clone(),
+            attempts: self.attempts,
+            created_at: rfc3339(self.created_at),
+            started_at: self.started_at.map(rfc3339),
+            finished_at: self.finished_at.map(rfc3339),
+            result: self.result.as_ref().map(|r| ResultSnapshot {
+                file_name: r.file_name.clone(),
+                format: r.format,
+                gzip: r.gzip,
+                rows: r.rows,
+                bytes: r.bytes,
+                sha256: r.sha256.clone(),
+                download_url: None,
+                expires_at: None,
+            }),
+        }
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, as every time on the wire.
+pub fn rfc3339(t: DateTime) -> String {
+    t.to_chrono().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The export file as callers see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultSnapshot {
+    /// Download file name.
+    pub file_name: String,
+    /// CSV or NDJSON.
+    pub format: Format,
+    /// Gzip-compressed.
+    pub gzip: bool,
+    /// Data rows.
+    pub rows: i64,
+    /// File size.
+    pub bytes: i64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    /// Signed link, valid 15 minutes.
+    pub download_url: Option<String>,
+    /// When the link expires.
+    pub expires_at: Option<String>,
+}
+
+/// The job snapshot of the contract (reply, event payload, HTTP body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSnapshot {
+    /// UUID.
+    pub job_id: String,
+    /// Export or delete.
+    pub kind: JobKind,
+    /// 24-hex organisation id.
+    pub org_id: String,
+    /// Idempotency key.
+    pub command_id: Option<String>,
+    /// Lifecycle state.
+    pub status: JobStatus,
+    /// Matching documents at start; null until counted.
+    pub total: Option<i64>,
+    /// Rows exported or contacts handled.
+    pub processed: i64,
+    /// Documents deleted.
+    pub counts: Counts,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// Actor starts.
+    pub attempts: i32,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub started_at: Option<String>,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// Export result.
+    pub result: Option<ResultSnapshot>,
+}

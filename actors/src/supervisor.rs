@@ -1,0 +1,328 @@
+//! The supervisor: spawns one actor per job, caps how many run (globally and per
+//! organisation), restarts failed job actors with backoff from their last
+//! checkpoint, fails a job after bounded attempts, and resumes unheld jobs it
+//! finds in the database (at start-up and on every scan tick).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bson::oid::ObjectId;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use serde::Serialize;
+
+use crate::delete::DeleteActor;
+use crate::export::ExportActor;
+use crate::job::{backoff, JobEnv, JobMsg};
+use crate::model::{JobKind, JobRecord};
+
+/// Limits on running jobs.
+#[derive(Debug, Clone)]
+pub struct Caps {
+    /// Jobs running at once on this instance.
+    pub max_running: usize,
+    /// Jobs of one organisation running at once on this instance.
+    pub max_per_org: usize,
+    /// How often the database is scanned for jobs to start or take over.
+    pub scan_interval: Duration,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            max_running: 8,
+            max_per_org: 2,
+            scan_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Messages of the supervisor.
+#[derive(Debug)]
+pub enum SupervisorMsg {
+    /// A job was just created: start it if a slot is free.
+    Start(String),
+    /// Cancel a job if it runs here (the record already says so).
+    Cancel(String),
+    /// Look for pending or orphaned jobs.
+    Scan,
+    /// Stop every job at its batch boundary, leaving them resumable; replies when all stopped.
+    Drain(RpcReplyPort<()>),
+    /// Reply with the counters.
+    Counters(RpcReplyPort<SupervisorCounters>),
+}
+
+/// What the supervisor has done; tests and `/healthz` read it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SupervisorCounters {
+    /// Jobs running now.
+    pub running: usize,
+    /// Actors spawned.
+    pub spawned: u64,
+    /// Actors restarted after a failure.
+    pub restarts: u64,
+    /// Jobs marked failed after exhausting attempts.
+    pub failed: u64,
+    /// Jobs that ended (any terminal state or drained).
+    pub ended: u64,
+}
+
+/// The supervisor actor.
+pub struct Supervisor;
+
+struct Running {
+    job_id: String,
+    org: ObjectId,
+    actor: ActorRef<JobMsg>,
+}
+
+/// Supervisor state.
+pub struct SupervisorState {
+    env: JobEnv,
+    caps: Caps,
+    running: HashMap<ActorId, Running>,
+    draining: Option<Vec<RpcReplyPort<()>>>,
+    counters: SupervisorCounters,
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = (JobEnv, Caps);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        (env, caps): (JobEnv, Caps),
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let _ = myself.send_message(SupervisorMsg::Scan);
+        myself.send_interval(caps.scan_interval, || SupervisorMsg::Scan);
+        Ok(SupervisorState {
+            env,
+            caps,
+            running: HashMap::new(),
+            draining: None,
+            counters: SupervisorCounters::default(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Start(job_id) => {
+                if let Err(e) = try_start(&myself, state, &job_id).await {
+                    tracing::warn!(job_id, error = %e, "job not started");
+                }
+            }
+            SupervisorMsg::Cancel(job_id) => {
+                if let Some(r) = state.running.values().find(|r| r.job_id == job_id) {
+                    let _ = r.actor.send_message(JobMsg::Cancel);
+                }
+            }
+            SupervisorMsg::Scan => scan(&myself, state).await,
+            SupervisorMsg::Drain(reply) => {
+                let mut waiting = state.draining.take().unwrap_or_default();
+                waiting.push(reply);
+                for r in state.running.values() {
+                    let _ = r.actor.send_message(JobMsg::Drain);
+                }
+                if state.running.is_empty() {
+                    for w in waiting {
+                        let _ = w.send(());
+                    }
+                    state.draining = Some(Vec::new());
+                } else {
+                    state.draining = Some(waiting);
+                }
+            }
+            SupervisorMsg::Counters(reply) => {
+                let mut c = state.counters.clone();
+                c.running = state.running.len();
+                let _ = reply.send(c);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some(r) = state.running.remove(&cell.get_id()) {
+                    state.counters.ended += 1;
+                    tracing::debug!(job_id = r.job_id, reason = ?reason, "job actor ended");
+                }
+                after_exit(&myself, state);
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if let Some(r) = state.running.remove(&cell.get_id()) {
+                    on_failure(&myself, state, r, err.to_string()).await;
+                }
+                after_exit(&myself, state);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn after_exit(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
+    if let Some(waiting) = state.draining.as_mut() {
+        if state.running.is_empty() {
+            for w in waiting.drain(..) {
+                let _ = w.send(());
+            }
+        }
+        return;
+    }
+    // A slot is free: fill it without waiting for the next tick.
+    let _ = myself.send_message(SupervisorMsg::Scan);
+}
+
+/// A job actor gave up: restart it after a backoff, or fail the job for good.
+async fn on_failure(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    r: Running,
+    error: String,
+) {
+    let env = &state.env;
+    let record = match env.store.get_any(&r.job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => {
+            // The lease will expire and a scan will pick the job up again.
+            tracing::warn!(job_id = r.job_id, error = %e, "failed job not inspected");
+            return;
+        }
+    };
+    if record.attempts >= env.settings.max_attempts {
+        tracing::error!(job_id = r.job_id, attempts = record.attempts, error, "job failed");
+        state.counters.failed += 1;
+        let message = format!("gave up after {} attempts: {error}", record.attempts);
+        match env.store.fail_unheld(&r.job_id, &message).await {
+            Ok(Some(job)) => {
+                let _ = env
+                    .sink
+                    .job_event(crate::events::JobEventKind::Status, &job)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job_id = r.job_id, error = %e, "failed job not recorded"),
+        }
+        return;
+    }
+    let delay = backoff(
+        env.settings.restart_backoff,
+        record.attempts.max(1) as u32 - 1,
+        Duration::from_secs(30),
+    );
+    tracing::warn!(job_id = r.job_id, attempts = record.attempts, error, restart_in_ms = delay.as_millis() as u64, "job actor failed, restarting");
+    state.counters.restarts += 1;
+    let job_id = r.job_id.clone();
+    myself.send_after(delay, move || SupervisorMsg::Start(job_id));
+}
+
+async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
+    if state.draining.is_some() || state.running.len() >= state.caps.max_running {
+        return;
+    }
+    let found = match state.env.store.resumable(64).await {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            tracing::warn!(error = %e, "scan for jobs failed");
+            return;
+        }
+    };
+    for job in found {
+        if state.running.len() >= state.caps.max_running {
+            break;
+        }
+        if let Err(e) = start_record(myself, state, job).await {
+            tracing::warn!(error = %e, "job not started");
+        }
+    }
+}
+
+async fn try_start(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    job_id: &str,
+) -> Result<(), ActorProcessingErr> {
+    if state.draining.is_some() {
+        return Ok(());
+    }
+    match state.env.store.get_any(job_id).await? {
+        Some(job) if !job.status.is_terminal() => start_record(myself, state, job).await,
+        _ => Ok(()),
+    }
+}
+
+async fn start_record(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    job: JobRecord,
+) -> Result<(), ActorProcessingErr> {
+    if state.running.values().any(|r| r.job_id == job.job_id) {
+        return Ok(());
+    }
+    let org_running = state.running.values().filter(|r| r.org == job.org_id).count();
+    if state.running.len() >= state.caps.max_running || org_running >= state.caps.max_per_org {
+        // Stays pending; a later scan starts it when a slot frees up.
+        return Ok(());
+    }
+    let env = &state.env;
+    if job.attempts >= env.settings.max_attempts {
+        let message = format!("gave up after {} attempts", job.attempts);
+        if let Some(failed) = env.store.fail_unheld(&job.job_id, &message).await? {
+            state.counters.failed += 1;
+            let _ = env
+                .sink
+                .job_event(crate::events::JobEventKind::Status, &failed)
+                .await;
+        }
+        return Ok(());
+    }
+    let Some(job) = env
+        .store
+        .acquire(&job.job_id, &env.instance, env.settings.lease_ttl)
+        .await?
+    else {
+        return Ok(());
+    };
+    let org = job.org_id;
+    let job_id = job.job_id.clone();
+    let kind = job.kind;
+    tracing::info!(job_id, kind = kind.as_str(), attempt = job.attempts, "starting job actor");
+    let args = (env.clone(), job);
+    let actor = match kind {
+        JobKind::Export => {
+            Actor::spawn_linked(None, ExportActor, args, myself.get_cell())
+                .await?
+                .0
+        }
+        JobKind::Delete => {
+            Actor::spawn_linked(None, DeleteActor, args, myself.get_cell())
+                .await?
+                .0
+        }
+    };
+    state.counters.spawned += 1;
+    state.running.insert(
+        actor.get_id(),
+        Running {
+            job_id,
+            org,
+            actor,
+        },
+    );
+    Ok(())
+}
