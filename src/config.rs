@@ -1,0 +1,128 @@
+//! Service configuration, built once from the environment (flags may override).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use contact_bulk_actors::job::JobSettings;
+use contact_bulk_actors::supervisor::Caps;
+
+/// Everything `serve` needs. Each field reads its environment variable, and a flag may override it.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// NATS server (JetStream enabled).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Any MongoDB deployment.
+    #[arg(long, env = "MONGODB_URI", default_value = "mongodb://127.0.0.1:27017")]
+    pub mongodb_uri: String,
+    /// Database holding the CRM collections.
+    #[arg(long, env = "MONGODB_DB", default_value = "crm")]
+    pub mongodb_db: String,
+    /// HTTP API, WebSocket bridge and web page, one port.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// HS256 secret for bearer tokens and signed download links.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Base URL put in signed download links (defaults to `http://HTTP_ADDR`).
+    #[arg(long, env = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Prefix of every NATS subject (`bulk` in production; tests use a unique one).
+    #[arg(long, env = "BULK_SUBJECT_PREFIX", default_value = "bulk")]
+    pub subject_prefix: String,
+    /// Jobs running at once on this instance.
+    #[arg(long, env = "BULK_MAX_RUNNING", default_value_t = 8)]
+    pub max_running: usize,
+    /// Jobs of one organisation running at once on this instance.
+    #[arg(long, env = "BULK_MAX_PER_ORG", default_value_t = 2)]
+    pub max_per_org: usize,
+    /// Contacts read per export batch.
+    #[arg(long, env = "BULK_EXPORT_BATCH", default_value_t = 1000)]
+    pub export_batch: u32,
+    /// Contacts deleted per delete batch.
+    #[arg(long, env = "BULK_DELETE_BATCH", default_value_t = 500)]
+    pub delete_batch: u32,
+    /// Job lease, in milliseconds; another instance takes an abandoned job over after it.
+    #[arg(long, env = "BULK_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+    /// How often to look for pending or abandoned jobs, in milliseconds.
+    #[arg(long, env = "BULK_SCAN_MS", default_value_t = 2_000)]
+    pub scan_ms: u64,
+    /// Actor starts before a job is marked failed.
+    #[arg(long, env = "BULK_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i32,
+}
+
+impl Config {
+    /// Reads the environment only (no command line): what tests and embedders use.
+    pub fn from_env() -> Config {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        use clap::Parser;
+        Only::parse_from(["contact-bulk"]).config
+    }
+
+    /// The JWT secret, required to serve.
+    pub fn secret(&self) -> anyhow::Result<&str> {
+        self.jwt_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("JWT_SECRET is required"))
+    }
+
+    /// Base of links the service hands out.
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.http_addr))
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// Job tunables.
+    pub fn job_settings(&self) -> JobSettings {
+        JobSettings {
+            export_batch: self.export_batch.max(1),
+            delete_batch: self.delete_batch.max(1),
+            lease_ttl: Duration::from_millis(self.lease_ms.max(500)),
+            max_attempts: self.max_attempts.max(1),
+            ..JobSettings::default()
+        }
+    }
+
+    /// Supervisor limits.
+    pub fn caps(&self) -> Caps {
+        Caps {
+            max_running: self.max_running.max(1),
+            max_per_org: self.max_per_org.max(1),
+            scan_interval: Duration::from_millis(self.scan_ms.max(100)),
+        }
+    }
+
+    /// A subject under the configured prefix: `subject("v1.export")` = `bulk.v1.export`.
+    pub fn subject(&self, tail: &str) -> String {
+        format!("{}.{tail}", self.subject_prefix)
+    }
+
+    /// Name of the events stream (`BULK_EVENTS` with the default prefix).
+    pub fn events_stream(&self) -> String {
+        stream_name(&self.subject_prefix, "EVENTS")
+    }
+
+    /// Name of the durable intake stream (`BULK_SUBMIT` with the default prefix).
+    pub fn submit_stream(&self) -> String {
+        stream_name(&self.subject_prefix, "SUBMIT")
+    }
+}
+
+fn stream_name(prefix: &str, tail: &str) -> String {
+    let p: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .collect();
+    format!("{p}_{tail}")
+}

@@ -1,0 +1,123 @@
+//! Event publishing to JetStream: the `BULK_EVENTS` stream, job events and `contact_removed`.
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact};
+use contact_bulk_actors::model::{rfc3339, JobRecord};
+use contact_bulk_actors::JobError;
+use futures::future::BoxFuture;
+use serde_json::json;
+
+use crate::auth::Keys;
+use crate::commands::decorate;
+use crate::config::Config;
+
+/// How long JetStream remembers `Nats-Msg-Id`s: replays of a crashed batch
+/// within this window are dropped by the server.
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(20 * 60);
+
+/// Creates (or updates) the events and intake streams.
+pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow::Result<()> {
+    let events = stream::Config {
+        name: config.events_stream(),
+        subjects: vec![config.subject("v1.events.>")],
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        duplicate_window: DEDUP_WINDOW,
+        ..Default::default()
+    };
+    upsert_stream(js, events).await?;
+    let submit = stream::Config {
+        name: config.submit_stream(),
+        subjects: vec![config.subject("v1.submit.>")],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::WorkQueue,
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    upsert_stream(js, submit).await?;
+    Ok(())
+}
+
+async fn upsert_stream(js: &jetstream::Context, cfg: stream::Config) -> anyhow::Result<()> {
+    let name = cfg.name.clone();
+    match js.get_stream(&name).await {
+        Ok(_) => {
+            js.update_stream(cfg).await?;
+        }
+        Err(_) => {
+            js.create_stream(cfg).await?;
+        }
+    }
+    tracing::info!(stream = name, "stream ready");
+    Ok(())
+}
+
+/// Publishes job events and `contact_removed` to JetStream.
+pub struct NatsSink {
+    js: jetstream::Context,
+    keys: Keys,
+    prefix: String,
+}
+
+impl NatsSink {
+    /// A sink publishing under `prefix` (`bulk`).
+    pub fn new(js: jetstream::Context, keys: Keys, prefix: &str) -> NatsSink {
+        NatsSink {
+            js,
+            keys,
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+fn nats_err(e: impl std::fmt::Display) -> JobError {
+    JobError::Internal(format!("nats: {e}"))
+}
+
+impl EventSink for NatsSink {
+    fn job_event(&self, kind: JobEventKind, job: &JobRecord) -> BoxFuture<'_, Result<(), JobError>> {
+        let subject = format!("{}.v1.events.{}.job.{}", self.prefix, job.org_id.to_hex(), job.job_id);
+        let body = json!({"type": kind.as_str(), "job": decorate(&self.keys, job)});
+        Box::pin(async move {
+            let payload = serde_json::to_vec(&body).map_err(nats_err)?;
+            self.js
+                .publish(subject, payload.into())
+                .await
+                .map_err(nats_err)?
+                .await
+                .map_err(nats_err)?;
+            Ok(())
+        })
+    }
+
+    fn contacts_removed<'a>(&'a self, removed: &'a [RemovedContact]) -> BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(async move {
+            let mut acks = Vec::with_capacity(removed.len());
+            for r in removed {
+                let subject = format!("{}.v1.events.{}.contact_removed", self.prefix, r.org_id.to_hex());
+                let body = json!({
+                    "type": "contact_removed",
+                    "orgId": r.org_id.to_hex(),
+                    "contactId": r.contact_id.to_hex(),
+                    "jobId": r.job_id,
+                    "pipelineType": r.pipeline_type.as_str(),
+                    "ownerId": r.owner_id.map(|o| o.to_hex()),
+                    "at": rfc3339(r.at),
+                });
+                let payload = serde_json::to_vec(&body).map_err(nats_err)?;
+                let msg = PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(format!("{}:{}", r.job_id, r.contact_id.to_hex()));
+                // Sent back to back; acks are awaited together below.
+                acks.push(self.js.send_publish(subject, msg).await.map_err(nats_err)?);
+            }
+            for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+                ack.map_err(nats_err)?;
+            }
+            Ok(())
+        })
+    }
+}

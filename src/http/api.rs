@@ -1,0 +1,200 @@
+//! JSON endpoints of the HTTP API: counts, jobs, exports, deletes, pipelines, health.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bson::{doc, Document};
+use contact_bulk_actors::filter::{Filter, ParseOptions};
+use contact_bulk_actors::model::{JobKind, JobRecord};
+use contact_bulk_actors::store::names;
+use contact_bulk_actors::ValidationError;
+use futures::TryStreamExt;
+use serde_json::{json, Value};
+
+use super::{ApiError, Auth};
+use crate::auth::{SCOPE_DELETE, SCOPE_EXPORT, SCOPE_READ};
+use crate::commands::{App, DeleteOutcome};
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Parses a JSON body, naming the problem instead of axum's plain-text rejection.
+fn json_body(body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::from_job(ValidationError::new("body", format!("not valid JSON: {e}")).into())
+    })
+}
+
+/// A filter body validated as a command's filter.
+fn filter_body(body: &Bytes, allow_limit: bool) -> Result<Filter, ApiError> {
+    let v = json_body(body)?;
+    Filter::from_json(&v, ParseOptions { prefix: "", allow_limit }).map_err(|e| ApiError::from_job(e.into()))
+}
+
+/// `GET /healthz`: 200 when MongoDB and NATS answer, 503 otherwise.
+pub async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let mongo = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        app.db.run_command(doc! {"ping": 1}),
+    )
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false);
+    let nats = app.nats.connection_state() == async_nats::connection::State::Connected;
+    let status = if mongo && nats {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"mongodb": mongo, "nats": nats}))).into_response()
+}
+
+/// `POST /api/contacts/query-count`.
+pub async fn query_count(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+    let caller = auth.require_any(&[SCOPE_EXPORT, SCOPE_DELETE, SCOPE_READ])?;
+    let filter = filter_body(&body, true)?;
+    let count = app.count(caller.org, &filter).await?;
+    Ok(Json(json!({"count": count})).into_response())
+}
+
+/// `DELETE /api/contacts/query-bulk-delete`: 202 `{jobId, message}`; the job is
+/// recorded before the reply, so the next poll finds it.
+pub async fn query_bulk_delete(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+    let caller = auth.require(SCOPE_DELETE)?.clone();
+    let filter = json_body(&body)?;
+    let req = json!({"filter": filter, "requestedBy": caller.user.map(|u| u.to_hex())});
+    match app.delete(&req, Some(caller.org)).await? {
+        DeleteOutcome::Job(job) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"jobId": job.job_id, "message": "Bulk delete started"})),
+        )
+            .into_response()),
+        DeleteOutcome::DryRun(counts) => Ok(Json(json!({"dryRun": true, "counts": counts})).into_response()),
+    }
+}
+
+/// `POST /api/contacts/query-delete-preview`: what a delete would remove (the page's dry run).
+pub async fn query_delete_preview(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+    let caller = auth.require(SCOPE_DELETE)?.clone();
+    let filter = json_body(&body)?;
+    let req = json!({"filter": filter, "dryRun": true});
+    match app.delete(&req, Some(caller.org)).await? {
+        DeleteOutcome::DryRun(counts) => Ok(Json(json!({"dryRun": true, "counts": counts})).into_response()),
+        DeleteOutcome::Job(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "dry run created a job")),
+    }
+}
+
+async fn own_job(app: &App, auth: &Auth, job_id: &str) -> Result<JobRecord, ApiError> {
+    // Another organisation's job is indistinguishable from a missing one.
+    app.store
+        .get(auth.0.org, job_id)
+        .await
+        .map_err(|_| ApiError::not_found("job"))
+}
+
+/// `GET /api/contacts/bulk-job/{jobId}`.
+pub async fn get_job(State(app): State<Arc<App>>, auth: Auth, Path(job_id): Path<String>) -> ApiResult {
+    auth.require(SCOPE_READ)?;
+    let job = own_job(&app, &auth, &job_id).await?;
+    Ok(Json(app.snapshot(&job)).into_response())
+}
+
+/// `POST /api/contacts/bulk-job/{jobId}/cancel`: needs the scope of the job's kind.
+pub async fn cancel_job(State(app): State<Arc<App>>, auth: Auth, Path(job_id): Path<String>) -> ApiResult {
+    let job = own_job(&app, &auth, &job_id).await?;
+    match job.kind {
+        JobKind::Export => auth.require_any(&[SCOPE_EXPORT])?,
+        JobKind::Delete => auth.require_any(&[SCOPE_DELETE])?,
+    };
+    let job = app.cancel(auth.0.org, &job_id).await?;
+    Ok(Json(app.snapshot(&job)).into_response())
+}
+
+/// `POST /api/exports`: 202 with the snapshot.
+pub async fn create_export(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+    let caller = auth.require(SCOPE_EXPORT)?.clone();
+    let mut req = json_body(&body)?;
+    if let Some(obj) = req.as_object_mut() {
+        if let Some(user) = caller.user {
+            obj.insert("requestedBy".into(), json!(user.to_hex()));
+        }
+    }
+    let job = app.export(&req, Some(caller.org)).await?;
+    Ok((StatusCode::ACCEPTED, Json(app.snapshot(&job))).into_response())
+}
+
+/// `GET /api/exports/{jobId}`.
+pub async fn get_export(State(app): State<Arc<App>>, auth: Auth, Path(job_id): Path<String>) -> ApiResult {
+    auth.require_any(&[SCOPE_READ, SCOPE_EXPORT])?;
+    let job = own_job(&app, &auth, &job_id).await?;
+    if job.kind != JobKind::Export {
+        return Err(ApiError::not_found("export"));
+    }
+    Ok(Json(app.snapshot(&job)).into_response())
+}
+
+/// `GET /api/jobs?limit=N`: the organisation's recent jobs, newest first.
+pub async fn list_jobs(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult {
+    let caller = auth.require(SCOPE_READ)?;
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| ApiError::from_job(ValidationError::new("limit", "must be an integer from 1 to 500").into()))?,
+    };
+    let jobs = app.store.list(caller.org, limit).await?;
+    let jobs: Vec<_> = jobs.iter().map(|j| app.snapshot(j)).collect();
+    Ok(Json(json!({"jobs": jobs})).into_response())
+}
+
+/// `GET /api/pipelines`: the organisation's pipelines and stages (for the page's filter form).
+pub async fn pipelines(State(app): State<Arc<App>>, auth: Auth) -> ApiResult {
+    let caller = auth.require_any(&[SCOPE_READ, SCOPE_EXPORT, SCOPE_DELETE])?;
+    let docs: Vec<Document> = app
+        .db
+        .collection::<Document>(names::PIPELINES)
+        .find(doc! {"orgId": caller.org})
+        .limit(500)
+        .await
+        .map_err(|e| ApiError::from_job(e.into()))?
+        .try_collect()
+        .await
+        .map_err(|e| ApiError::from_job(e.into()))?;
+    let list: Vec<Value> = docs
+        .iter()
+        .map(|p| {
+            let stages: Vec<Value> = p
+                .get_array("stages")
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|s| s.as_document())
+                        .map(|s| {
+                            json!({
+                                "id": s.get_object_id("_id").map(|i| i.to_hex()).unwrap_or_default(),
+                                "name": s.get_str("name").unwrap_or_default(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "id": p.get_object_id("_id").map(|i| i.to_hex()).unwrap_or_default(),
+                "name": p.get_str("name").unwrap_or_default(),
+                "stages": stages,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"pipelines": list})).into_response())
+}

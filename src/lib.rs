@@ -1,0 +1,164 @@
+//! contact-bulk: the service around the job actors: configuration, NATS intake,
+//! event publishing, the HTTP API, the WebSocket bridge and the CLI.
+//!
+//! Library first: [`Service::start`] brings everything up and [`run`] serves
+//! until the shutdown future resolves; `main` only parses the command line.
+
+pub mod auth;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod events;
+pub mod http;
+pub mod intake;
+pub mod seed;
+pub mod servers;
+pub mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use contact_bulk_actors::artifact::Artifacts;
+use contact_bulk_actors::job::JobEnv;
+use contact_bulk_actors::store::JobStore;
+use contact_bulk_actors::supervisor::{Supervisor, SupervisorCounters, SupervisorMsg};
+use ractor::{Actor, ActorRef};
+use tokio::task::JoinSet;
+
+use crate::auth::Keys;
+use crate::commands::App;
+use crate::config::Config;
+use crate::events::NatsSink;
+
+/// A running service instance.
+pub struct Service {
+    /// Where HTTP listens (the real port when `HTTP_ADDR` asked for port 0).
+    pub addr: SocketAddr,
+    /// Shared handles (tests use them to look inside).
+    pub app: Arc<App>,
+    supervisor_handle: tokio::task::JoinHandle<()>,
+    tasks: JoinSet<()>,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http: tokio::task::JoinHandle<()>,
+}
+
+impl Service {
+    /// Connects to MongoDB and NATS, ensures indexes and streams, starts the
+    /// supervisor (which resumes unfinished jobs), the NATS intake and HTTP.
+    /// Logs `listening on http://ADDR` once all of that is ready.
+    pub async fn start(config: Config) -> anyhow::Result<Service> {
+        let secret = config.secret()?.to_string();
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding {}", config.http_addr))?;
+        let addr = listener.local_addr()?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let keys = Keys::new(&secret, &public_url);
+
+        let mongo = mongodb::Client::with_uri_str(&config.mongodb_uri)
+            .await
+            .context("connecting to mongodb")?;
+        let db = mongo.database(&config.mongodb_db);
+        let nats = async_nats::ConnectOptions::new()
+            .name("contact-bulk")
+            .retry_on_initial_connect()
+            .connect(&config.nats_url)
+            .await
+            .context("connecting to nats")?;
+        let js = async_nats::jetstream::new(nats.clone());
+        tokio::time::timeout(Duration::from_secs(30), events::ensure_streams(&js, &config))
+            .await
+            .context("nats did not answer within 30 s")??;
+
+        let store = JobStore::new(db.clone());
+        store.ensure_indexes().await.context("ensuring indexes")?;
+        let artifacts = Artifacts::new(&db);
+        let env = JobEnv {
+            store: store.clone(),
+            artifacts: artifacts.clone(),
+            sink: Arc::new(NatsSink::new(js.clone(), keys.clone(), &config.subject_prefix)),
+            settings: config.job_settings(),
+            instance: uuid::Uuid::new_v4().to_string(),
+        };
+        let (supervisor, supervisor_handle) =
+            Actor::spawn(None, Supervisor, (env, config.caps())).await?;
+
+        let mut tasks = JoinSet::new();
+        let hub = ws::Hub::start(js.clone(), &config, &mut tasks).await?;
+        let app = Arc::new(App {
+            db,
+            store,
+            artifacts,
+            supervisor,
+            keys,
+            nats,
+            cancel_subject: config.subject("v1.internal.cancel"),
+            hub,
+        });
+        intake::start(app.clone(), &config, &mut tasks).await?;
+        let router = http::router(app.clone(), &config).await?;
+        let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let http = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!("listening on http://{addr}");
+        Ok(Service {
+            addr,
+            app,
+            supervisor_handle,
+            tasks,
+            http_stop: Some(http_stop),
+            http,
+        })
+    }
+
+    /// The supervisor.
+    pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {
+        &self.app.supervisor
+    }
+
+    /// The supervisor's counters.
+    pub async fn counters(&self) -> anyhow::Result<SupervisorCounters> {
+        Ok(ractor::call!(self.app.supervisor, SupervisorMsg::Counters)?)
+    }
+
+    /// Drains: running jobs stop at a batch boundary and stay resumable; then
+    /// intake and HTTP stop.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.tasks.abort_all();
+        let drained = ractor::call_t!(self.app.supervisor, SupervisorMsg::Drain, 15_000);
+        if let Err(e) = drained {
+            tracing::warn!(error = %e, "jobs did not drain in time");
+        }
+        self.app.supervisor.stop(None);
+        let _ = self.supervisor_handle.await;
+        if let Some(stop) = self.http_stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http).await;
+        let _ = self.app.nats.flush().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let service = Service::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: draining jobs");
+    service.stop().await
+}

@@ -1,0 +1,223 @@
+//! Test harness: real `nats-server` and MongoDB-wire servers on ephemeral ports
+//! with throw-away directories, the service in-process, and helpers that wait
+//! for states with a deadline (never a bare sleep).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, DateTime, Document};
+use contact_bulk::config::Config;
+use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsServer};
+use contact_bulk::Service;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+/// Secret every test token is signed with.
+pub const SECRET: &str = "test-secret-for-contact-bulk";
+
+/// Both servers and a scratch directory; everything dies with it.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub mongo: MongoServer,
+    pub dir: tempfile::TempDir,
+    pub db_name: String,
+}
+
+impl Stack {
+    /// Starts both servers. Missing binaries fail loudly.
+    pub async fn start() -> Stack {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("nats")).unwrap();
+        std::fs::create_dir_all(dir.path().join("mongo")).unwrap();
+        let conf = repo_nats_conf();
+        let (nats_dir, mongo_dir) = (dir.path().join("nats"), dir.path().join("mongo"));
+        let (nats, mongo) = tokio::join!(
+            NatsServer::start(&conf, &nats_dir, None),
+            MongoServer::start(&mongo_dir, None)
+        );
+        Stack {
+            nats: nats.expect("nats-server must start (run scripts/install-servers.sh)"),
+            mongo: mongo.expect("secantusd-rs must start (run scripts/install-servers.sh)"),
+            dir,
+            db_name: "crm".into(),
+        }
+    }
+
+    /// Service configuration pointing at this stack, with short leases and scans.
+    pub fn config(&self) -> Config {
+        let mut c = Config::from_env();
+        c.nats_url = self.nats.url();
+        c.mongodb_uri = self.mongo.uri();
+        c.mongodb_db = self.db_name.clone();
+        c.http_addr = "127.0.0.1:0".parse().unwrap();
+        c.jwt_secret = Some(SECRET.into());
+        c.public_url = None;
+        c.subject_prefix = "bulk".into();
+        c.lease_ms = 2_000;
+        c.scan_ms = 200;
+        c
+    }
+
+    /// The service, started in-process.
+    pub async fn service(&self) -> Service {
+        Service::start(self.config()).await.expect("service starts")
+    }
+
+    /// The service with a tweaked configuration.
+    pub async fn service_with(&self, f: impl FnOnce(&mut Config)) -> Service {
+        let mut c = self.config();
+        f(&mut c);
+        Service::start(c).await.expect("service starts")
+    }
+
+    /// The CRM database.
+    pub async fn db(&self) -> mongodb::Database {
+        mongodb::Client::with_uri_str(self.mongo.uri())
+            .await
+            .unwrap()
+            .database(&self.db_name)
+    }
+
+    /// A NATS client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.url()).await.unwrap()
+    }
+}
+
+/// A request/reply with a deadline; the reply as JSON.
+pub async fn request(client: &async_nats::Client, subject: &str, body: Value) -> Value {
+    let payload = serde_json::to_vec(&body).unwrap();
+    let msg = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.request(subject.to_string(), payload.into()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no reply on {subject} within 20 s"))
+    .unwrap_or_else(|e| panic!("request on {subject} failed: {e}"));
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+/// Polls `bulk.v1.job` until `pred` holds, or panics after `secs`.
+pub async fn wait_job(
+    client: &async_nats::Client,
+    org: ObjectId,
+    job_id: &str,
+    secs: u64,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let snap = request(client, "bulk.v1.job", json!({"orgId": org.to_hex(), "jobId": job_id})).await;
+        if pred(&snap) {
+            return snap;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {job_id} did not reach the expected state within {secs} s; last: {snap}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a terminal status.
+pub async fn wait_terminal(client: &async_nats::Client, org: ObjectId, job_id: &str) -> Value {
+    wait_job(client, org, job_id, 120, |s| {
+        matches!(s["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+    })
+    .await
+}
+
+/// A bearer token for `org` with `scope`.
+pub fn token(org: ObjectId, scope: &str) -> String {
+    contact_bulk::auth::Keys::new(SECRET, "")
+        .mint(&ObjectId::new().to_hex(), &org.to_hex(), scope, 3600)
+        .unwrap()
+}
+
+/// Downloads a completed export through the signed link of its snapshot.
+pub async fn download(snapshot: &Value) -> Vec<u8> {
+    let url = snapshot["result"]["downloadUrl"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no downloadUrl in {snapshot}"));
+    let resp = reqwest::get(url).await.unwrap();
+    assert_eq!(resp.status(), 200, "download of {url}");
+    resp.bytes().await.unwrap().to_vec()
+}
+
+/// Gunzips (multi-member) bytes.
+pub fn gunzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(data)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+/// A pipeline with named stages, inserted for `org`.
+pub async fn pipeline(db: &mongodb::Database, org: ObjectId, name: &str, stages: &[(ObjectId, &str)]) -> ObjectId {
+    let id = ObjectId::new();
+    let stages: Vec<Document> = stages.iter().map(|(s, n)| doc! {"_id": s, "name": n}).collect();
+    db.collection::<Document>("pipelines")
+        .insert_one(doc! {"_id": id, "orgId": org, "name": name, "stages": stages})
+        .await
+        .unwrap();
+    id
+}
+
+/// A contact document (not inserted).
+pub fn contact(org: ObjectId, pipeline: ObjectId, stage: ObjectId, i: usize) -> Document {
+    doc! {
+        "_id": ObjectId::new(),
+        "orgId": org,
+        "firstName": format!("First{i}"),
+        "lastName": format!("Last{i}"),
+        "phone": format!("+1416555{:04}", i % 10_000),
+        "email": format!("person{i}@example.com"),
+        "pipelineId": pipeline,
+        "stageId": stage,
+        "ownerId": bson::Bson::Null,
+        "tags": ["lead"],
+        "customFields": {"source": "web"},
+        "createdAt": DateTime::from_millis(1_767_225_600_000 + i as i64 * 60_000),
+    }
+}
+
+/// Inserts documents in chunks.
+pub async fn insert(db: &mongodb::Database, coll: &str, docs: Vec<Document>) {
+    for chunk in docs.chunks(2000) {
+        db.collection::<Document>(coll)
+            .insert_many(chunk.to_vec())
+            .await
+            .unwrap();
+    }
+}
+
+/// Every message on `subject` arriving until `until` says stop, or the deadline passes.
+pub async fn collect_until(
+    sub: &mut async_nats::Subscriber,
+    secs: u64,
+    until: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .expect("deadline waiting for events")
+            .expect("subscription ended");
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        let stop = until(&v);
+        out.push(v);
+        if stop {
+            return out;
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Cascade delete jobs against real servers: correctness, isolation, cancel,
+//! crash-and-resume of the real binary, durable intake.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, Document};
+use common::*;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+struct Org {
+    id: ObjectId,
+    stages: Vec<ObjectId>,
+    owners: Vec<ObjectId>,
+    contacts: Vec<Document>,
+}
+
+/// `n` contacts over 3 stages; owners round-robin over two users and nobody;
+/// contact i has i % 3 conversations with i % 4 messages each.
+async fn seed(db: &mongodb::Database, n: usize, stages: Option<Vec<ObjectId>>) -> Org {
+    let id = ObjectId::new();
+    let stages = stages.unwrap_or_else(|| (0..3).map(|_| ObjectId::new()).collect());
+    let named: Vec<(ObjectId, &str)> = stages.iter().zip(["A", "B", "C"]).map(|(s, n)| (*s, n)).collect();
+    let pipe = pipeline(db, id, "Sales", &named).await;
+    let owners = vec![ObjectId::new(), ObjectId::new()];
+    let mut contacts = Vec::new();
+    let mut convs = Vec::new();
+    let mut msgs = Vec::new();
+    for i in 0..n {
+        let mut c = contact(id, pipe, stages[i % 3], i);
+        match i % 3 {
+            0 => c.insert("ownerId", owners[0]),
+            1 => c.insert("ownerId", owners[1]),
+            _ => None,
+        };
+        let cid = c.get_object_id("_id").unwrap();
+        for _ in 0..(i % 3) {
+            let conv = ObjectId::new();
+            convs.push(doc! {"_id": conv, "orgId": id, "contactId": cid});
+            for _ in 0..(i % 4) {
+                msgs.push(doc! {"_id": ObjectId::new(), "orgId": id, "conversationId": conv, "contactId": cid, "body": "hi"});
+            }
+        }
+        contacts.push(c);
+    }
+    insert(db, "contacts", contacts.clone()).await;
+    insert(db, "conversations", convs).await;
+    insert(db, "messages", msgs).await;
+    Org { id, stages, owners, contacts }
+}
+
+async fn ids(db: &mongodb::Database, coll: &str, filter: Document, key: &str) -> BTreeSet<ObjectId> {
+    db.collection::<Document>(coll)
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.get_object_id(key).unwrap())
+        .collect()
+}
+
+/// Every `contact_removed` event of `org` in the BULK_EVENTS stream.
+async fn removed_events(client: &async_nats::Client, org: ObjectId) -> Vec<Value> {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("BULK_EVENTS").await.unwrap();
+    let subject = format!("bulk.v1.events.{}.contact_removed", org.to_hex());
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut info = consumer.clone();
+    let pending = info.info().await.unwrap().num_pending as usize;
+    let mut out = Vec::with_capacity(pending);
+    if pending == 0 {
+        return out;
+    }
+    let mut messages = consumer.messages().await.unwrap();
+    while out.len() < pending {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stream read deadline")
+            .unwrap()
+            .unwrap();
+        let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+        let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
+        v["_msgId"] = json!(id);
+        out.push(v);
+    }
+    out
+}
+
+/// Checks every invariant of a finished delete of `org` by `job`, against the
+/// contacts `expected` to be deleted. Returns the snapshot counts.
+async fn check_invariants(stack: &Stack, org: &Org, job: &str, snap: &Value, expected: &BTreeSet<ObjectId>) {
+    let db = stack.db().await;
+    let client = stack.client().await;
+    let left = ids(&db, "contacts", doc! {"orgId": org.id}, "_id").await;
+    let all: BTreeSet<ObjectId> = org.contacts.iter().map(|c| c.get_object_id("_id").unwrap()).collect();
+    let gone: BTreeSet<ObjectId> = all.difference(&left).copied().collect();
+    assert_eq!(&gone, expected, "exactly the expected contacts are gone");
+    // No orphans.
+    for coll in ["conversations", "messages"] {
+        let parents = ids(&db, coll, doc! {"orgId": org.id}, "contactId").await;
+        assert!(parents.is_disjoint(&gone), "{coll} left behind for a deleted contact");
+    }
+    // Survivors keep their children.
+    let expected_convs: usize = org
+        .contacts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| left.contains(&c.get_object_id("_id").unwrap()))
+        .map(|(i, _)| i % 3)
+        .sum();
+    let convs = db.collection::<Document>("conversations").count_documents(doc! {"orgId": org.id}).await.unwrap();
+    assert_eq!(convs as usize, expected_convs);
+    // One audit entry per deleted contact.
+    let audits: Vec<Document> = db
+        .collection::<Document>("event_logs")
+        .find(doc! {"jobId": job})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(audits.len(), gone.len());
+    let audited: BTreeSet<ObjectId> = audits.iter().map(|a| a.get_object_id("contactId").unwrap()).collect();
+    assert_eq!(audited, gone);
+    for a in &audits {
+        assert_eq!(a.get_str("type").unwrap(), "CONTACT_DELETE");
+        assert_eq!(a.get_object_id("orgId").unwrap(), org.id);
+        assert!(a.get_document("contact").unwrap().get_str("email").unwrap().contains('@'));
+    }
+    // One contact_removed per deleted contact, with the dedup id.
+    let events = removed_events(&client, org.id).await;
+    let announced: Vec<ObjectId> = events
+        .iter()
+        .filter(|e| e["jobId"] == job)
+        .map(|e| ObjectId::parse_str(e["contactId"].as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(announced.len(), gone.len(), "one event per deleted contact");
+    assert_eq!(announced.iter().copied().collect::<BTreeSet<_>>(), gone);
+    for e in &events {
+        assert_eq!(e["_msgId"], format!("{}:{}", job, e["contactId"].as_str().unwrap()));
+        assert_eq!(e["type"], "contact_removed");
+        assert_eq!(e["pipelineType"], "Contact");
+    }
+    // Notifications: one per assignee, with their deleted contacts.
+    let mut by_owner: BTreeMap<ObjectId, BTreeSet<ObjectId>> = BTreeMap::new();
+    for c in &org.contacts {
+        let id = c.get_object_id("_id").unwrap();
+        if let (true, Ok(owner)) = (gone.contains(&id), c.get_object_id("ownerId")) {
+            by_owner.entry(owner).or_default().insert(id);
+        }
+    }
+    let notes: Vec<Document> = db
+        .collection::<Document>("notifications")
+        .find(doc! {"jobId": job})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(notes.len(), by_owner.len());
+    for n in notes {
+        let owner = n.get_object_id("userId").unwrap();
+        let listed: BTreeSet<ObjectId> = n
+            .get_array("contactIds")
+            .unwrap()
+            .iter()
+            .map(|b| b.as_object_id().unwrap())
+            .collect();
+        assert_eq!(listed, by_owner[&owner]);
+        assert_eq!(n.get_i64("count").unwrap() as usize, by_owner[&owner].len());
+        assert_eq!(n.get_str("type").unwrap(), "contacts_removed");
+        assert!(!n.get_bool("read").unwrap());
+    }
+    // The snapshot tells the truth.
+    assert_eq!(snap["processed"], gone.len());
+    assert_eq!(snap["counts"]["contacts"], gone.len());
+    let deleted_convs: usize = org
+        .contacts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| gone.contains(&c.get_object_id("_id").unwrap()))
+        .map(|(i, _)| i % 3)
+        .sum();
+    let deleted_msgs: usize = org
+        .contacts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| gone.contains(&c.get_object_id("_id").unwrap()))
+        .map(|(i, _)| (i % 3) * (i % 4))
+        .sum();
+    assert_eq!(snap["counts"]["conversations"], deleted_convs);
+    assert_eq!(snap["counts"]["messages"], deleted_msgs);
+}
+
+fn in_stages(org: &Org, stages: &[ObjectId]) -> BTreeSet<ObjectId> {
+    org.contacts
+        .iter()
+        .filter(|c| stages.contains(&c.get_object_id("stageId").unwrap()))
+        .map(|c| c.get_object_id("_id").unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn cascade_delete_removes_exactly_the_filter_with_all_side_effects() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let a = seed(&db, 900, None).await;
+    let b = seed(&db, 300, Some(a.stages.clone())).await;
+    let _svc = stack.service_with(|c| c.delete_batch = 100).await;
+    let client = stack.client().await;
+    let filter = json!({"stageIds": [a.stages[0].to_hex(), a.stages[1].to_hex()]});
+    let dry = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": filter, "dryRun": true})).await;
+    assert_eq!(dry["dryRun"], true, "{dry}");
+    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 0, "a dry run creates no job");
+    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": filter, "requestedBy": a.owners[0].to_hex()})).await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    let snap = wait_terminal(&client, a.id, &job).await;
+    assert_eq!(snap["status"], "completed", "{snap}");
+    assert_eq!(snap["counts"], dry["counts"], "dry run counts equal what was deleted");
+    let expected = in_stages(&a, &a.stages[..2]);
+    check_invariants(&stack, &a, &job, &snap, &expected).await;
+    // The other organisation, sharing stage ids, is untouched.
+    assert_eq!(ids(&db, "contacts", doc! {"orgId": b.id}, "_id").await.len(), 300);
+    assert!(removed_events(&client, b.id).await.is_empty());
+    let audit = db.collection::<Document>("event_logs").find_one(doc! {"jobId": &job}).await.unwrap().unwrap();
+    assert_eq!(audit.get_object_id("actorId").unwrap(), a.owners[0]);
+}
+
+#[tokio::test]
+async fn a_contact_moved_out_of_the_filter_mid_job_survives_with_its_children() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let a = seed(&db, 1500, None).await;
+    let _svc = stack.service_with(|c| c.delete_batch = 10).await;
+    let client = stack.client().await;
+    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"stageIds": [a.stages[1].to_hex()]}})).await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    wait_job(&client, a.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) > 0).await;
+    // The last contact of the stage (i = 1498: 1 conversation... i%3=1 → 1 conversation, i%4=2 → 2 messages).
+    let moved = a.contacts[1498].get_object_id("_id").unwrap();
+    db.collection::<Document>("contacts")
+        .update_one(doc! {"_id": moved}, doc! {"$set": {"stageId": a.stages[2]}})
+        .await
+        .unwrap();
+    let snap = wait_terminal(&client, a.id, &job).await;
+    assert_eq!(snap["status"], "completed", "{snap}");
+    let mut expected = in_stages(&a, &a.stages[1..2]);
+    assert!(expected.remove(&moved));
+    check_invariants(&stack, &a, &job, &snap, &expected).await;
+    let kids = db.collection::<Document>("messages").count_documents(doc! {"contactId": moved}).await.unwrap();
+    assert_eq!(kids, 2);
+}
+
+#[tokio::test]
+async fn cancel_stops_at_a_batch_boundary_and_the_snapshot_matches_the_database() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let a = seed(&db, 3000, None).await;
+    let _svc = stack.service_with(|c| c.delete_batch = 10).await;
+    let client = stack.client().await;
+    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"orgWide": true}})).await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    wait_job(&client, a.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) >= 30).await;
+    let asked = std::time::Instant::now();
+    let snap = request(&client, "bulk.v1.cancel", json!({"orgId": a.id.to_hex(), "jobId": job})).await;
+    assert_eq!(snap["status"], "cancelled", "{snap}");
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    let processed = snap["processed"].as_i64().unwrap() as usize;
+    assert!(processed < 3000);
+    let left = ids(&db, "contacts", doc! {"orgId": a.id}, "_id").await;
+    let gone: BTreeSet<ObjectId> = a.contacts.iter().map(|c| c.get_object_id("_id").unwrap()).filter(|i| !left.contains(i)).collect();
+    assert_eq!(gone.len(), processed);
+    check_invariants(&stack, &a, &job, &snap, &gone).await;
+    // Terminal means terminal.
+    let again = request(&client, "bulk.v1.cancel", json!({"orgId": a.id.to_hex(), "jobId": job})).await;
+    assert_eq!(again["status"], "cancelled");
+    assert_eq!(again["processed"], snap["processed"]);
+    assert!(db.collection::<Document>("contacts").count_documents(doc! {"bulkDeleteJobId": &job}).await.unwrap() == 0);
+}
+
+/// The real binary, with its log lines readable.
+struct Binary {
+    child: tokio::process::Child,
+}
+
+async fn start_binary(stack: &Stack) -> Binary {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"))
+        .arg("serve")
+        .env("NATS_URL", stack.nats.url())
+        .env("MONGODB_URI", stack.mongo.uri())
+        .env("MONGODB_DB", &stack.db_name)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("JWT_SECRET", SECRET)
+        .env("BULK_DELETE_BATCH", "20")
+        .env("BULK_LEASE_MS", "1000")
+        .env("BULK_SCAN_MS", "200")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening on http://") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("binary ready within 60 s");
+    assert!(ready, "binary exited before listening");
+    // Keep draining its output so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Binary { child }
+}
+
+#[tokio::test]
+async fn sigkill_mid_delete_then_restart_keeps_every_invariant() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let a = seed(&db, 2400, None).await;
+    let client = stack.client().await;
+    let mut bin = start_binary(&stack).await;
+    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"stageIds": [a.stages[0].to_hex(), a.stages[2].to_hex()]}})).await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    for threshold in [100, 600] {
+        wait_job(&client, a.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) >= threshold).await;
+        bin.child.kill().await.unwrap(); // SIGKILL
+        // No instance runs now: read the record itself.
+        let mid = db.collection::<Document>("bulk_jobs").find_one(doc! {"_id": &job}).await.unwrap().unwrap();
+        assert_ne!(mid.get_str("status").unwrap(), "completed", "killed mid-way: {mid}");
+        bin = start_binary(&stack).await;
+    }
+    let snap = wait_terminal(&client, a.id, &job).await;
+    assert_eq!(snap["status"], "completed", "{snap}");
+    let expected = in_stages(&a, &[a.stages[0], a.stages[2]]);
+    check_invariants(&stack, &a, &job, &snap, &expected).await;
+    drop(bin);
+}
+
+#[tokio::test]
+async fn a_delete_submitted_while_no_instance_runs_executes_once() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let a = seed(&db, 90, None).await;
+    let client = stack.client().await;
+    // A first run creates the streams, then the service goes away.
+    stack.service().await.stop().await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let body = json!({"orgId": a.id.to_hex(), "commandId": "durable-1", "filter": {"stageIds": [a.stages[0].to_hex()]}});
+    for _ in 0..2 {
+        js.publish("bulk.v1.submit.delete", serde_json::to_vec(&body).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .expect("stored by JetStream");
+    }
+    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 0);
+    let _svc = stack.service().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let r = request(&client, "bulk.v1.job", json!({"orgId": a.id.to_hex(), "commandId": "durable-1"})).await;
+        if r["jobId"].is_string() {
+            break r["jobId"].as_str().unwrap().to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "durable command never ran: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let snap = wait_terminal(&client, a.id, &job).await;
+    assert_eq!(snap["status"], "completed");
+    assert_eq!(snap["counts"]["contacts"], 30);
+    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 1);
+    // Both messages were consumed (work queue emptied).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = js.get_stream("BULK_SUBMIT").await.unwrap();
+        if stream.info().await.unwrap().state.messages == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "submit stream not drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
