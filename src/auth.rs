@@ -69,7 +69,9 @@ pub struct Keys {
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keys").field("public_url", &self.public_url).finish_non_exhaustive()
+        f.debug_struct("Keys")
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -93,12 +95,23 @@ impl Keys {
         Ok(Caller {
             org,
             user: ObjectId::parse_str(&data.claims.sub).ok(),
-            scopes: data.claims.scope.split_whitespace().map(String::from).collect(),
+            scopes: data
+                .claims
+                .scope
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
         })
     }
 
     /// Mints a token (dev command, CLI, tests).
-    pub fn mint(&self, user: &str, org: &str, scope: &str, ttl_secs: i64) -> anyhow::Result<String> {
+    pub fn mint(
+        &self,
+        user: &str,
+        org: &str,
+        scope: &str,
+        ttl_secs: i64,
+    ) -> anyhow::Result<String> {
         let claims = Claims {
             sub: user.to_string(),
             org: org.to_string(),
@@ -167,7 +180,14 @@ mod tests {
     fn tokens_round_trip_and_reject_tampering() {
         let keys = Keys::new("s3cret", "http://x");
         let org = ObjectId::new().to_hex();
-        let t = keys.mint(&ObjectId::new().to_hex(), &org, "jobs:read contacts:export", 60).unwrap();
+        let t = keys
+            .mint(
+                &ObjectId::new().to_hex(),
+                &org,
+                "jobs:read contacts:export",
+                60,
+            )
+            .unwrap();
         let c = keys.verify(&t).unwrap();
         assert_eq!(c.org.to_hex(), org);
         assert!(c.has(SCOPE_READ) && c.has(SCOPE_EXPORT) && !c.has(SCOPE_DELETE));

@@ -126,7 +126,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let org = match crate::seed::seed_demo_if_empty_with(&db, &spec).await? {
         Some(org) => {
-            println!("seeded demo organisation {} ({} contacts)", org.org_id.to_hex(), spec.contacts);
+            println!(
+                "seeded demo organisation {} ({} contacts)",
+                org.org_id.to_hex(),
+                spec.contacts
+            );
             org.org_id
         }
         None => crate::seed::first_org(&db)
@@ -136,7 +140,12 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let service = crate::Service::start(config).await?;
     let user = crate::seed::first_user(&db, org).await?.map(|u| u.to_hex());
     let user = user.unwrap_or_else(|| "000000000000000000000001".into());
-    let token = Keys::new(&secret, "").mint(&user, &org.to_hex(), "contacts:export contacts:delete jobs:read", 86_400)?;
+    let token = Keys::new(&secret, "").mint(
+        &user,
+        &org.to_hex(),
+        "contacts:export contacts:delete jobs:read",
+        86_400,
+    )?;
     println!();
     println!("contact-bulk dev stack is up");
     println!("  nats:     {}", nats.url());

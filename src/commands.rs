@@ -40,7 +40,7 @@ pub struct App {
 #[derive(Debug)]
 pub enum DeleteOutcome {
     /// A job was created (or found by `commandId`).
-    Job(JobRecord),
+    Job(Box<JobRecord>),
     /// `dryRun: true`: what would go, no job.
     DryRun(Counts),
 }
@@ -56,7 +56,17 @@ impl App {
         let obj = object(req, "")?;
         reject_unknown(
             obj,
-            &["orgId", "requestedBy", "commandId", "filter", "format", "gzip", "fields", "filename", "tagIds"],
+            &[
+                "orgId",
+                "requestedBy",
+                "commandId",
+                "filter",
+                "format",
+                "gzip",
+                "fields",
+                "filename",
+                "tagIds",
+            ],
         )?;
         let from_token = org.is_some();
         let (org, requested_by, command_id) = common(obj, org)?;
@@ -70,7 +80,13 @@ impl App {
                 org_wide: true,
                 ..Filter::default()
             },
-            Some(f) => Filter::from_json(f, ParseOptions { prefix: "filter", allow_limit: true })?,
+            Some(f) => Filter::from_json(
+                f,
+                ParseOptions {
+                    prefix: "filter",
+                    allow_limit: true,
+                },
+            )?,
         };
         if let Some(tags) = obj.get("tagIds").filter(|v| !v.is_null()) {
             let tags = string_list(tags, "tagIds")?;
@@ -79,7 +95,9 @@ impl App {
         let format = match obj.get("format") {
             None | Some(Value::Null) => Format::Csv,
             Some(Value::String(s)) => Format::parse(s, "format")?,
-            Some(_) => return Err(ValidationError::new("format", "must be \"csv\" or \"ndjson\"").into()),
+            Some(_) => {
+                return Err(ValidationError::new("format", "must be \"csv\" or \"ndjson\"").into())
+            }
         };
         let gzip = match obj.get("gzip") {
             None | Some(Value::Null) => false,
@@ -98,18 +116,40 @@ impl App {
             columns,
             file_name: file_name_for(file_name, format, gzip),
         };
-        let job = JobRecord::new(JobKind::Export, org, command_id, requested_by, filter, Some(spec));
+        let job = JobRecord::new(
+            JobKind::Export,
+            org,
+            command_id,
+            requested_by,
+            filter,
+            Some(spec),
+        );
         self.submit(job).await
     }
 
     /// `bulk.v1.delete` / `DELETE /api/contacts/query-bulk-delete`.
-    pub async fn delete(&self, req: &Value, org: Option<ObjectId>) -> Result<DeleteOutcome, JobError> {
+    pub async fn delete(
+        &self,
+        req: &Value,
+        org: Option<ObjectId>,
+    ) -> Result<DeleteOutcome, JobError> {
         let obj = object(req, "")?;
-        reject_unknown(obj, &["orgId", "requestedBy", "commandId", "filter", "dryRun"])?;
+        reject_unknown(
+            obj,
+            &["orgId", "requestedBy", "commandId", "filter", "dryRun"],
+        )?;
         let (org, requested_by, command_id) = common(obj, org)?;
         let filter = match obj.get("filter") {
-            None | Some(Value::Null) => return Err(ValidationError::new("filter", "is required").into()),
-            Some(f) => Filter::from_json(f, ParseOptions { prefix: "filter", allow_limit: false })?,
+            None | Some(Value::Null) => {
+                return Err(ValidationError::new("filter", "is required").into())
+            }
+            Some(f) => Filter::from_json(
+                f,
+                ParseOptions {
+                    prefix: "filter",
+                    allow_limit: false,
+                },
+            )?,
         };
         let dry = match obj.get("dryRun") {
             None | Some(Value::Null) => false,
@@ -117,10 +157,12 @@ impl App {
             Some(_) => return Err(ValidationError::new("dryRun", "must be a boolean").into()),
         };
         if dry {
-            return Ok(DeleteOutcome::DryRun(dry_run(&self.db, org, &filter).await?));
+            return Ok(DeleteOutcome::DryRun(
+                dry_run(&self.db, org, &filter).await?,
+            ));
         }
         let job = JobRecord::new(JobKind::Delete, org, command_id, requested_by, filter, None);
-        Ok(DeleteOutcome::Job(self.submit(job).await?))
+        Ok(DeleteOutcome::Job(Box::new(self.submit(job).await?)))
     }
 
     /// Records the job (idempotent by `commandId`) and, if new, asks the supervisor to start it.
@@ -128,7 +170,9 @@ impl App {
         let (job, created) = self.store.create(job).await?;
         if created {
             tracing::info!(job_id = %job.job_id, kind = job.kind.as_str(), org_id = %job.org_id, "job accepted");
-            let _ = self.supervisor.send_message(SupervisorMsg::Start(job.job_id.clone()));
+            let _ = self
+                .supervisor
+                .send_message(SupervisorMsg::Start(job.job_id.clone()));
         }
         Ok(job)
     }
@@ -152,7 +196,9 @@ impl App {
         if job.status.is_terminal() {
             return Ok(job);
         }
-        let _ = self.supervisor.send_message(SupervisorMsg::Cancel(job_id.to_string()));
+        let _ = self
+            .supervisor
+            .send_message(SupervisorMsg::Cancel(job_id.to_string()));
         if let Err(e) = self
             .nats
             .publish(self.cancel_subject.clone(), job_id.to_string().into())
@@ -180,7 +226,9 @@ impl App {
             (Some(_), _) => Err(ValidationError::new("jobId", "must be a string").into()),
             (None, Some(Value::String(c))) => self.store.get_by_command(org, c).await,
             (None, Some(_)) => Err(ValidationError::new("commandId", "must be a string").into()),
-            (None, None) => Err(ValidationError::new("jobId", "jobId or commandId is required").into()),
+            (None, None) => {
+                Err(ValidationError::new("jobId", "jobId or commandId is required").into())
+            }
         }
     }
 }
@@ -200,7 +248,10 @@ pub fn decorate(keys: &Keys, job: &JobRecord) -> JobSnapshot {
 /// The request as an object.
 pub fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ValidationError> {
     v.as_object().ok_or_else(|| {
-        ValidationError::new(if field.is_empty() { "body" } else { field }, "must be a JSON object")
+        ValidationError::new(
+            if field.is_empty() { "body" } else { field },
+            "must be a JSON object",
+        )
     })
 }
 
@@ -226,7 +277,10 @@ type Common = (ObjectId, Option<ObjectId>, Option<String>);
 fn common(obj: &Map<String, Value>, org: Option<ObjectId>) -> Result<Common, ValidationError> {
     let org = match org {
         Some(_) if obj.contains_key("orgId") => {
-            return Err(ValidationError::new("orgId", "comes from the token; remove it"))
+            return Err(ValidationError::new(
+                "orgId",
+                "comes from the token; remove it",
+            ))
         }
         Some(o) => o,
         None => org_id(obj)?,
@@ -255,9 +309,12 @@ fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ValidationError> {
     arr.iter()
         .enumerate()
         .map(|(i, x)| {
-            x.as_str()
-                .map(String::from)
-                .ok_or_else(|| ValidationError::new(field_path(field, &format!("[{i}]")).replace(".[", "["), "must be a string"))
+            x.as_str().map(String::from).ok_or_else(|| {
+                ValidationError::new(
+                    field_path(field, &format!("[{i}]")).replace(".[", "["),
+                    "must be a string",
+                )
+            })
         })
         .collect()
 }
@@ -269,7 +326,13 @@ pub fn file_name_for(requested: Option<&str>, format: Format, gzip: bool) -> Str
     let base = requested
         .map(|s| {
             s.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect::<String>()
         })
         .map(|s| s.trim_start_matches('.').to_string())
@@ -295,9 +358,18 @@ mod tests {
     #[test]
     fn file_names_are_sanitised_and_get_their_extension() {
         assert_eq!(file_name_for(Some("vip"), Format::Csv, false), "vip.csv");
-        assert_eq!(file_name_for(Some("vip.csv"), Format::Csv, false), "vip.csv");
-        assert_eq!(file_name_for(Some("../../etc/passwd"), Format::Csv, false), "_.._etc_passwd.csv");
-        assert_eq!(file_name_for(Some("a\"b;c"), Format::Ndjson, true), "a_b_c.ndjson.gz");
+        assert_eq!(
+            file_name_for(Some("vip.csv"), Format::Csv, false),
+            "vip.csv"
+        );
+        assert_eq!(
+            file_name_for(Some("../../etc/passwd"), Format::Csv, false),
+            "_.._etc_passwd.csv"
+        );
+        assert_eq!(
+            file_name_for(Some("a\"b;c"), Format::Ndjson, true),
+            "a_b_c.ndjson.gz"
+        );
         assert!(file_name_for(None, Format::Csv, false).starts_with("contacts-"));
         assert!(file_name_for(Some("..."), Format::Csv, false).starts_with("contacts-"));
     }

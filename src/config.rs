@@ -122,7 +122,13 @@ impl Config {
 fn stream_name(prefix: &str, tail: &str) -> String {
     let p: String = prefix
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{p}_{tail}")
 }

@@ -78,8 +78,17 @@ fn nats_err(e: impl std::fmt::Display) -> JobError {
 }
 
 impl EventSink for NatsSink {
-    fn job_event(&self, kind: JobEventKind, job: &JobRecord) -> BoxFuture<'_, Result<(), JobError>> {
-        let subject = format!("{}.v1.events.{}.job.{}", self.prefix, job.org_id.to_hex(), job.job_id);
+    fn job_event(
+        &self,
+        kind: JobEventKind,
+        job: &JobRecord,
+    ) -> BoxFuture<'_, Result<(), JobError>> {
+        let subject = format!(
+            "{}.v1.events.{}.job.{}",
+            self.prefix,
+            job.org_id.to_hex(),
+            job.job_id
+        );
         let body = json!({"type": kind.as_str(), "job": decorate(&self.keys, job)});
         Box::pin(async move {
             let payload = serde_json::to_vec(&body).map_err(nats_err)?;
@@ -93,11 +102,18 @@ impl EventSink for NatsSink {
         })
     }
 
-    fn contacts_removed<'a>(&'a self, removed: &'a [RemovedContact]) -> BoxFuture<'a, Result<(), JobError>> {
+    fn contacts_removed<'a>(
+        &'a self,
+        removed: &'a [RemovedContact],
+    ) -> BoxFuture<'a, Result<(), JobError>> {
         Box::pin(async move {
             let mut acks = Vec::with_capacity(removed.len());
             for r in removed {
-                let subject = format!("{}.v1.events.{}.contact_removed", self.prefix, r.org_id.to_hex());
+                let subject = format!(
+                    "{}.v1.events.{}.contact_removed",
+                    self.prefix,
+                    r.org_id.to_hex()
+                );
                 let body = json!({
                     "type": "contact_removed",
                     "orgId": r.org_id.to_hex(),

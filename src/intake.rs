@@ -50,11 +50,15 @@ pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> a
         ("v1.job", Command::Job),
         ("v1.count", Command::Count),
     ] {
-        let mut sub = client.queue_subscribe(config.subject(tail), QUEUE.into()).await?;
+        let mut sub = client
+            .queue_subscribe(config.subject(tail), QUEUE.into())
+            .await?;
         let app = app.clone();
         tasks.spawn(async move {
             while let Some(msg) = sub.next().await {
-                let Some(reply) = msg.reply.clone() else { continue };
+                let Some(reply) = msg.reply.clone() else {
+                    continue;
+                };
                 let app = app.clone();
                 // Each request on its own task: a slow count never holds up a cancel.
                 tokio::spawn(async move {
@@ -86,7 +90,9 @@ async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
     let req: Value = match serde_json::from_slice(payload) {
         Ok(v) => v,
         Err(e) => {
-            return error_reply(&ValidationError::new("body", format!("not valid JSON: {e}")).into())
+            return error_reply(
+                &ValidationError::new("body", format!("not valid JSON: {e}")).into(),
+            )
         }
     };
     let result = match cmd {
@@ -95,7 +101,9 @@ async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
             .await
             .map(|job| json!({"jobId": job.job_id, "kind": "export", "status": job.status})),
         Command::Delete => app.delete(&req, None).await.map(|out| match out {
-            DeleteOutcome::Job(job) => json!({"jobId": job.job_id, "kind": "delete", "status": job.status}),
+            DeleteOutcome::Job(job) => {
+                json!({"jobId": job.job_id, "kind": "delete", "status": job.status})
+            }
             DeleteOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
         }),
         Command::Cancel => cancel(app, &req).await,
@@ -130,8 +138,16 @@ async fn count(app: &App, req: &Value) -> Result<Value, JobError> {
     reject_unknown(obj, &["orgId", "filter"])?;
     let org = org_id(obj)?;
     let filter = match obj.get("filter") {
-        None | Some(Value::Null) => return Err(ValidationError::new("filter", "is required").into()),
-        Some(f) => Filter::from_json(f, ParseOptions { prefix: "filter", allow_limit: true })?,
+        None | Some(Value::Null) => {
+            return Err(ValidationError::new("filter", "is required").into())
+        }
+        Some(f) => Filter::from_json(
+            f,
+            ParseOptions {
+                prefix: "filter",
+                allow_limit: true,
+            },
+        )?,
     };
     Ok(json!({"count": app.count(org, &filter).await?}))
 }
@@ -140,7 +156,11 @@ async fn count(app: &App, req: &Value) -> Result<Value, JobError> {
 /// in a work-queue stream until an instance has recorded their job; the message
 /// is acknowledged only then, so a command published while no instance runs
 /// executes once one starts (and only once: `commandId` is required and idempotent).
-async fn start_durable(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> anyhow::Result<()> {
+async fn start_durable(
+    app: Arc<App>,
+    config: &Config,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
     let js = jetstream::new(app.nats.clone());
     let stream = js.get_stream(config.submit_stream()).await?;
     let consumer = stream
@@ -202,7 +222,9 @@ async fn submit(app: &App, export: bool, payload: &Bytes) -> Result<Value, JobEr
         return Ok(error_reply(&e.into()));
     }
     let result = if export {
-        app.export(&req, None).await.map(|j| json!({"jobId": j.job_id, "kind": "export"}))
+        app.export(&req, None)
+            .await
+            .map(|j| json!({"jobId": j.job_id, "kind": "export"}))
     } else {
         app.delete(&req, None).await.map(|out| match out {
             DeleteOutcome::Job(j) => json!({"jobId": j.job_id, "kind": "delete"}),

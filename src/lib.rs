@@ -72,9 +72,12 @@ impl Service {
             .await
             .context("connecting to nats")?;
         let js = async_nats::jetstream::new(nats.clone());
-        tokio::time::timeout(Duration::from_secs(30), events::ensure_streams(&js, &config))
-            .await
-            .context("nats did not answer within 30 s")??;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            events::ensure_streams(&js, &config),
+        )
+        .await
+        .context("nats did not answer within 30 s")??;
 
         let store = JobStore::new(db.clone());
         store.ensure_indexes().await.context("ensuring indexes")?;
@@ -82,7 +85,11 @@ impl Service {
         let env = JobEnv {
             store: store.clone(),
             artifacts: artifacts.clone(),
-            sink: Arc::new(NatsSink::new(js.clone(), keys.clone(), &config.subject_prefix)),
+            sink: Arc::new(NatsSink::new(
+                js.clone(),
+                keys.clone(),
+                &config.subject_prefix,
+            )),
             settings: config.job_settings(),
             instance: uuid::Uuid::new_v4().to_string(),
         };

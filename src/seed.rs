@@ -8,10 +8,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const FIRST: [&str; 12] = [
-    "Alex", "Morgan", "Sam", "Taylor", "Jordan", "Riley", "Chloé", "Noah", "Aisha", "Mateo", "Yuki", "Olga",
+    "Alex", "Morgan", "Sam", "Taylor", "Jordan", "Riley", "Chloé", "Noah", "Aisha", "Mateo",
+    "Yuki", "Olga",
 ];
 const LAST: [&str; 12] = [
-    "Smith", "Nguyen", "García", "O'Brien", "Kowalski", "Okafor", "Tanaka", "Müller", "Rossi", "Singh", "Dubois", "Lee",
+    "Smith", "Nguyen", "García", "O'Brien", "Kowalski", "Okafor", "Tanaka", "Müller", "Rossi",
+    "Singh", "Dubois", "Lee",
 ];
 const TAGS: [&str; 5] = ["vip", "newsletter", "lead", "partner", "cold"];
 const SOURCES: [&str; 4] = ["web", "referral", "event", "import"];
@@ -71,10 +73,21 @@ pub struct SeededOrg {
 }
 
 /// Inserts pipelines, users, contacts and their conversations and messages for `org_id`.
-pub async fn seed_org(db: &Database, org_id: ObjectId, spec: &SeedSpec) -> anyhow::Result<SeededOrg> {
+pub async fn seed_org(
+    db: &Database,
+    org_id: ObjectId,
+    spec: &SeedSpec,
+) -> anyhow::Result<SeededOrg> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let names = ["Sales", "Admissions", "Partners", "Support"];
-    let stage_names = ["New Lead", "Contacted", "Qualified", "Proposal", "Won", "Lost"];
+    let stage_names = [
+        "New Lead",
+        "Contacted",
+        "Qualified",
+        "Proposal",
+        "Won",
+        "Lost",
+    ];
     let mut pipeline_ids = Vec::new();
     let mut stages: Vec<(ObjectId, ObjectId)> = Vec::new();
     let mut pipelines = Vec::new();
@@ -88,9 +101,12 @@ pub async fn seed_org(db: &Database, org_id: ObjectId, spec: &SeedSpec) -> anyho
             })
             .collect();
         pipeline_ids.push(pid);
-        pipelines.push(doc! {"_id": pid, "orgId": org_id, "name": names[p % names.len()], "stages": st});
+        pipelines
+            .push(doc! {"_id": pid, "orgId": org_id, "name": names[p % names.len()], "stages": st});
     }
-    db.collection::<Document>("pipelines").insert_many(pipelines).await?;
+    db.collection::<Document>("pipelines")
+        .insert_many(pipelines)
+        .await?;
     let user_ids: Vec<ObjectId> = (0..spec.users).map(|_| ObjectId::new()).collect();
     if !user_ids.is_empty() {
         let users: Vec<Document> = user_ids
@@ -101,7 +117,9 @@ pub async fn seed_org(db: &Database, org_id: ObjectId, spec: &SeedSpec) -> anyho
                 doc! {"_id": u, "orgId": org_id, "name": &name, "email": format!("user{i}@example.com")}
             })
             .collect();
-        db.collection::<Document>("users").insert_many(users).await?;
+        db.collection::<Document>("users")
+            .insert_many(users)
+            .await?;
     }
     let contacts = db.collection::<Document>(spec.collection);
     let conversations = db.collection::<Document>("conversations");
@@ -124,7 +142,11 @@ pub async fn seed_org(db: &Database, org_id: ObjectId, spec: &SeedSpec) -> anyho
             } else {
                 Bson::Null
             };
-            let tags: Vec<&str> = TAGS.iter().copied().filter(|_| rng.random_range(0..4) == 0).collect();
+            let tags: Vec<&str> = TAGS
+                .iter()
+                .copied()
+                .filter(|_| rng.random_range(0..4) == 0)
+                .collect();
             batch.push(doc! {
                 "_id": id, "orgId": org_id,
                 "firstName": first, "lastName": last,
@@ -137,10 +159,14 @@ pub async fn seed_org(db: &Database, org_id: ObjectId, spec: &SeedSpec) -> anyho
             if spec.conversation_every > 0 && k % spec.conversation_every == 0 {
                 for _ in 0..spec.conversations_per_contact {
                     let cid = ObjectId::new();
-                    convs.push(doc! {"_id": cid, "orgId": org_id, "contactId": id, "channel": "sms"});
+                    convs.push(
+                        doc! {"_id": cid, "orgId": org_id, "contactId": id, "channel": "sms"},
+                    );
                     for m in 0..spec.messages_per_conversation {
-                        msgs.push(doc! {"_id": ObjectId::new(), "orgId": org_id, "conversationId": cid,
-                                        "contactId": id, "body": format!("message {m}")});
+                        msgs.push(
+                            doc! {"_id": ObjectId::new(), "orgId": org_id, "conversationId": cid,
+                            "contactId": id, "body": format!("message {m}")},
+                        );
                     }
                 }
             }
@@ -163,7 +189,10 @@ pub async fn seed_org(db: &Database, org_id: ObjectId, spec: &SeedSpec) -> anyho
 }
 
 /// Seeds a demo organisation described by `spec` when `contacts` is empty.
-pub async fn seed_demo_if_empty_with(db: &Database, spec: &SeedSpec) -> anyhow::Result<Option<SeededOrg>> {
+pub async fn seed_demo_if_empty_with(
+    db: &Database,
+    spec: &SeedSpec,
+) -> anyhow::Result<Option<SeededOrg>> {
     let existing = db
         .collection::<Document>("contacts")
         .estimated_document_count()
@@ -176,12 +205,18 @@ pub async fn seed_demo_if_empty_with(db: &Database, spec: &SeedSpec) -> anyhow::
 
 /// The organisation of the first contact, if any.
 pub async fn first_org(db: &Database) -> anyhow::Result<Option<ObjectId>> {
-    let c = db.collection::<Document>("contacts").find_one(doc! {}).await?;
+    let c = db
+        .collection::<Document>("contacts")
+        .find_one(doc! {})
+        .await?;
     Ok(c.and_then(|c| c.get_object_id("orgId").ok()))
 }
 
 /// The first user of `org`, if any.
 pub async fn first_user(db: &Database, org: ObjectId) -> anyhow::Result<Option<ObjectId>> {
-    let u = db.collection::<Document>("users").find_one(doc! {"orgId": org}).await?;
+    let u = db
+        .collection::<Document>("users")
+        .find_one(doc! {"orgId": org})
+        .await?;
     Ok(u.and_then(|u| u.get_object_id("_id").ok()))
 }

@@ -106,7 +106,12 @@ async fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child>
 }
 
 /// Waits until `ready` says yes, the child exits, or the deadline passes.
-async fn wait_ready<F, Fut>(child: &mut Child, deadline: Duration, log: &Path, mut ready: F) -> anyhow::Result<()>
+async fn wait_ready<F, Fut>(
+    child: &mut Child,
+    deadline: Duration,
+    log: &Path,
+    mut ready: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -141,7 +146,11 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts `nats-server -c <conf> -a 127.0.0.1 -p <port> -sd <dir>/jetstream`
     /// (`port` None = a free ephemeral port) and waits until it is ready.
-    pub async fn start(nats_conf: &Path, dir: &Path, port: Option<u16>) -> anyhow::Result<NatsServer> {
+    pub async fn start(
+        nats_conf: &Path,
+        dir: &Path,
+        port: Option<u16>,
+    ) -> anyhow::Result<NatsServer> {
         let bin = find_binary(ServerKind::Nats)?;
         std::fs::create_dir_all(dir)?;
         let log = dir.join("nats-server.log");
@@ -232,7 +241,9 @@ impl MongoServer {
                 "512M".into(),
             ];
             let mut child = spawn(&bin, &args, &log).await?;
-            let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=500");
+            let uri = format!(
+                "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=500"
+            );
             let ready = wait_ready(&mut child, Duration::from_secs(20), &log, || {
                 let uri = uri.clone();
                 async move { ping(&uri).await }
@@ -266,9 +277,14 @@ impl MongoServer {
 }
 
 async fn ping(uri: &str) -> bool {
-    if tokio::net::TcpStream::connect(uri.trim_start_matches("mongodb://").split('/').next().unwrap_or_default())
-        .await
-        .is_err()
+    if tokio::net::TcpStream::connect(
+        uri.trim_start_matches("mongodb://")
+            .split('/')
+            .next()
+            .unwrap_or_default(),
+    )
+    .await
+    .is_err()
     {
         return false;
     }

@@ -25,7 +25,11 @@ struct Org {
 async fn seed(db: &mongodb::Database, n: usize, stages: Option<Vec<ObjectId>>) -> Org {
     let id = ObjectId::new();
     let stages = stages.unwrap_or_else(|| (0..3).map(|_| ObjectId::new()).collect());
-    let named: Vec<(ObjectId, &str)> = stages.iter().zip(["A", "B", "C"]).map(|(s, n)| (*s, n)).collect();
+    let named: Vec<(ObjectId, &str)> = stages
+        .iter()
+        .zip(["A", "B", "C"])
+        .map(|(s, n)| (*s, n))
+        .collect();
     let pipe = pipeline(db, id, "Sales", &named).await;
     let owners = vec![ObjectId::new(), ObjectId::new()];
     let mut contacts = Vec::new();
@@ -51,10 +55,20 @@ async fn seed(db: &mongodb::Database, n: usize, stages: Option<Vec<ObjectId>>) -
     insert(db, "contacts", contacts.clone()).await;
     insert(db, "conversations", convs).await;
     insert(db, "messages", msgs).await;
-    Org { id, stages, owners, contacts }
+    Org {
+        id,
+        stages,
+        owners,
+        contacts,
+    }
 }
 
-async fn ids(db: &mongodb::Database, coll: &str, filter: Document, key: &str) -> BTreeSet<ObjectId> {
+async fn ids(
+    db: &mongodb::Database,
+    coll: &str,
+    filter: Document,
+    key: &str,
+) -> BTreeSet<ObjectId> {
     db.collection::<Document>(coll)
         .find(filter)
         .await
@@ -92,7 +106,11 @@ async fn removed_events(client: &async_nats::Client, org: ObjectId) -> Vec<Value
             .expect("stream read deadline")
             .unwrap()
             .unwrap();
-        let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string());
         let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
         v["_msgId"] = json!(id);
         out.push(v);
@@ -102,17 +120,30 @@ async fn removed_events(client: &async_nats::Client, org: ObjectId) -> Vec<Value
 
 /// Checks every invariant of a finished delete of `org` by `job`, against the
 /// contacts `expected` to be deleted. Returns the snapshot counts.
-async fn check_invariants(stack: &Stack, org: &Org, job: &str, snap: &Value, expected: &BTreeSet<ObjectId>) {
+async fn check_invariants(
+    stack: &Stack,
+    org: &Org,
+    job: &str,
+    snap: &Value,
+    expected: &BTreeSet<ObjectId>,
+) {
     let db = stack.db().await;
     let client = stack.client().await;
     let left = ids(&db, "contacts", doc! {"orgId": org.id}, "_id").await;
-    let all: BTreeSet<ObjectId> = org.contacts.iter().map(|c| c.get_object_id("_id").unwrap()).collect();
+    let all: BTreeSet<ObjectId> = org
+        .contacts
+        .iter()
+        .map(|c| c.get_object_id("_id").unwrap())
+        .collect();
     let gone: BTreeSet<ObjectId> = all.difference(&left).copied().collect();
     assert_eq!(&gone, expected, "exactly the expected contacts are gone");
     // No orphans.
     for coll in ["conversations", "messages"] {
         let parents = ids(&db, coll, doc! {"orgId": org.id}, "contactId").await;
-        assert!(parents.is_disjoint(&gone), "{coll} left behind for a deleted contact");
+        assert!(
+            parents.is_disjoint(&gone),
+            "{coll} left behind for a deleted contact"
+        );
     }
     // Survivors keep their children.
     let expected_convs: usize = org
@@ -122,7 +153,11 @@ async fn check_invariants(stack: &Stack, org: &Org, job: &str, snap: &Value, exp
         .filter(|(_, c)| left.contains(&c.get_object_id("_id").unwrap()))
         .map(|(i, _)| i % 3)
         .sum();
-    let convs = db.collection::<Document>("conversations").count_documents(doc! {"orgId": org.id}).await.unwrap();
+    let convs = db
+        .collection::<Document>("conversations")
+        .count_documents(doc! {"orgId": org.id})
+        .await
+        .unwrap();
     assert_eq!(convs as usize, expected_convs);
     // One audit entry per deleted contact.
     let audits: Vec<Document> = db
@@ -134,12 +169,20 @@ async fn check_invariants(stack: &Stack, org: &Org, job: &str, snap: &Value, exp
         .await
         .unwrap();
     assert_eq!(audits.len(), gone.len());
-    let audited: BTreeSet<ObjectId> = audits.iter().map(|a| a.get_object_id("contactId").unwrap()).collect();
+    let audited: BTreeSet<ObjectId> = audits
+        .iter()
+        .map(|a| a.get_object_id("contactId").unwrap())
+        .collect();
     assert_eq!(audited, gone);
     for a in &audits {
         assert_eq!(a.get_str("type").unwrap(), "CONTACT_DELETE");
         assert_eq!(a.get_object_id("orgId").unwrap(), org.id);
-        assert!(a.get_document("contact").unwrap().get_str("email").unwrap().contains('@'));
+        assert!(a
+            .get_document("contact")
+            .unwrap()
+            .get_str("email")
+            .unwrap()
+            .contains('@'));
     }
     // One contact_removed per deleted contact, with the dedup id.
     let events = removed_events(&client, org.id).await;
@@ -151,7 +194,10 @@ async fn check_invariants(stack: &Stack, org: &Org, job: &str, snap: &Value, exp
     assert_eq!(announced.len(), gone.len(), "one event per deleted contact");
     assert_eq!(announced.iter().copied().collect::<BTreeSet<_>>(), gone);
     for e in &events {
-        assert_eq!(e["_msgId"], format!("{}:{}", job, e["contactId"].as_str().unwrap()));
+        assert_eq!(
+            e["_msgId"],
+            format!("{}:{}", job, e["contactId"].as_str().unwrap())
+        );
         assert_eq!(e["type"], "contact_removed");
         assert_eq!(e["pipelineType"], "Contact");
     }
@@ -223,20 +269,50 @@ async fn cascade_delete_removes_exactly_the_filter_with_all_side_effects() {
     let _svc = stack.service_with(|c| c.delete_batch = 100).await;
     let client = stack.client().await;
     let filter = json!({"stageIds": [a.stages[0].to_hex(), a.stages[1].to_hex()]});
-    let dry = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": filter, "dryRun": true})).await;
+    let dry = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": a.id.to_hex(), "filter": filter, "dryRun": true}),
+    )
+    .await;
     assert_eq!(dry["dryRun"], true, "{dry}");
-    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 0, "a dry run creates no job");
-    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": filter, "requestedBy": a.owners[0].to_hex()})).await;
+    assert_eq!(
+        db.collection::<Document>("bulk_jobs")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0,
+        "a dry run creates no job"
+    );
+    let reply = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": a.id.to_hex(), "filter": filter, "requestedBy": a.owners[0].to_hex()}),
+    )
+    .await;
     let job = reply["jobId"].as_str().unwrap().to_string();
     let snap = wait_terminal(&client, a.id, &job).await;
     assert_eq!(snap["status"], "completed", "{snap}");
-    assert_eq!(snap["counts"], dry["counts"], "dry run counts equal what was deleted");
+    assert_eq!(
+        snap["counts"], dry["counts"],
+        "dry run counts equal what was deleted"
+    );
     let expected = in_stages(&a, &a.stages[..2]);
     check_invariants(&stack, &a, &job, &snap, &expected).await;
     // The other organisation, sharing stage ids, is untouched.
-    assert_eq!(ids(&db, "contacts", doc! {"orgId": b.id}, "_id").await.len(), 300);
+    assert_eq!(
+        ids(&db, "contacts", doc! {"orgId": b.id}, "_id")
+            .await
+            .len(),
+        300
+    );
     assert!(removed_events(&client, b.id).await.is_empty());
-    let audit = db.collection::<Document>("event_logs").find_one(doc! {"jobId": &job}).await.unwrap().unwrap();
+    let audit = db
+        .collection::<Document>("event_logs")
+        .find_one(doc! {"jobId": &job})
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(audit.get_object_id("actorId").unwrap(), a.owners[0]);
 }
 
@@ -247,9 +323,17 @@ async fn a_contact_moved_out_of_the_filter_mid_job_survives_with_its_children() 
     let a = seed(&db, 1500, None).await;
     let _svc = stack.service_with(|c| c.delete_batch = 10).await;
     let client = stack.client().await;
-    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"stageIds": [a.stages[1].to_hex()]}})).await;
+    let reply = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": a.id.to_hex(), "filter": {"stageIds": [a.stages[1].to_hex()]}}),
+    )
+    .await;
     let job = reply["jobId"].as_str().unwrap().to_string();
-    wait_job(&client, a.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) > 0).await;
+    wait_job(&client, a.id, &job, 60, |s| {
+        s["processed"].as_i64().unwrap_or(0) > 0
+    })
+    .await;
     // The last contact of the stage (i = 1498: 1 conversation... i%3=1 → 1 conversation, i%4=2 → 2 messages).
     let moved = a.contacts[1498].get_object_id("_id").unwrap();
     db.collection::<Document>("contacts")
@@ -261,7 +345,11 @@ async fn a_contact_moved_out_of_the_filter_mid_job_survives_with_its_children() 
     let mut expected = in_stages(&a, &a.stages[1..2]);
     assert!(expected.remove(&moved));
     check_invariants(&stack, &a, &job, &snap, &expected).await;
-    let kids = db.collection::<Document>("messages").count_documents(doc! {"contactId": moved}).await.unwrap();
+    let kids = db
+        .collection::<Document>("messages")
+        .count_documents(doc! {"contactId": moved})
+        .await
+        .unwrap();
     assert_eq!(kids, 2);
 }
 
@@ -272,24 +360,53 @@ async fn cancel_stops_at_a_batch_boundary_and_the_snapshot_matches_the_database(
     let a = seed(&db, 3000, None).await;
     let _svc = stack.service_with(|c| c.delete_batch = 10).await;
     let client = stack.client().await;
-    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"orgWide": true}})).await;
+    let reply = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": a.id.to_hex(), "filter": {"orgWide": true}}),
+    )
+    .await;
     let job = reply["jobId"].as_str().unwrap().to_string();
-    wait_job(&client, a.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) >= 30).await;
+    wait_job(&client, a.id, &job, 60, |s| {
+        s["processed"].as_i64().unwrap_or(0) >= 30
+    })
+    .await;
     let asked = std::time::Instant::now();
-    let snap = request(&client, "bulk.v1.cancel", json!({"orgId": a.id.to_hex(), "jobId": job})).await;
+    let snap = request(
+        &client,
+        "bulk.v1.cancel",
+        json!({"orgId": a.id.to_hex(), "jobId": job}),
+    )
+    .await;
     assert_eq!(snap["status"], "cancelled", "{snap}");
     assert!(asked.elapsed() < Duration::from_secs(3));
     let processed = snap["processed"].as_i64().unwrap() as usize;
     assert!(processed < 3000);
     let left = ids(&db, "contacts", doc! {"orgId": a.id}, "_id").await;
-    let gone: BTreeSet<ObjectId> = a.contacts.iter().map(|c| c.get_object_id("_id").unwrap()).filter(|i| !left.contains(i)).collect();
+    let gone: BTreeSet<ObjectId> = a
+        .contacts
+        .iter()
+        .map(|c| c.get_object_id("_id").unwrap())
+        .filter(|i| !left.contains(i))
+        .collect();
     assert_eq!(gone.len(), processed);
     check_invariants(&stack, &a, &job, &snap, &gone).await;
     // Terminal means terminal.
-    let again = request(&client, "bulk.v1.cancel", json!({"orgId": a.id.to_hex(), "jobId": job})).await;
+    let again = request(
+        &client,
+        "bulk.v1.cancel",
+        json!({"orgId": a.id.to_hex(), "jobId": job}),
+    )
+    .await;
     assert_eq!(again["status"], "cancelled");
     assert_eq!(again["processed"], snap["processed"]);
-    assert!(db.collection::<Document>("contacts").count_documents(doc! {"bulkDeleteJobId": &job}).await.unwrap() == 0);
+    assert!(
+        db.collection::<Document>("contacts")
+            .count_documents(doc! {"bulkDeleteJobId": &job})
+            .await
+            .unwrap()
+            == 0
+    );
 }
 
 /// The real binary, with its log lines readable.
@@ -341,11 +458,23 @@ async fn sigkill_mid_delete_then_restart_keeps_every_invariant() {
     let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"stageIds": [a.stages[0].to_hex(), a.stages[2].to_hex()]}})).await;
     let job = reply["jobId"].as_str().unwrap().to_string();
     for threshold in [100, 600] {
-        wait_job(&client, a.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) >= threshold).await;
+        wait_job(&client, a.id, &job, 60, |s| {
+            s["processed"].as_i64().unwrap_or(0) >= threshold
+        })
+        .await;
         bin.child.kill().await.unwrap(); // SIGKILL
-        // No instance runs now: read the record itself.
-        let mid = db.collection::<Document>("bulk_jobs").find_one(doc! {"_id": &job}).await.unwrap().unwrap();
-        assert_ne!(mid.get_str("status").unwrap(), "completed", "killed mid-way: {mid}");
+                                         // No instance runs now: read the record itself.
+        let mid = db
+            .collection::<Document>("bulk_jobs")
+            .find_one(doc! {"_id": &job})
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            mid.get_str("status").unwrap(),
+            "completed",
+            "killed mid-way: {mid}"
+        );
         bin = start_binary(&stack).await;
     }
     let snap = wait_terminal(&client, a.id, &job).await;
@@ -366,27 +495,50 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
     let js = async_nats::jetstream::new(client.clone());
     let body = json!({"orgId": a.id.to_hex(), "commandId": "durable-1", "filter": {"stageIds": [a.stages[0].to_hex()]}});
     for _ in 0..2 {
-        js.publish("bulk.v1.submit.delete", serde_json::to_vec(&body).unwrap().into())
-            .await
-            .unwrap()
-            .await
-            .expect("stored by JetStream");
+        js.publish(
+            "bulk.v1.submit.delete",
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("stored by JetStream");
     }
-    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 0);
+    assert_eq!(
+        db.collection::<Document>("bulk_jobs")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0
+    );
     let _svc = stack.service().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let job = loop {
-        let r = request(&client, "bulk.v1.job", json!({"orgId": a.id.to_hex(), "commandId": "durable-1"})).await;
+        let r = request(
+            &client,
+            "bulk.v1.job",
+            json!({"orgId": a.id.to_hex(), "commandId": "durable-1"}),
+        )
+        .await;
         if r["jobId"].is_string() {
             break r["jobId"].as_str().unwrap().to_string();
         }
-        assert!(tokio::time::Instant::now() < deadline, "durable command never ran: {r}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "durable command never ran: {r}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let snap = wait_terminal(&client, a.id, &job).await;
     assert_eq!(snap["status"], "completed");
     assert_eq!(snap["counts"]["contacts"], 30);
-    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 1);
+    assert_eq!(
+        db.collection::<Document>("bulk_jobs")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        1
+    );
     // Both messages were consumed (work queue emptied).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -394,7 +546,10 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
         if stream.info().await.unwrap().state.messages == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "submit stream not drained");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "submit stream not drained"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

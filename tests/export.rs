@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 
 /// Reads CSV bytes into rows of cells (header first).
 fn csv_rows(data: &[u8]) -> Vec<Vec<String>> {
-    let mut r = csv::ReaderBuilder::new().has_headers(false).from_reader(data);
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(data);
     r.records()
         .map(|rec| rec.unwrap().iter().map(String::from).collect())
         .collect()
@@ -25,7 +27,11 @@ fn expected_row(c: &Document, pipeline: &str, stages: &HashMap<ObjectId, &str>) 
         s("email"),
         pipeline.to_string(),
         stages[&c.get_object_id("stageId").unwrap()].to_string(),
-        c.get_datetime("createdAt").unwrap().to_chrono().format("%Y-%m-%d").to_string(),
+        c.get_datetime("createdAt")
+            .unwrap()
+            .to_chrono()
+            .format("%Y-%m-%d")
+            .to_string(),
     ]
 }
 
@@ -40,7 +46,11 @@ struct Org {
 async fn seed(db: &mongodb::Database, n: usize, stages: Option<Vec<ObjectId>>) -> Org {
     let id = ObjectId::new();
     let stages = stages.unwrap_or_else(|| (0..3).map(|_| ObjectId::new()).collect());
-    let named: Vec<(ObjectId, &str)> = stages.iter().zip(["New Lead", "Qualified", "Won"]).map(|(s, n)| (*s, n)).collect();
+    let named: Vec<(ObjectId, &str)> = stages
+        .iter()
+        .zip(["New Lead", "Qualified", "Won"])
+        .map(|(s, n)| (*s, n))
+        .collect();
     let pipeline = pipeline(db, id, "Sales", &named).await;
     let owner = ObjectId::new();
     let contacts: Vec<Document> = (0..n)
@@ -53,11 +63,20 @@ async fn seed(db: &mongodb::Database, n: usize, stages: Option<Vec<ObjectId>>) -
         })
         .collect();
     insert(db, "contacts", contacts.clone()).await;
-    Org { id, pipeline, stages, contacts }
+    Org {
+        id,
+        pipeline,
+        stages,
+        contacts,
+    }
 }
 
 fn stage_names(org: &Org) -> HashMap<ObjectId, &'static str> {
-    org.stages.iter().copied().zip(["New Lead", "Qualified", "Won"]).collect()
+    org.stages
+        .iter()
+        .copied()
+        .zip(["New Lead", "Qualified", "Won"])
+        .collect()
 }
 
 async fn export(client: &async_nats::Client, body: Value) -> String {
@@ -95,7 +114,18 @@ async fn csv_export_selects_exactly_the_filtered_contacts() {
     assert_eq!(snap["processed"], expected.len());
     let data = download(&snap).await;
     let rows = csv_rows(&data);
-    assert_eq!(rows[0], ["First Name", "Last Name", "Phone", "Email", "Pipeline", "Stage", "Created Date"]);
+    assert_eq!(
+        rows[0],
+        [
+            "First Name",
+            "Last Name",
+            "Phone",
+            "Email",
+            "Pipeline",
+            "Stage",
+            "Created Date"
+        ]
+    );
     assert_eq!(rows[1..], expected[..]);
     let result = &snap["result"];
     assert_eq!(result["rows"], expected.len());
@@ -134,7 +164,11 @@ async fn gzipped_ndjson_export_with_fields_and_custom_columns() {
         assert_eq!(line["id"], c.get_object_id("_id").unwrap().to_hex());
         assert_eq!(
             line["fullName"],
-            format!("{} {}", c.get_str("firstName").unwrap(), c.get_str("lastName").unwrap())
+            format!(
+                "{} {}",
+                c.get_str("firstName").unwrap(),
+                c.get_str("lastName").unwrap()
+            )
         );
         assert_eq!(line["stage"], names[&c.get_object_id("stageId").unwrap()]);
         assert_eq!(line["customFields"]["source"], "web");
@@ -147,8 +181,18 @@ async fn tricky_values_survive_csv_and_formulas_are_neutralised() {
     let db = stack.db().await;
     let org = seed(&db, 0, None).await;
     let tricky = [
-        ("Ann, \"The\" Boss", "O'Neil\nJr", "+14165550100", "=HYPERLINK(\"x\")"),
-        ("Zoë 東京", "@SUM(A1)", "=cmd|' /C calc'!A0", "-1+1@example.com"),
+        (
+            "Ann, \"The\" Boss",
+            "O'Neil\nJr",
+            "+14165550100",
+            "=HYPERLINK(\"x\")",
+        ),
+        (
+            "Zoë 東京",
+            "@SUM(A1)",
+            "=cmd|' /C calc'!A0",
+            "-1+1@example.com",
+        ),
         ("\tTab", "\rCR", "", "plain@example.com"),
     ];
     let mut docs = Vec::new();
@@ -167,12 +211,32 @@ async fn tricky_values_survive_csv_and_formulas_are_neutralised() {
     insert(&db, "contacts", docs).await;
     let _svc = stack.service().await;
     let client = stack.client().await;
-    let job = export(&client, json!({"orgId": org.id.to_hex(), "filter": {"stageIds": [org.stages[0].to_hex()]}})).await;
+    let job = export(
+        &client,
+        json!({"orgId": org.id.to_hex(), "filter": {"stageIds": [org.stages[0].to_hex()]}}),
+    )
+    .await;
     let snap = wait_terminal(&client, org.id, &job).await;
     let rows = csv_rows(&download(&snap).await);
     assert_eq!(rows.len(), 5);
-    assert_eq!(rows[1][..4], ["Ann, \"The\" Boss", "O'Neil\nJr", "+14165550100", "'=HYPERLINK(\"x\")"]);
-    assert_eq!(rows[2][..4], ["Zoë 東京", "'@SUM(A1)", "=cmd|' /C calc'!A0", "'-1+1@example.com"]);
+    assert_eq!(
+        rows[1][..4],
+        [
+            "Ann, \"The\" Boss",
+            "O'Neil\nJr",
+            "+14165550100",
+            "'=HYPERLINK(\"x\")"
+        ]
+    );
+    assert_eq!(
+        rows[2][..4],
+        [
+            "Zoë 東京",
+            "'@SUM(A1)",
+            "=cmd|' /C calc'!A0",
+            "'-1+1@example.com"
+        ]
+    );
     assert_eq!(rows[3][..2], ["'\tTab", "'\rCR"]);
     assert_eq!(rows[4][2..4], ["", ""]);
 }
@@ -187,15 +251,28 @@ async fn organisations_sharing_stage_ids_never_mix() {
     let client = stack.client().await;
     let filter = json!({"stageIds": a.stages.iter().map(|s| s.to_hex()).collect::<Vec<_>>()});
     for org in [&a, &b] {
-        let job = export(&client, json!({"orgId": org.id.to_hex(), "filter": filter, "fields": ["id"]})).await;
+        let job = export(
+            &client,
+            json!({"orgId": org.id.to_hex(), "filter": filter, "fields": ["id"]}),
+        )
+        .await;
         let snap = wait_terminal(&client, org.id, &job).await;
         let rows = csv_rows(&download(&snap).await);
-        let ids: Vec<String> = org.contacts.iter().map(|c| c.get_object_id("_id").unwrap().to_hex()).collect();
+        let ids: Vec<String> = org
+            .contacts
+            .iter()
+            .map(|c| c.get_object_id("_id").unwrap().to_hex())
+            .collect();
         let got: Vec<String> = rows[1..].iter().map(|r| r[0].clone()).collect();
         assert_eq!(got, ids);
         // Another organisation cannot see the job.
         let other = if org.id == a.id { b.id } else { a.id };
-        let r = request(&client, "bulk.v1.job", json!({"orgId": other.to_hex(), "jobId": job})).await;
+        let r = request(
+            &client,
+            "bulk.v1.job",
+            json!({"orgId": other.to_hex(), "jobId": job}),
+        )
+        .await;
         assert_eq!(r["error"]["code"], "not_found", "{r}");
     }
 }
@@ -207,13 +284,20 @@ async fn zero_matches_give_a_header_only_file_and_completed() {
     let org = seed(&db, 50, None).await;
     let _svc = stack.service().await;
     let client = stack.client().await;
-    let job = export(&client, json!({"orgId": org.id.to_hex(), "filter": {"stageIds": [ObjectId::new().to_hex()]}})).await;
+    let job = export(
+        &client,
+        json!({"orgId": org.id.to_hex(), "filter": {"stageIds": [ObjectId::new().to_hex()]}}),
+    )
+    .await;
     let snap = wait_terminal(&client, org.id, &job).await;
     assert_eq!(snap["status"], "completed");
     assert_eq!(snap["total"], 0);
     assert_eq!(snap["processed"], 0);
     let data = download(&snap).await;
-    assert_eq!(data, b"First Name,Last Name,Phone,Email,Pipeline,Stage,Created Date\n");
+    assert_eq!(
+        data,
+        b"First Name,Last Name,Phone,Email,Pipeline,Stage,Created Date\n"
+    );
 }
 
 #[tokio::test]
@@ -231,9 +315,20 @@ async fn command_id_replay_returns_the_same_job() {
     assert_eq!(r1["jobId"], r2["jobId"]);
     let r3 = request(&client, "bulk.v1.export", body).await;
     assert_eq!(r1["jobId"], r3["jobId"]);
-    let by_command = request(&client, "bulk.v1.job", json!({"orgId": org.id.to_hex(), "commandId": "cmd-1"})).await;
+    let by_command = request(
+        &client,
+        "bulk.v1.job",
+        json!({"orgId": org.id.to_hex(), "commandId": "cmd-1"}),
+    )
+    .await;
     assert_eq!(by_command["jobId"], r1["jobId"]);
-    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 1);
+    assert_eq!(
+        db.collection::<Document>("bulk_jobs")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        1
+    );
     // The same commandId in another organisation is another job.
     let other = request(&client, "bulk.v1.export", json!({"orgId": ObjectId::new().to_hex(), "commandId": "cmd-1", "filter": {"orgWide": true}})).await;
     assert_ne!(other["jobId"], r1["jobId"]);
@@ -249,29 +344,89 @@ async fn malformed_commands_are_named_and_change_nothing() {
     let o = org.id.to_hex();
     let s = org.stages[0].to_hex();
     let cases: Vec<(Value, &str)> = vec![
-        (json!({"orgId": "nope", "filter": {"orgWide": true}}), "orgId"),
+        (
+            json!({"orgId": "nope", "filter": {"orgWide": true}}),
+            "orgId",
+        ),
         (json!({"filter": {"orgWide": true}}), "orgId"),
         (json!({"orgId": o}), "filter"),
         (json!({"orgId": o, "filter": {}}), "filter.stageIds"),
-        (json!({"orgId": o, "filter": {"stageIds": []}}), "filter.stageIds"),
-        (json!({"orgId": o, "filter": {"stageIds": [s, "zz"]}}), "filter.stageIds[1]"),
-        (json!({"orgId": o, "filter": {"stageIds": [{"$ne": null}]}}), "filter.stageIds[0]"),
-        (json!({"orgId": o, "filter": {"orgWide": "yes"}}), "filter.orgWide"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "pipelineType": "Deal"}}), "filter.pipelineType"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "ownerFilter": "mine"}}), "filter.ownerFilter"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "$where": "1"}}), "filter.$where"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"$where": "1"}}}), "filter.advancedParams.$where"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"createdAfter": {"$gt": 1}}}}), "filter.advancedParams.createdAfter"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"createdBefore": "yesterday"}}}), "filter.advancedParams.createdBefore"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"tags": [{"$ne": 1}]}}}), "filter.advancedParams.tags[0]"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"ownerIds": ["x"]}}}), "filter.advancedParams.ownerIds[0]"),
-        (json!({"orgId": o, "filter": {"orgWide": true, "limit": -1}}), "filter.limit"),
-        (json!({"orgId": o, "filter": {"orgWide": true}, "format": "xlsx"}), "format"),
-        (json!({"orgId": o, "filter": {"orgWide": true}, "gzip": "yes"}), "gzip"),
-        (json!({"orgId": o, "filter": {"orgWide": true}, "fields": ["firstName", "password"]}), "fields[1]"),
-        (json!({"orgId": o, "filter": {"orgWide": true}, "commandId": 7}), "commandId"),
-        (json!({"orgId": o, "filter": {"orgWide": true}, "requestedBy": "me"}), "requestedBy"),
-        (json!({"orgId": o, "filter": {"orgWide": true}, "extra": 1}), "extra"),
+        (
+            json!({"orgId": o, "filter": {"stageIds": []}}),
+            "filter.stageIds",
+        ),
+        (
+            json!({"orgId": o, "filter": {"stageIds": [s, "zz"]}}),
+            "filter.stageIds[1]",
+        ),
+        (
+            json!({"orgId": o, "filter": {"stageIds": [{"$ne": null}]}}),
+            "filter.stageIds[0]",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": "yes"}}),
+            "filter.orgWide",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "pipelineType": "Deal"}}),
+            "filter.pipelineType",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "ownerFilter": "mine"}}),
+            "filter.ownerFilter",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "$where": "1"}}),
+            "filter.$where",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"$where": "1"}}}),
+            "filter.advancedParams.$where",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"createdAfter": {"$gt": 1}}}}),
+            "filter.advancedParams.createdAfter",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"createdBefore": "yesterday"}}}),
+            "filter.advancedParams.createdBefore",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"tags": [{"$ne": 1}]}}}),
+            "filter.advancedParams.tags[0]",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "advancedParams": {"ownerIds": ["x"]}}}),
+            "filter.advancedParams.ownerIds[0]",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true, "limit": -1}}),
+            "filter.limit",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true}, "format": "xlsx"}),
+            "format",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true}, "gzip": "yes"}),
+            "gzip",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true}, "fields": ["firstName", "password"]}),
+            "fields[1]",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true}, "commandId": 7}),
+            "commandId",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true}, "requestedBy": "me"}),
+            "requestedBy",
+        ),
+        (
+            json!({"orgId": o, "filter": {"orgWide": true}, "extra": 1}),
+            "extra",
+        ),
         (json!([1, 2]), "body"),
     ];
     for (body, field) in cases {
@@ -280,12 +435,26 @@ async fn malformed_commands_are_named_and_change_nothing() {
         assert_eq!(r["error"]["field"], field, "{body} -> {r}");
     }
     // Not even JSON.
-    let msg = client.request("bulk.v1.export", "{oops".into()).await.unwrap();
+    let msg = client
+        .request("bulk.v1.export", "{oops".into())
+        .await
+        .unwrap();
     let r: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(r["error"]["code"], "validation_error");
-    assert_eq!(db.collection::<Document>("bulk_jobs").count_documents(doc! {}).await.unwrap(), 0);
+    assert_eq!(
+        db.collection::<Document>("bulk_jobs")
+            .count_documents(doc! {})
+            .await
+            .unwrap(),
+        0
+    );
     // The service still works.
-    let r = request(&client, "bulk.v1.count", json!({"orgId": o, "filter": {"orgWide": true}})).await;
+    let r = request(
+        &client,
+        "bulk.v1.count",
+        json!({"orgId": o, "filter": {"orgWide": true}}),
+    )
+    .await;
     assert_eq!(r["count"], 10);
 }
 
@@ -300,8 +469,15 @@ async fn progress_events_are_monotonic_and_end_completed() {
         })
         .await;
     let client = stack.client().await;
-    let mut sub = client.subscribe(format!("bulk.v1.events.{}.job.>", org.id.to_hex())).await.unwrap();
-    let job = export(&client, json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}})).await;
+    let mut sub = client
+        .subscribe(format!("bulk.v1.events.{}.job.>", org.id.to_hex()))
+        .await
+        .unwrap();
+    let job = export(
+        &client,
+        json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}}),
+    )
+    .await;
     let events = collect_until(&mut sub, 120, |e| e["job"]["status"] == "completed").await;
     let mut last = -1i64;
     for e in &events {
@@ -310,7 +486,9 @@ async fn progress_events_are_monotonic_and_end_completed() {
         assert!(p >= last, "processed went back: {last} -> {p}");
         last = p;
     }
-    assert!(events.iter().any(|e| e["type"] == "job.status" && e["job"]["status"] == "processing"));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "job.status" && e["job"]["status"] == "processing"));
     let final_event = events.last().unwrap();
     assert_eq!(final_event["type"], "job.status");
     assert_eq!(final_event["job"]["processed"], 4000);
@@ -330,12 +508,27 @@ async fn export_resumes_after_restart_and_produces_the_same_file() {
     let svc = stack.service_with(|c| c.export_batch = 50).await;
     let body = json!({"orgId": org.id.to_hex(), "gzip": true, "filter": {"orgWide": true}});
     let job = export(&client, body.clone()).await;
-    wait_job(&client, org.id, &job, 60, |s| s["processed"].as_i64().unwrap_or(0) > 500).await;
+    wait_job(&client, org.id, &job, 60, |s| {
+        s["processed"].as_i64().unwrap_or(0) > 500
+    })
+    .await;
     svc.stop().await.unwrap();
     // No instance runs now: read the record itself.
-    let mid = db.collection::<Document>("bulk_jobs").find_one(doc! {"_id": &job}).await.unwrap().unwrap();
-    assert_eq!(mid.get_str("status").unwrap(), "processing", "drained job stays resumable: {mid}");
-    assert!(mid.get("leaseOwner").unwrap().as_null().is_some(), "lease given back on drain");
+    let mid = db
+        .collection::<Document>("bulk_jobs")
+        .find_one(doc! {"_id": &job})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        mid.get_str("status").unwrap(),
+        "processing",
+        "drained job stays resumable: {mid}"
+    );
+    assert!(
+        mid.get("leaseOwner").unwrap().as_null().is_some(),
+        "lease given back on drain"
+    );
     let stopped_at = mid.get_i64("processed").unwrap();
     assert!(stopped_at < 6000, "stopped mid-way");
 

@@ -372,7 +372,10 @@ async fn announce(run: &JobRun, audits: &[Document]) -> Result<(), JobError> {
                 job_id: job.job_id.clone(),
                 pipeline_type: job.filter.pipeline_type,
                 owner_id: a.get_object_id("ownerId").ok(),
-                at: a.get_datetime("createdAt").copied().unwrap_or_else(|_| DateTime::now()),
+                at: a
+                    .get_datetime("createdAt")
+                    .copied()
+                    .unwrap_or_else(|_| DateTime::now()),
             })
         })
         .collect();

@@ -49,7 +49,8 @@ pub struct RemovedContact {
 /// (return only once every event is stored) and deduplicated per job and contact.
 pub trait EventSink: Send + Sync + 'static {
     /// Publishes a job event carrying the record's snapshot.
-    fn job_event(&self, kind: JobEventKind, job: &JobRecord) -> BoxFuture<'_, Result<(), JobError>>;
+    fn job_event(&self, kind: JobEventKind, job: &JobRecord)
+        -> BoxFuture<'_, Result<(), JobError>>;
     /// Publishes one `contact_removed` per contact and waits until all are stored.
     fn contacts_removed<'a>(
         &'a self,

@@ -340,7 +340,8 @@ async fn pack(spec: &ExportSpec, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
     if !spec.gzip {
         return Ok(data);
     }
-    let mut enc = async_compression::tokio::write::GzipEncoder::new(Vec::with_capacity(data.len() / 4));
+    let mut enc =
+        async_compression::tokio::write::GzipEncoder::new(Vec::with_capacity(data.len() / 4));
     enc.write_all(&data).await.map_err(io_err)?;
     enc.shutdown().await.map_err(io_err)?;
     Ok(enc.into_inner())

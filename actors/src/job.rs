@@ -146,7 +146,10 @@ impl JobRun {
     pub async fn status_event(&self) {
         let sink = &self.env.sink;
         let job = &self.job;
-        let sent = retry("publish status event", 5, || sink.job_event(JobEventKind::Status, job)).await;
+        let sent = retry("publish status event", 5, || {
+            sink.job_event(JobEventKind::Status, job)
+        })
+        .await;
         if let Err(e) = sent {
             tracing::warn!(job_id = %job.job_id, error = %e, "status event not published");
         }
@@ -157,14 +160,23 @@ impl JobRun {
         if !self.throttle.ready() {
             return;
         }
-        if let Err(e) = self.env.sink.job_event(JobEventKind::Progress, &self.job).await {
+        if let Err(e) = self
+            .env
+            .sink
+            .job_event(JobEventKind::Progress, &self.job)
+            .await
+        {
             tracing::debug!(job_id = %self.job.job_id, error = %e, "progress event not published");
         }
     }
 
     /// Delay before retrying a failed step.
     pub fn step_backoff(&self) -> Duration {
-        backoff(Duration::from_millis(100), self.failures, Duration::from_secs(5))
+        backoff(
+            Duration::from_millis(100),
+            self.failures,
+            Duration::from_secs(5),
+        )
     }
 }
 
@@ -191,7 +203,12 @@ where
             Ok(v) => return Ok(v),
             Err(e) if is_transient(&e) && n + 1 < tries => {
                 tracing::debug!(what, attempt = n + 1, error = %e, "retrying");
-                tokio::time::sleep(backoff(Duration::from_millis(50), n, Duration::from_secs(2))).await;
+                tokio::time::sleep(backoff(
+                    Duration::from_millis(50),
+                    n,
+                    Duration::from_secs(2),
+                ))
+                .await;
                 n += 1;
             }
             Err(e) => return Err(e),
@@ -206,9 +223,18 @@ mod tests {
     #[test]
     fn backoff_doubles_and_caps() {
         let b = Duration::from_millis(100);
-        assert_eq!(backoff(b, 0, Duration::from_secs(5)), Duration::from_millis(100));
-        assert_eq!(backoff(b, 3, Duration::from_secs(5)), Duration::from_millis(800));
-        assert_eq!(backoff(b, 30, Duration::from_secs(5)), Duration::from_secs(5));
+        assert_eq!(
+            backoff(b, 0, Duration::from_secs(5)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            backoff(b, 3, Duration::from_secs(5)),
+            Duration::from_millis(800)
+        );
+        assert_eq!(
+            backoff(b, 30, Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
     }
 
     #[tokio::test]
@@ -279,7 +305,12 @@ pub async fn handle_job_msg<S: JobStep>(
         }
         JobMsg::Drain => {
             let run = state.run();
-            if let Err(e) = run.env.store.release(&run.job.job_id, &run.env.instance).await {
+            if let Err(e) = run
+                .env
+                .store
+                .release(&run.job.job_id, &run.env.instance)
+                .await
+            {
                 tracing::warn!(job_id = %run.job.job_id, error = %e, "lease not released on drain");
             }
             myself.stop(Some("drained".into()));

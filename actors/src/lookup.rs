@@ -73,7 +73,8 @@ impl NameCache {
         ids: &[ObjectId],
     ) -> Result<(), JobError> {
         // A stage id only says which pipeline by lookup, so match either.
-        let filter = doc! {"orgId": org, "$or": [{"_id": {"$in": ids}}, {"stages._id": {"$in": ids}}]};
+        let filter =
+            doc! {"orgId": org, "$or": [{"_id": {"$in": ids}}, {"stages._id": {"$in": ids}}]};
         let mut cursor = db
             .collection::<Document>(names::PIPELINES)
             .find(filter)

@@ -214,7 +214,9 @@ impl JobRecord {
         filter: Filter,
         export: Option<ExportSpec>,
     ) -> JobRecord {
-        let command_key = command_id.as_ref().map(|c| format!("{}:{c}", org_id.to_hex()));
+        let command_key = command_id
+            .as_ref()
+            .map(|c| format!("{}:{c}", org_id.to_hex()));
         JobRecord {
             job_id: uuid::Uuid::new_v4().to_string(),
             kind,

@@ -66,12 +66,7 @@ impl JobStore {
     /// Creates the indexes jobs rely on. Index builds over existing data can take
     /// a while, so each one is logged.
     pub async fn ensure_indexes(&self) -> Result<(), JobError> {
-        let unique_sparse = || {
-            IndexOptions::builder()
-                .unique(true)
-                .sparse(true)
-                .build()
-        };
+        let unique_sparse = || IndexOptions::builder().unique(true).sparse(true).build();
         let plan: Vec<(&str, IndexModel)> = vec![
             (
                 names::JOBS,
@@ -311,7 +306,11 @@ impl JobStore {
     }
 
     /// Marks a job nobody holds as failed (attempts exhausted while it was not running).
-    pub async fn fail_unheld(&self, job_id: &str, error: &str) -> Result<Option<JobRecord>, JobError> {
+    pub async fn fail_unheld(
+        &self,
+        job_id: &str,
+        error: &str,
+    ) -> Result<Option<JobRecord>, JobError> {
         let opts = FindOneAndUpdateOptions::builder()
             .return_document(ReturnDocument::After)
             .build();
@@ -320,7 +319,7 @@ impl JobStore {
             .find_one_and_update(
                 doc! {"_id": job_id, "status": {"$in": ["pending", "processing"]}},
                 doc! {"$set": {"status": "failed", "error": error, "finishedAt": DateTime::now(),
-                    "leaseOwner": null, "leaseUntil": null}},
+                "leaseOwner": null, "leaseUntil": null}},
             )
             .with_options(opts)
             .await?)

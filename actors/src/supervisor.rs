@@ -205,7 +205,12 @@ async fn on_failure(
         }
     };
     if record.attempts >= env.settings.max_attempts {
-        tracing::error!(job_id = r.job_id, attempts = record.attempts, error, "job failed");
+        tracing::error!(
+            job_id = r.job_id,
+            attempts = record.attempts,
+            error,
+            "job failed"
+        );
         state.counters.failed += 1;
         let message = format!("gave up after {} attempts: {error}", record.attempts);
         match env.store.fail_unheld(&r.job_id, &message).await {
@@ -225,7 +230,13 @@ async fn on_failure(
         record.attempts.max(1) as u32 - 1,
         Duration::from_secs(30),
     );
-    tracing::warn!(job_id = r.job_id, attempts = record.attempts, error, restart_in_ms = delay.as_millis() as u64, "job actor failed, restarting");
+    tracing::warn!(
+        job_id = r.job_id,
+        attempts = record.attempts,
+        error,
+        restart_in_ms = delay.as_millis() as u64,
+        "job actor failed, restarting"
+    );
     state.counters.restarts += 1;
     let job_id = r.job_id.clone();
     myself.send_after(delay, move || SupervisorMsg::Start(job_id));
@@ -274,7 +285,11 @@ async fn start_record(
     if state.running.values().any(|r| r.job_id == job.job_id) {
         return Ok(());
     }
-    let org_running = state.running.values().filter(|r| r.org == job.org_id).count();
+    let org_running = state
+        .running
+        .values()
+        .filter(|r| r.org == job.org_id)
+        .count();
     if state.running.len() >= state.caps.max_running || org_running >= state.caps.max_per_org {
         // Stays pending; a later scan starts it when a slot frees up.
         return Ok(());
@@ -301,7 +316,12 @@ async fn start_record(
     let org = job.org_id;
     let job_id = job.job_id.clone();
     let kind = job.kind;
-    tracing::info!(job_id, kind = kind.as_str(), attempt = job.attempts, "starting job actor");
+    tracing::info!(
+        job_id,
+        kind = kind.as_str(),
+        attempt = job.attempts,
+        "starting job actor"
+    );
     let args = (env.clone(), job);
     let actor = match kind {
         JobKind::Export => {
@@ -316,13 +336,8 @@ async fn start_record(
         }
     };
     state.counters.spawned += 1;
-    state.running.insert(
-        actor.get_id(),
-        Running {
-            job_id,
-            org,
-            actor,
-        },
-    );
+    state
+        .running
+        .insert(actor.get_id(), Running { job_id, org, actor });
     Ok(())
 }

@@ -34,7 +34,14 @@ fn json_body(body: &Bytes) -> Result<Value, ApiError> {
 /// A filter body validated as a command's filter.
 fn filter_body(body: &Bytes, allow_limit: bool) -> Result<Filter, ApiError> {
     let v = json_body(body)?;
-    Filter::from_json(&v, ParseOptions { prefix: "", allow_limit }).map_err(|e| ApiError::from_job(e.into()))
+    Filter::from_json(
+        &v,
+        ParseOptions {
+            prefix: "",
+            allow_limit,
+        },
+    )
+    .map_err(|e| ApiError::from_job(e.into()))
 }
 
 /// `GET /healthz`: 200 when MongoDB and NATS answer, 503 otherwise.
@@ -75,18 +82,30 @@ pub async fn query_bulk_delete(State(app): State<Arc<App>>, auth: Auth, body: By
             Json(json!({"jobId": job.job_id, "message": "Bulk delete started"})),
         )
             .into_response()),
-        DeleteOutcome::DryRun(counts) => Ok(Json(json!({"dryRun": true, "counts": counts})).into_response()),
+        DeleteOutcome::DryRun(counts) => {
+            Ok(Json(json!({"dryRun": true, "counts": counts})).into_response())
+        }
     }
 }
 
 /// `POST /api/contacts/query-delete-preview`: what a delete would remove (the page's dry run).
-pub async fn query_delete_preview(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+pub async fn query_delete_preview(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    body: Bytes,
+) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
     let filter = json_body(&body)?;
     let req = json!({"filter": filter, "dryRun": true});
     match app.delete(&req, Some(caller.org)).await? {
-        DeleteOutcome::DryRun(counts) => Ok(Json(json!({"dryRun": true, "counts": counts})).into_response()),
-        DeleteOutcome::Job(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "dry run created a job")),
+        DeleteOutcome::DryRun(counts) => {
+            Ok(Json(json!({"dryRun": true, "counts": counts})).into_response())
+        }
+        DeleteOutcome::Job(_) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "dry run created a job",
+        )),
     }
 }
 
@@ -99,14 +118,22 @@ async fn own_job(app: &App, auth: &Auth, job_id: &str) -> Result<JobRecord, ApiE
 }
 
 /// `GET /api/contacts/bulk-job/{jobId}`.
-pub async fn get_job(State(app): State<Arc<App>>, auth: Auth, Path(job_id): Path<String>) -> ApiResult {
+pub async fn get_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     auth.require(SCOPE_READ)?;
     let job = own_job(&app, &auth, &job_id).await?;
     Ok(Json(app.snapshot(&job)).into_response())
 }
 
 /// `POST /api/contacts/bulk-job/{jobId}/cancel`: needs the scope of the job's kind.
-pub async fn cancel_job(State(app): State<Arc<App>>, auth: Auth, Path(job_id): Path<String>) -> ApiResult {
+pub async fn cancel_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     let job = own_job(&app, &auth, &job_id).await?;
     match job.kind {
         JobKind::Export => auth.require_any(&[SCOPE_EXPORT])?,
@@ -130,7 +157,11 @@ pub async fn create_export(State(app): State<Arc<App>>, auth: Auth, body: Bytes)
 }
 
 /// `GET /api/exports/{jobId}`.
-pub async fn get_export(State(app): State<Arc<App>>, auth: Auth, Path(job_id): Path<String>) -> ApiResult {
+pub async fn get_export(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     auth.require_any(&[SCOPE_READ, SCOPE_EXPORT])?;
     let job = own_job(&app, &auth, &job_id).await?;
     if job.kind != JobKind::Export {
@@ -152,7 +183,11 @@ pub async fn list_jobs(
             .parse::<i64>()
             .ok()
             .filter(|n| (1..=500).contains(n))
-            .ok_or_else(|| ApiError::from_job(ValidationError::new("limit", "must be an integer from 1 to 500").into()))?,
+            .ok_or_else(|| {
+                ApiError::from_job(
+                    ValidationError::new("limit", "must be an integer from 1 to 500").into(),
+                )
+            })?,
     };
     let jobs = app.store.list(caller.org, limit).await?;
     let jobs: Vec<_> = jobs.iter().map(|j| app.snapshot(j)).collect();

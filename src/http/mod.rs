@@ -24,12 +24,24 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route("/app.js", get(page_js))
         .route("/app.css", get(page_css))
         .route("/healthz", get(api::healthz))
-        .route("/api/contacts/query-bulk-export", get(stream::query_bulk_export))
+        .route(
+            "/api/contacts/query-bulk-export",
+            get(stream::query_bulk_export),
+        )
         .route("/api/contacts/query-count", post(api::query_count))
-        .route("/api/contacts/query-bulk-delete", delete(api::query_bulk_delete))
-        .route("/api/contacts/query-delete-preview", post(api::query_delete_preview))
+        .route(
+            "/api/contacts/query-bulk-delete",
+            delete(api::query_bulk_delete),
+        )
+        .route(
+            "/api/contacts/query-delete-preview",
+            post(api::query_delete_preview),
+        )
         .route("/api/contacts/bulk-job/{job_id}", get(api::get_job))
-        .route("/api/contacts/bulk-job/{job_id}/cancel", post(api::cancel_job))
+        .route(
+            "/api/contacts/bulk-job/{job_id}/cancel",
+            post(api::cancel_job),
+        )
         .route("/api/exports", post(api::create_export))
         .route("/api/exports/{job_id}", get(api::get_export))
         .route("/api/exports/{job_id}/download", get(stream::download))
@@ -82,7 +94,11 @@ impl ApiError {
 
     /// 404 for a job that is not the caller's (or does not exist).
     pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     /// 403 for a missing scope.
@@ -108,7 +124,11 @@ impl ApiError {
         };
         let (message, field) = match &e {
             JobError::Validation(v) => {
-                let field = v.field.strip_prefix("filter.").unwrap_or(&v.field).to_string();
+                let field = v
+                    .field
+                    .strip_prefix("filter.")
+                    .unwrap_or(&v.field)
+                    .to_string();
                 (format!("{field}: {}", v.message), Some(field))
             }
             _ => (e.to_string(), None),
@@ -144,7 +164,10 @@ pub struct Auth(pub Caller);
 impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or(AuthError::Missing);
         token
             .and_then(|t| app.keys.verify(&t))
@@ -155,7 +178,11 @@ impl FromRequestParts<Arc<App>> for Auth {
 
 /// The bearer token of a request, from the header (or `?token=` for WebSocket upgrades).
 pub fn bearer(parts: &Parts) -> Option<String> {
-    if let Some(h) = parts.headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
+    if let Some(h) = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+    {
         let (scheme, token) = h.split_once(' ')?;
         if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
             return Some(token.trim().to_string());

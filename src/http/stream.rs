@@ -43,7 +43,10 @@ pub async fn query_bulk_export(
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
             (header::CACHE_CONTROL, "no-store".to_string()),
         ],
         Body::from_stream(ReceiverStream::new(rx)),
@@ -84,7 +87,10 @@ async fn produce_csv(
         if docs.len() == BATCH || (done && !docs.is_empty()) {
             names.resolve(&app.db, org, &docs, true, false).await?;
             let mut out = Vec::with_capacity(docs.len() * 96);
-            encoder.encode_batch(&docs, &names.names, &mut out).await.map_err(io)?;
+            encoder
+                .encode_batch(&docs, &names.names, &mut out)
+                .await
+                .map_err(io)?;
             docs.clear();
             if tx.send(Ok(out.into())).await.is_err() {
                 // The client went away: stop reading.
@@ -111,7 +117,10 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let (mut parts, _) = req.into_parts();
     let job = if bearer(&parts).is_some() {
-        let auth = <Auth as axum::extract::FromRequestParts<Arc<App>>>::from_request_parts(&mut parts, &app).await?;
+        let auth = <Auth as axum::extract::FromRequestParts<Arc<App>>>::from_request_parts(
+            &mut parts, &app,
+        )
+        .await?;
         auth.require_any(&[SCOPE_READ, SCOPE_EXPORT])?;
         app.store
             .get(auth.0.org, &job_id)
@@ -142,7 +151,11 @@ pub async fn download(
     if job.kind != JobKind::Export {
         return Err(ApiError::not_found("export"));
     }
-    let Some(result) = job.result.as_ref().filter(|_| job.status == JobStatus::Completed) else {
+    let Some(result) = job
+        .result
+        .as_ref()
+        .filter(|_| job.status == JobStatus::Completed)
+    else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -155,7 +168,8 @@ pub async fn download(
         result.format.content_type()
     };
     let stream = app.artifacts.stream(&job.job_id).await?;
-    let body = Body::from_stream(stream.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))));
+    let body =
+        Body::from_stream(stream.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))));
     Ok((
         [
             (header::CONTENT_TYPE, content_type.to_string()),

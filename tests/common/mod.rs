@@ -114,7 +114,12 @@ pub async fn wait_job(
 ) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let snap = request(client, "bulk.v1.job", json!({"orgId": org.to_hex(), "jobId": job_id})).await;
+        let snap = request(
+            client,
+            "bulk.v1.job",
+            json!({"orgId": org.to_hex(), "jobId": job_id}),
+        )
+        .await;
         if pred(&snap) {
             return snap;
         }
@@ -129,7 +134,10 @@ pub async fn wait_job(
 /// Waits for a terminal status.
 pub async fn wait_terminal(client: &async_nats::Client, org: ObjectId, job_id: &str) -> Value {
     wait_job(client, org, job_id, 120, |s| {
-        matches!(s["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+        matches!(
+            s["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
     })
     .await
 }
@@ -162,9 +170,17 @@ pub fn gunzip(data: &[u8]) -> Vec<u8> {
 }
 
 /// A pipeline with named stages, inserted for `org`.
-pub async fn pipeline(db: &mongodb::Database, org: ObjectId, name: &str, stages: &[(ObjectId, &str)]) -> ObjectId {
+pub async fn pipeline(
+    db: &mongodb::Database,
+    org: ObjectId,
+    name: &str,
+    stages: &[(ObjectId, &str)],
+) -> ObjectId {
     let id = ObjectId::new();
-    let stages: Vec<Document> = stages.iter().map(|(s, n)| doc! {"_id": s, "name": n}).collect();
+    let stages: Vec<Document> = stages
+        .iter()
+        .map(|(s, n)| doc! {"_id": s, "name": n})
+        .collect();
     db.collection::<Document>("pipelines")
         .insert_one(doc! {"_id": id, "orgId": org, "name": name, "stages": stages})
         .await
