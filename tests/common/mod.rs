@@ -54,7 +54,8 @@ impl Stack {
     pub fn config(&self) -> Config {
         let mut c = Config::from_env();
         c.nats_url = self.nats.url();
-        c.mongodb_uri = self.mongo.uri();
+        // Fail fast while a server is down, so retries (not hangs) are what tests see.
+        c.mongodb_uri = format!("{}&serverSelectionTimeoutMS=2000", self.mongo.uri());
         c.mongodb_db = self.db_name.clone();
         c.http_addr = "127.0.0.1:0".parse().unwrap();
         c.jwt_secret = Some(SECRET.into());
