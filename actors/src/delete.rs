@@ -410,19 +410,24 @@ async fn release_claims(run: &JobRun) -> Result<(), JobError> {
 }
 
 async fn complete(run: &mut JobRun) -> Result<bool, JobError> {
-    // Anything deleted but not yet announced (a crash in the last batch) goes out now.
-    let leftovers: Vec<Document> = run
-        .env
-        .store
-        .db()
-        .collection::<Document>(names::EVENT_LOGS)
-        .find(doc! {"jobId": &run.job.job_id, "announced": false})
-        .projection(doc! {"contactId": 1, "ownerId": 1, "announced": 1, "createdAt": 1})
-        .await?
-        .try_collect()
-        .await?;
-    for chunk in leftovers.chunks(500) {
-        announce(run, chunk).await?;
+    // Anything deleted but not yet announced (a crash in the last batch) goes
+    // out now, a bounded page at a time; `announce` marks each page done.
+    loop {
+        let page: Vec<Document> = run
+            .env
+            .store
+            .db()
+            .collection::<Document>(names::EVENT_LOGS)
+            .find(doc! {"jobId": &run.job.job_id, "announced": false})
+            .projection(doc! {"contactId": 1, "ownerId": 1, "announced": 1, "createdAt": 1})
+            .limit(500)
+            .await?
+            .try_collect()
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        announce(run, &page).await?;
     }
     release_claims(run).await?;
     run.finish(JobStatus::Completed, doc! {}).await?;
