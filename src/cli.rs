@@ -1,4 +1,14 @@
-//! The command line: `serve`, `dev`, `token`, and the operator commands.
+//! The command line: `serve`, `dev`, `token`, the operator commands (`export`,
+//! `delete`, `watch`, `cancel`, over NATS) and the benchmarks (`bench`).
+
+pub mod bench;
+pub mod bench_cpu;
+pub mod bench_delete;
+pub mod bench_export;
+pub mod bench_ws;
+pub mod client;
+pub mod download;
+pub mod operator;
 
 use std::path::PathBuf;
 
@@ -26,6 +36,16 @@ pub enum Command {
     Dev(DevArgs),
     /// Mint a bearer token (for development and operators).
     Token(TokenArgs),
+    /// Export contacts through the service: job, progress, download, sha256 check.
+    Export(operator::ExportArgs),
+    /// Cascade-delete contacts through the service: dry run, confirmation, progress.
+    Delete(operator::DeleteArgs),
+    /// Show an existing job's progress until it ends, then its snapshot.
+    Watch(operator::JobArgs),
+    /// Cancel a job (it stops at its next batch boundary).
+    Cancel(operator::JobArgs),
+    /// Benchmarks against the real service binary with their own servers.
+    Bench(bench::BenchArgs),
 }
 
 /// Options of `dev`.
@@ -94,6 +114,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             println!("{}", keys.mint(&t.user, &t.org, &t.scope, t.ttl)?);
             Ok(())
         }
+        Command::Export(a) => operator::export(a).await,
+        Command::Delete(a) => operator::delete(a).await,
+        Command::Watch(a) => operator::watch(a).await,
+        Command::Cancel(a) => operator::cancel(a).await,
+        Command::Bench(a) => bench::main(a).await,
     }
 }
 

@@ -1,49 +1,91 @@
-//! Data generation for the demo organisation, benchmarks and manual testing:
-//! pipelines, users, contacts, conversations and messages, bulk-inserted in
-//! chunks so memory stays flat whatever the size.
+//! Data generation for the demo organisation, the tests and the benchmarks:
+//! pipelines, users, contacts (or applications), conversations and messages.
+//!
+//! Documents are generated chunk by chunk and bulk-inserted with `insert_many`
+//! ([`CHUNK`] documents per call, never one per round trip), so memory stays
+//! flat whatever the size. Field values are deterministic for a given
+//! [`SeedSpec::seed`]; the `_id`s are fresh `ObjectId`s, so the same spec can
+//! seed several organisations into one database.
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
-use mongodb::Database;
+use mongodb::{Collection, Database};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const FIRST: [&str; 12] = [
+/// Documents per `insert_many`.
+pub const CHUNK: usize = 5_000;
+
+const FIRST: [&str; 16] = [
     "Alex", "Morgan", "Sam", "Taylor", "Jordan", "Riley", "Chloé", "Noah", "Aisha", "Mateo",
-    "Yuki", "Olga",
+    "Yuki", "Olga", "Priya", "Liam", "Zoë", "Kwame",
 ];
-const LAST: [&str; 12] = [
-    "Smith", "Nguyen", "García", "O'Brien", "Kowalski", "Okafor", "Tanaka", "Müller", "Rossi",
-    "Singh", "Dubois", "Lee",
+const LAST: [&str; 16] = [
+    "Smith",
+    "Nguyen",
+    "García",
+    "O'Brien",
+    "Kowalski",
+    "Okafor",
+    "Tanaka",
+    "Müller",
+    "Rossi",
+    "Singh",
+    "Dubois",
+    "Lee",
+    "Martin",
+    "Cohen",
+    "Silva",
+    "Johansson",
 ];
-const TAGS: [&str; 5] = ["vip", "newsletter", "lead", "partner", "cold"];
-const SOURCES: [&str; 4] = ["web", "referral", "event", "import"];
-const CHUNK: usize = 5_000;
+const TAGS: [&str; 6] = ["vip", "newsletter", "lead", "partner", "cold", "event-2025"];
+const SOURCES: [&str; 5] = ["web", "referral", "event", "import", "ads"];
+const PIPELINES: [&str; 4] = ["Sales", "Admissions", "Partners", "Support"];
+const STAGES: [&str; 6] = [
+    "New Lead",
+    "Contacted",
+    "Qualified",
+    "Proposal",
+    "Won",
+    "Lost",
+];
+const MESSAGES: [&str; 4] = [
+    "Hi! Thanks for reaching out.",
+    "Could you send me the brochure?",
+    "Sure, here it is: https://example.com/brochure.pdf",
+    "Let's talk on Monday.",
+];
+/// 2025-01-01T00:00:00Z.
+const CREATED_FROM_MS: i64 = 1_735_689_600_000;
+/// Two years: `createdAt` is spread over 2025 and 2026.
+const CREATED_SPAN_MS: i64 = 730 * 24 * 3600 * 1000;
 
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SeedSpec {
-    /// Contacts to insert.
+    /// Contacts (or applications) to insert.
     pub contacts: u64,
-    /// Pipelines.
+    /// Pipelines (at least 1 is created).
     pub pipelines: usize,
-    /// Stages per pipeline.
+    /// Stages per pipeline (at least 1 is created).
     pub stages_per_pipeline: usize,
-    /// Users (assignees).
+    /// Users (contact owners); 0 = every contact unowned.
     pub users: usize,
-    /// Every n-th contact has conversations (0 = none).
+    /// Every n-th contact (the 0th, the n-th, ...) has conversations; 0 = none, 1 = all.
     pub conversation_every: u64,
     /// Conversations of such a contact.
     pub conversations_per_contact: u32,
     /// Messages per conversation.
     pub messages_per_conversation: u32,
-    /// Random seed (deterministic output).
+    /// Random seed: same seed, same field values.
     pub seed: u64,
-    /// Target collection (`contacts` or `applications`).
+    /// Target collection: `contacts` or `applications` (same schema).
     pub collection: &'static str,
 }
 
 impl SeedSpec {
-    /// The demo organisation of `contact-bulk dev`.
+    /// The demo organisation of `contact-bulk dev`: 20,000 contacts, 2
+    /// pipelines × 4 stages, 5 users, 1 conversation with 3 messages for every
+    /// 4th contact.
     pub fn demo() -> SeedSpec {
         SeedSpec {
             contacts: 20_000,
@@ -59,6 +101,13 @@ impl SeedSpec {
     }
 }
 
+impl Default for SeedSpec {
+    /// [`SeedSpec::demo`].
+    fn default() -> SeedSpec {
+        SeedSpec::demo()
+    }
+}
+
 /// What was seeded.
 #[derive(Debug, Clone)]
 pub struct SeededOrg {
@@ -66,157 +115,228 @@ pub struct SeededOrg {
     pub org_id: ObjectId,
     /// Its pipelines.
     pub pipeline_ids: Vec<ObjectId>,
-    /// Every stage, pipeline by pipeline.
+    /// Every stage, pipeline by pipeline (`stages_per_pipeline` per pipeline).
     pub stage_ids: Vec<ObjectId>,
     /// Its users.
     pub user_ids: Vec<ObjectId>,
 }
 
-/// Inserts pipelines, users, contacts and their conversations and messages for `org_id`.
+/// Inserts pipelines, users, then the contacts of `org_id` into
+/// `spec.collection` with their conversations and messages.
+///
+/// Contact `k` is in stage `k % stages` (round-robin over every stage of every
+/// pipeline, `pipelineId` matching); about 70% are owned, round-robin over the
+/// users, the rest have `ownerId: null`; tags come from a small vocabulary
+/// (vip, newsletter, lead, ...); `customFields` holds `source` (string),
+/// `score` (int) and `optIn` (bool); `createdAt` is spread over 2025-2026.
 pub async fn seed_org(
     db: &Database,
     org_id: ObjectId,
     spec: &SeedSpec,
 ) -> anyhow::Result<SeededOrg> {
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let names = ["Sales", "Admissions", "Partners", "Support"];
-    let stage_names = [
-        "New Lead",
-        "Contacted",
-        "Qualified",
-        "Proposal",
-        "Won",
-        "Lost",
-    ];
+
     let mut pipeline_ids = Vec::new();
     let mut stages: Vec<(ObjectId, ObjectId)> = Vec::new();
     let mut pipelines = Vec::new();
     for p in 0..spec.pipelines.max(1) {
-        let pid = ObjectId::new();
-        let st: Vec<Document> = (0..spec.stages_per_pipeline.max(1))
+        let pipeline_id = ObjectId::new();
+        let stage_docs: Vec<Document> = (0..spec.stages_per_pipeline.max(1))
             .map(|s| {
-                let sid = ObjectId::new();
-                stages.push((pid, sid));
-                doc! {"_id": sid, "name": stage_names[s % stage_names.len()]}
+                let stage_id = ObjectId::new();
+                stages.push((pipeline_id, stage_id));
+                doc! {"_id": stage_id, "name": cycle(&STAGES, s)}
             })
             .collect();
-        pipeline_ids.push(pid);
+        pipeline_ids.push(pipeline_id);
+        let name = match p / PIPELINES.len() {
+            0 => cycle(&PIPELINES, p).to_string(),
+            round => format!("{} {}", cycle(&PIPELINES, p), round + 1),
+        };
         pipelines
-            .push(doc! {"_id": pid, "orgId": org_id, "name": names[p % names.len()], "stages": st});
+            .push(doc! {"_id": pipeline_id, "orgId": org_id, "name": name, "stages": stage_docs});
     }
-    db.collection::<Document>("pipelines")
-        .insert_many(pipelines)
-        .await?;
+    insert_chunked(&db.collection("pipelines"), &mut pipelines, 0).await?;
+
     let user_ids: Vec<ObjectId> = (0..spec.users).map(|_| ObjectId::new()).collect();
-    if !user_ids.is_empty() {
-        let users: Vec<Document> = user_ids
+    let mut users: Vec<Document> = user_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (first, last) = (cycle(&FIRST, i), cycle(&LAST, i + 5));
+            doc! {
+                "_id": id,
+                "orgId": org_id,
+                "name": format!("{first} {last}"),
+                "email": format!("{}.{}{i}@crm.example.com", ascii_lower(first), ascii_lower(last)),
+            }
+        })
+        .collect();
+    insert_chunked(&db.collection("users"), &mut users, 0).await?;
+
+    let contacts: Collection<Document> = db.collection(spec.collection);
+    let conversations: Collection<Document> = db.collection("conversations");
+    let messages: Collection<Document> = db.collection("messages");
+    let mut contact_buf = Vec::with_capacity(CHUNK);
+    let mut conversation_buf = Vec::with_capacity(CHUNK);
+    let mut message_buf = Vec::with_capacity(CHUNK);
+    for k in 0..spec.contacts {
+        let contact_id = ObjectId::new();
+        let i = usize::try_from(k).unwrap_or(usize::MAX);
+        let (pipeline_id, stage_id) = stages[i % stages.len()];
+        let first = FIRST[rng.random_range(0..FIRST.len())];
+        let last = LAST[rng.random_range(0..LAST.len())];
+        let owned = rng.random_range(0..10) < 7;
+        let owner = match (owned, user_ids.is_empty()) {
+            (true, false) => Bson::ObjectId(user_ids[i % user_ids.len()]),
+            _ => Bson::Null,
+        };
+        let tags: Vec<&str> = TAGS
             .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let name = format!("{} {}", FIRST[i % FIRST.len()], LAST[(i + 3) % LAST.len()]);
-                doc! {"_id": u, "orgId": org_id, "name": &name, "email": format!("user{i}@example.com")}
-            })
+            .copied()
+            .filter(|_| rng.random_range(0..4) == 0)
             .collect();
-        db.collection::<Document>("users")
-            .insert_many(users)
-            .await?;
-    }
-    let contacts = db.collection::<Document>(spec.collection);
-    let conversations = db.collection::<Document>("conversations");
-    let messages = db.collection::<Document>("messages");
-    let start = DateTime::parse_rfc3339_str("2025-01-01T00:00:00Z")?.timestamp_millis();
-    let span = 2 * 365 * 24 * 3600 * 1000i64;
-    let mut i = 0u64;
-    while i < spec.contacts {
-        let n = (spec.contacts - i).min(CHUNK as u64);
-        let mut batch = Vec::with_capacity(n as usize);
-        let mut convs = Vec::new();
-        let mut msgs = Vec::new();
-        for k in i..i + n {
-            let id = ObjectId::new();
-            let (pid, sid) = stages[(k as usize) % stages.len()];
-            let first = FIRST[rng.random_range(0..FIRST.len())];
-            let last = LAST[rng.random_range(0..LAST.len())];
-            let owner = if !user_ids.is_empty() && rng.random_range(0..10) < 7 {
-                Bson::ObjectId(user_ids[(k as usize) % user_ids.len()])
-            } else {
-                Bson::Null
-            };
-            let tags: Vec<&str> = TAGS
-                .iter()
-                .copied()
-                .filter(|_| rng.random_range(0..4) == 0)
-                .collect();
-            batch.push(doc! {
-                "_id": id, "orgId": org_id,
-                "firstName": first, "lastName": last,
-                "phone": format!("+1416555{:04}", k % 10_000),
-                "email": format!("{}.{}{k}@example.com", first.to_lowercase(), last.to_lowercase().replace('\'', "")),
-                "pipelineId": pid, "stageId": sid, "ownerId": owner, "tags": tags,
-                "customFields": {"source": SOURCES[(k as usize) % SOURCES.len()], "score": (k % 100) as i32},
-                "createdAt": DateTime::from_millis(start + rng.random_range(0..span)),
-            });
-            if spec.conversation_every > 0 && k % spec.conversation_every == 0 {
-                for _ in 0..spec.conversations_per_contact {
-                    let cid = ObjectId::new();
-                    convs.push(
-                        doc! {"_id": cid, "orgId": org_id, "contactId": id, "channel": "sms"},
-                    );
-                    for m in 0..spec.messages_per_conversation {
-                        msgs.push(
-                            doc! {"_id": ObjectId::new(), "orgId": org_id, "conversationId": cid,
-                            "contactId": id, "body": format!("message {m}")},
-                        );
+        let created_at =
+            DateTime::from_millis(CREATED_FROM_MS + rng.random_range(0..CREATED_SPAN_MS));
+        contact_buf.push(doc! {
+            "_id": contact_id,
+            "orgId": org_id,
+            "firstName": first,
+            "lastName": last,
+            "phone": format!("+1416555{:04}", k % 10_000),
+            "email": format!("{}.{}{k}@example.com", ascii_lower(first), ascii_lower(last)),
+            "pipelineId": pipeline_id,
+            "stageId": stage_id,
+            "ownerId": owner,
+            "tags": tags,
+            "customFields": {
+                "source": SOURCES[rng.random_range(0..SOURCES.len())],
+                "score": rng.random_range(0..100i32),
+                "optIn": rng.random_bool(0.5),
+            },
+            "createdAt": created_at,
+        });
+        // Contacts first, so a conversation never points at a contact not yet inserted.
+        insert_chunked(&contacts, &mut contact_buf, CHUNK).await?;
+
+        if spec.conversation_every > 0 && k % spec.conversation_every == 0 {
+            for _ in 0..spec.conversations_per_contact {
+                let conversation_id = ObjectId::new();
+                conversation_buf.push(doc! {
+                    "_id": conversation_id,
+                    "orgId": org_id,
+                    "contactId": contact_id,
+                    "channel": "sms",
+                    "createdAt": created_at,
+                });
+                for m in 0..spec.messages_per_conversation {
+                    let direction = if m % 2 == 0 { "inbound" } else { "outbound" };
+                    message_buf.push(doc! {
+                        "_id": ObjectId::new(),
+                        "orgId": org_id,
+                        "conversationId": conversation_id,
+                        "contactId": contact_id,
+                        "direction": direction,
+                        "body": cycle(&MESSAGES, m as usize),
+                        "createdAt": DateTime::from_millis(
+                            created_at.timestamp_millis() + i64::from(m) * 60_000,
+                        ),
+                    });
+                    if message_buf.len() >= CHUNK {
+                        insert_chunked(&contacts, &mut contact_buf, 0).await?;
+                        insert_chunked(&conversations, &mut conversation_buf, 0).await?;
+                        insert_chunked(&messages, &mut message_buf, 0).await?;
                     }
+                }
+                if conversation_buf.len() >= CHUNK {
+                    insert_chunked(&contacts, &mut contact_buf, 0).await?;
+                    insert_chunked(&conversations, &mut conversation_buf, 0).await?;
                 }
             }
         }
-        contacts.insert_many(batch).await?;
-        for chunk in convs.chunks(CHUNK) {
-            conversations.insert_many(chunk.to_vec()).await?;
-        }
-        for chunk in msgs.chunks(CHUNK) {
-            messages.insert_many(chunk.to_vec()).await?;
-        }
-        i += n;
     }
+    insert_chunked(&contacts, &mut contact_buf, 0).await?;
+    insert_chunked(&conversations, &mut conversation_buf, 0).await?;
+    insert_chunked(&messages, &mut message_buf, 0).await?;
+
     Ok(SeededOrg {
         org_id,
         pipeline_ids,
-        stage_ids: stages.iter().map(|(_, s)| *s).collect(),
+        stage_ids: stages.iter().map(|&(_, stage)| stage).collect(),
         user_ids,
     })
 }
 
-/// Seeds a demo organisation described by `spec` when `contacts` is empty.
+/// If `contacts` is empty: seeds the demo organisation ([`SeedSpec::demo`])
+/// under a new org id and returns it; else `None`.
+pub async fn seed_demo_if_empty(db: &Database) -> anyhow::Result<Option<SeededOrg>> {
+    seed_demo_if_empty_with(db, &SeedSpec::demo()).await
+}
+
+/// Like [`seed_demo_if_empty`] with another spec (checks `contacts`, seeds
+/// `spec.collection`).
 pub async fn seed_demo_if_empty_with(
     db: &Database,
     spec: &SeedSpec,
 ) -> anyhow::Result<Option<SeededOrg>> {
-    let existing = db
-        .collection::<Document>("contacts")
-        .estimated_document_count()
-        .await?;
-    if existing > 0 {
+    if first_org(db).await?.is_some() {
         return Ok(None);
     }
     Ok(Some(seed_org(db, ObjectId::new(), spec).await?))
 }
 
-/// The organisation of the first contact, if any.
+/// The organisation of some contact, if there is any contact.
 pub async fn first_org(db: &Database) -> anyhow::Result<Option<ObjectId>> {
-    let c = db
+    let contact = db
         .collection::<Document>("contacts")
         .find_one(doc! {})
+        .projection(doc! {"orgId": 1})
         .await?;
-    Ok(c.and_then(|c| c.get_object_id("orgId").ok()))
+    Ok(contact.and_then(|c| c.get_object_id("orgId").ok()))
 }
 
-/// The first user of `org`, if any.
+/// Some user of `org`, if it has any.
 pub async fn first_user(db: &Database, org: ObjectId) -> anyhow::Result<Option<ObjectId>> {
-    let u = db
+    let user = db
         .collection::<Document>("users")
         .find_one(doc! {"orgId": org})
+        .projection(doc! {"_id": 1})
         .await?;
-    Ok(u.and_then(|u| u.get_object_id("_id").ok()))
+    Ok(user.and_then(|u| u.get_object_id("_id").ok()))
+}
+
+/// Inserts and empties `buf` once it holds at least `min` documents (and is not empty).
+async fn insert_chunked(
+    coll: &Collection<Document>,
+    buf: &mut Vec<Document>,
+    min: usize,
+) -> anyhow::Result<()> {
+    if buf.is_empty() || buf.len() < min {
+        return Ok(());
+    }
+    let docs = std::mem::replace(buf, Vec::with_capacity(CHUNK));
+    for chunk in docs.chunks(CHUNK) {
+        coll.insert_many(chunk).await?;
+    }
+    Ok(())
+}
+
+fn cycle<'a>(list: &[&'a str], i: usize) -> &'a str {
+    list[i % list.len()]
+}
+
+/// `Chloé` → `chloe`, `O'Brien` → `obrien`: ASCII for email local parts.
+fn ascii_lower(name: &str) -> String {
+    name.chars()
+        .filter_map(|c| match c.to_ascii_lowercase() {
+            'é' | 'É' | 'è' => Some('e'),
+            'ü' | 'Ü' => Some('u'),
+            'ë' => Some('e'),
+            'í' => Some('i'),
+            'á' => Some('a'),
+            'ö' => Some('o'),
+            c if c.is_ascii_alphanumeric() => Some(c),
+            _ => None,
+        })
+        .collect()
 }

@@ -1,13 +1,41 @@
 //! Child-process guards for the real NATS and MongoDB-wire servers, used by
-//! `contact-bulk dev`, the tests and the benchmarks. The servers run as separate
-//! processes (never linked in) and are killed when their guard drops.
+//! `contact-bulk dev`, the tests and the benchmarks.
+//!
+//! The servers are separate programs, run as child processes and never linked
+//! in (`secantusd-rs` is GPL-2.0-only). Each guard:
+//! - appends the server's stdout and stderr to a log file in its directory
+//!   (`nats-server.log`, `secantusd.log`) and quotes its tail in start errors;
+//! - lets the server pick its own port when none is given (`-p -1`,
+//!   `--port 0`) and reads it back from the log, so there is no race between
+//!   choosing a free port and binding it;
+//! - returns only once the server really serves (NATS: the `INFO` line with
+//!   JetStream on; MongoDB: a `ping` through the driver);
+//! - SIGKILLs and reaps the server when dropped.
+//!
+//! The servers run in their own process group, so a Ctrl-C in the terminal
+//! reaches only the parent, which can drain its jobs against live servers and
+//! then drop the guards. On Linux they are also SIGKILLed by the kernel if the
+//! parent dies without dropping its guards (`PR_SET_PDEATHSIG`), so an
+//! interrupted test run leaves no servers behind.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// How long `nats-server` gets to come up.
+const NATS_DEADLINE: Duration = Duration::from_secs(10);
+/// How long `secantusd-rs` gets to come up (WiredTiger recovery after a crash included).
+const MONGO_DEADLINE: Duration = Duration::from_secs(20);
+/// Start attempts when the server exits right away (e.g. its port was taken).
+const ATTEMPTS: u32 = 5;
+/// Poll interval while waiting for readiness.
+const POLL: Duration = Duration::from_millis(20);
 
 /// Which server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,14 +47,16 @@ pub enum ServerKind {
 }
 
 impl ServerKind {
-    fn env_var(self) -> &'static str {
+    /// The environment variable naming the binary.
+    pub fn env_var(self) -> &'static str {
         match self {
             ServerKind::Nats => "CONTACT_BULK_NATS_SERVER",
             ServerKind::Mongo => "CONTACT_BULK_MONGO_SERVER",
         }
     }
 
-    fn binary(self) -> &'static str {
+    /// The binary's name on `$PATH`.
+    pub fn binary_name(self) -> &'static str {
         match self {
             ServerKind::Nats => "nats-server",
             ServerKind::Mongo => "secantusd-rs",
@@ -34,163 +64,131 @@ impl ServerKind {
     }
 }
 
-/// The repo's `nats.conf`.
+/// The repo's `nats.conf` (JetStream on, limits for dev runs and tests).
 pub fn repo_nats_conf() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("nats.conf")
 }
 
-/// Finds a server binary: the env var, then the install script's cache file, then `$PATH`.
+/// Finds a server binary: the environment variable (`CONTACT_BULK_NATS_SERVER`
+/// / `CONTACT_BULK_MONGO_SERVER`), then the `export` lines of
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/contact-bulk/env` (written by
+/// `scripts/install-servers.sh`), then `$PATH`.
 pub fn find_binary(kind: ServerKind) -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var(kind.env_var()) {
-        let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
+    let var = kind.env_var();
+    let name = kind.binary_name();
+    if let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(value);
+        if is_executable(&path) {
+            return Ok(path);
         }
+        bail!(
+            "{var}={} is not an executable file. Run `bash scripts/install-servers.sh` \
+             from the repo root, then `source ~/.cache/contact-bulk/env` (or unset {var}).",
+            path.display()
+        );
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|c| c.join("contact-bulk").join("env"));
-    if let Some(text) = cache.and_then(|f| std::fs::read_to_string(f).ok()) {
-        let prefix = format!("export {}=", kind.env_var());
-        for line in text.lines() {
-            if let Some(v) = line.strip_prefix(&prefix) {
-                let p = PathBuf::from(v.trim().trim_matches('"'));
-                if p.is_file() {
-                    return Ok(p);
-                }
+    let env_file = cache_env_file();
+    if let Some(file) = &env_file {
+        if let Some(path) = read_env_file(file, var) {
+            if is_executable(&path) {
+                return Ok(path);
             }
         }
     }
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {
-            let p = dir.join(kind.binary());
-            if p.is_file() {
-                return Ok(p);
+            let path = dir.join(name);
+            if is_executable(&path) {
+                return Ok(path);
             }
         }
     }
+    let env_file = env_file.map_or_else(
+        || "${XDG_CACHE_HOME:-$HOME/.cache}/contact-bulk/env".to_string(),
+        |f| f.display().to_string(),
+    );
     bail!(
-        "{} not found: run scripts/install-servers.sh (or set {})",
-        kind.binary(),
-        kind.env_var()
+        "\n\n  {name} NOT FOUND: it is not in ${var}, nor in {env_file}, nor on $PATH.\n  \
+         Install the servers with `bash scripts/install-servers.sh` from the repo root \
+         (about 5 minutes the first time, cached afterwards),\n  \
+         then `source {env_file}`.\n"
     )
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+fn cache_env_file() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("contact-bulk").join("env"))
 }
 
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+/// The value of `var` in a file of `export VAR="value"` lines.
+fn read_env_file(file: &Path, var: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let line = line.trim();
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let value = line.strip_prefix(var)?.strip_prefix('=')?.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        (!value.is_empty()).then(|| PathBuf::from(value))
+    })
 }
 
-async fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
-    let err = out.try_clone()?;
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))
-}
-
-/// Waits until `ready` says yes, the child exits, or the deadline passes.
-async fn wait_ready<F, Fut>(
-    child: &mut Child,
-    deadline: Duration,
-    log: &Path,
-    mut ready: F,
-) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("server exited with {status}:\n{}", log_tail(log));
-        }
-        if ready().await {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= until {
-            bail!("server not ready within {deadline:?}:\n{}", log_tail(log));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+fn is_executable(path: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        meta.is_file() && meta.permissions().mode() & 0o111 != 0
+    }
+    #[cfg(not(unix))]
+    {
+        meta.is_file()
     }
 }
 
-async fn kill(child: &mut Child) -> anyhow::Result<()> {
-    child.start_kill().ok();
-    child.wait().await?;
-    Ok(())
-}
-
-/// A running `nats-server` with JetStream.
+/// A running `nats-server` with JetStream; SIGKILLed and reaped on drop.
 pub struct NatsServer {
     child: Child,
     port: u16,
+    bin: PathBuf,
+    conf: PathBuf,
+    dir: PathBuf,
+    log: PathBuf,
 }
 
 impl NatsServer {
-    /// Starts `nats-server -c <conf> -a 127.0.0.1 -p <port> -sd <dir>/jetstream`
-    /// (`port` None = a free ephemeral port) and waits until it is ready.
+    /// Starts `nats-server -c <nats_conf> -a 127.0.0.1 -p <port> -sd <dir>/jetstream`
+    /// (`port` None = an ephemeral port) and waits, at most 10 s, until it
+    /// accepts connections with JetStream ready. The log is `<dir>/nats-server.log`.
     pub async fn start(
         nats_conf: &Path,
         dir: &Path,
         port: Option<u16>,
     ) -> anyhow::Result<NatsServer> {
         let bin = find_binary(ServerKind::Nats)?;
-        std::fs::create_dir_all(dir)?;
-        let log = dir.join("nats-server.log");
-        let mut last = None;
-        for _ in 0..5 {
-            let port = match port {
-                Some(p) => p,
-                None => free_port()?,
-            };
-            let args = vec![
-                "-c".into(),
-                nats_conf.display().to_string(),
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-sd".into(),
-                dir.join("jetstream").display().to_string(),
-            ];
-            let _ = std::fs::remove_file(&log);
-            let mut child = spawn(&bin, &args, &log).await?;
-            let log_ref = log.clone();
-            let ready = wait_ready(&mut child, Duration::from_secs(10), &log, || {
-                let log = log_ref.clone();
-                async move {
-                    std::fs::read_to_string(&log)
-                        .map(|t| t.contains("Server is ready"))
-                        .unwrap_or(false)
-                }
-            })
-            .await;
-            match ready {
-                Ok(()) => return Ok(NatsServer { child, port }),
-                Err(e) => {
-                    let _ = kill(&mut child).await;
-                    last = Some(e);
-                }
-            }
+        let conf = std::path::absolute(nats_conf)?;
+        if !conf.is_file() {
+            bail!("nats config {} does not exist", conf.display());
         }
-        Err(last.unwrap_or_else(|| anyhow!("nats-server did not start")))
+        let dir = prepare_dir(dir)?;
+        let log = dir.join("nats-server.log");
+        let (child, port) = launch_nats(&bin, &conf, &dir, &log, port).await?;
+        Ok(NatsServer {
+            child,
+            port,
+            bin,
+            conf,
+            dir,
+            log,
+        })
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -198,66 +196,65 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Its port.
+    /// Its client port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// SIGKILL (crash tests); `start` with the same port and dir brings it back.
+    /// Its log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// SIGKILL and wait (crash tests). The directory is kept: [`NatsServer::restart`],
+    /// or `start` with the same port and dir, brings it back with its streams.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        kill(&mut self.child).await
+        kill_and_wait(&mut self.child).await
+    }
+
+    /// Kills the server if it runs, then starts it again on the same port and dir.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        let (child, _) =
+            launch_nats(&self.bin, &self.conf, &self.dir, &self.log, Some(self.port)).await?;
+        self.child = child;
+        Ok(())
     }
 }
 
-/// A running `secantusd-rs` (MongoDB wire protocol).
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        kill_blocking(&mut self.child);
+    }
+}
+
+/// A running `secantusd-rs` (MongoDB wire protocol); SIGKILLed and reaped on drop.
 pub struct MongoServer {
     child: Child,
     port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+    log: PathBuf,
 }
 
 impl MongoServer {
-    /// Starts the server on `dir` (`port` None = a free ephemeral port) and waits
-    /// until it answers `ping`.
+    /// Starts `secantusd-rs --host 127.0.0.1 --port <port> --storage-path <dir>/data
+    /// --log-file-max 16MB --cache-size 512M` (`port` None = an ephemeral port)
+    /// and waits, at most 20 s, until it answers `ping`. The log is
+    /// `<dir>/secantusd.log`; an empty `<dir>/secantusd.toml` is passed as
+    /// `--config` so no config file elsewhere on the machine is picked up.
     pub async fn start(dir: &Path, port: Option<u16>) -> anyhow::Result<MongoServer> {
         let bin = find_binary(ServerKind::Mongo)?;
-        std::fs::create_dir_all(dir)?;
+        let dir = prepare_dir(dir)?;
         let log = dir.join("secantusd.log");
-        let mut last = None;
-        for _ in 0..5 {
-            let port = match port {
-                Some(p) => p,
-                None => free_port()?,
-            };
-            let args = vec![
-                "--host".into(),
-                "127.0.0.1".into(),
-                "--port".into(),
-                port.to_string(),
-                "--storage-path".into(),
-                dir.join("data").display().to_string(),
-                "--log-file-max".into(),
-                "16MB".into(),
-                "--cache-size".into(),
-                "512M".into(),
-            ];
-            let mut child = spawn(&bin, &args, &log).await?;
-            let uri = format!(
-                "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=500"
-            );
-            let ready = wait_ready(&mut child, Duration::from_secs(20), &log, || {
-                let uri = uri.clone();
-                async move { ping(&uri).await }
-            })
-            .await;
-            match ready {
-                Ok(()) => return Ok(MongoServer { child, port }),
-                Err(e) => {
-                    let _ = kill(&mut child).await;
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow!("secantusd-rs did not start")))
+        let (child, port) = launch_mongo(&bin, &dir, &log, port).await?;
+        Ok(MongoServer {
+            child,
+            port,
+            bin,
+            dir,
+            log,
+        })
     }
 
     /// `mongodb://127.0.0.1:PORT/?directConnection=true`.
@@ -270,30 +267,425 @@ impl MongoServer {
         self.port
     }
 
-    /// SIGKILL (crash tests); `start` with the same port and dir brings it back.
+    /// Its log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// SIGKILL and wait (crash tests). The directory is kept: [`MongoServer::restart`],
+    /// or `start` with the same port and dir, brings it back with its data.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        kill(&mut self.child).await
+        kill_and_wait(&mut self.child).await
+    }
+
+    /// Kills the server if it runs, then starts it again on the same port and dir.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        let (child, _) = launch_mongo(&self.bin, &self.dir, &self.log, Some(self.port)).await?;
+        self.child = child;
+        Ok(())
     }
 }
 
-async fn ping(uri: &str) -> bool {
-    if tokio::net::TcpStream::connect(
-        uri.trim_start_matches("mongodb://")
-            .split('/')
-            .next()
-            .unwrap_or_default(),
-    )
-    .await
-    .is_err()
-    {
-        return false;
+impl Drop for MongoServer {
+    fn drop(&mut self) {
+        kill_blocking(&mut self.child);
     }
-    let Ok(client) = mongodb::Client::with_uri_str(uri).await else {
-        return false;
+}
+
+fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = std::path::absolute(dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// One server's start parameters.
+struct Launch {
+    name: &'static str,
+    deadline: Duration,
+    probe: Probe,
+}
+
+/// How readiness is checked once the log says the server listens.
+#[derive(Clone, Copy)]
+enum Probe {
+    /// Read the `INFO` line; JetStream must be on.
+    NatsInfo,
+    /// `ping` through the MongoDB driver.
+    MongoPing,
+}
+
+/// Why one start attempt failed.
+enum Failure {
+    /// The server exited on its own: worth another attempt.
+    Exited(anyhow::Error),
+    /// Anything else (deadline, I/O): final.
+    Fatal(anyhow::Error),
+}
+
+async fn launch_nats(
+    bin: &Path,
+    conf: &Path,
+    dir: &Path,
+    log: &Path,
+    port: Option<u16>,
+) -> anyhow::Result<(Child, u16)> {
+    let mut args: Vec<OsString> = vec!["-c".into(), conf.into(), "-a".into(), "127.0.0.1".into()];
+    // -1: nats-server picks a free port and logs it.
+    args.extend(["-p".into(), port.map_or(-1, i32::from).to_string().into()]);
+    args.extend(["-sd".into(), dir.join("jetstream").into()]);
+    let spec = Launch {
+        name: "nats-server",
+        deadline: NATS_DEADLINE,
+        probe: Probe::NatsInfo,
     };
-    client
-        .database("admin")
-        .run_command(bson::doc! {"ping": 1})
+    launch(spec, bin, &args, dir, log, |text| {
+        let port = port_after(text, "Listening for client connections on ")?;
+        text.contains("Server is ready").then_some(port)
+    })
+    .await
+}
+
+async fn launch_mongo(
+    bin: &Path,
+    dir: &Path,
+    log: &Path,
+    port: Option<u16>,
+) -> anyhow::Result<(Child, u16)> {
+    let config = dir.join("secantusd.toml");
+    if !config.exists() {
+        std::fs::write(
+            &config,
+            "# Empty on purpose: every setting is a command-line flag (see src/servers.rs).\n",
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+    }
+    let args: Vec<OsString> = vec![
+        "--config".into(),
+        config.into(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        // 0: secantusd-rs picks a free port and prints it.
+        port.unwrap_or(0).to_string().into(),
+        "--storage-path".into(),
+        dir.join("data").into(),
+        "--log-file-max".into(),
+        "16MB".into(),
+        "--cache-size".into(),
+        "512M".into(),
+    ];
+    let spec = Launch {
+        name: "secantusd-rs",
+        deadline: MONGO_DEADLINE,
+        probe: Probe::MongoPing,
+    };
+    launch(spec, bin, &args, dir, log, |text| {
+        port_after(text, "listening on ")
+    })
+    .await
+}
+
+/// Starts `bin` until it comes up (up to [`ATTEMPTS`] times when it exits right
+/// away). `listening` finds the port in the log written by this attempt once
+/// the server says it serves; then the port is probed with the server's protocol.
+async fn launch(
+    spec: Launch,
+    bin: &Path,
+    args: &[OsString],
+    dir: &Path,
+    log: &Path,
+    listening: impl Fn(&str) -> Option<u16>,
+) -> anyhow::Result<(Child, u16)> {
+    let name = spec.name;
+    rotate_log(log);
+    let mut attempt = 1;
+    loop {
+        let offset = std::fs::metadata(log).map_or(0, |m| m.len());
+        let mut child = spawn_logged(bin, args, dir, log).await?;
+        let started = Instant::now();
+        let until = started + spec.deadline;
+        let outcome =
+            wait_ready(name, &mut child, log, offset, until, &listening, spec.probe).await;
+        match outcome {
+            Ok(port) => {
+                tracing::debug!(
+                    server = name,
+                    port,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "server ready"
+                );
+                return Ok((child, port));
+            }
+            Err(failure) => {
+                let _ = kill_and_wait(&mut child).await;
+                let tail = log_tail(log, offset);
+                match failure {
+                    Failure::Exited(e) if attempt < ATTEMPTS => {
+                        tracing::warn!(server = name, attempt, error = %e, log = %tail, "server exited at start, retrying");
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    }
+                    Failure::Exited(e) | Failure::Fatal(e) => {
+                        bail!(
+                            "{name} ({}) did not come up (attempt {attempt} of {ATTEMPTS}): {e:#}\n\
+                             last lines of {}:\n{tail}",
+                            bin.display(),
+                            log.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn wait_ready(
+    name: &str,
+    child: &mut Child,
+    log: &Path,
+    offset: u64,
+    until: Instant,
+    listening: &impl Fn(&str) -> Option<u16>,
+    probe: Probe,
+) -> Result<u16, Failure> {
+    // Phase 1: the log says the server listens (and on which port).
+    let port = loop {
+        check_running(name, child)?;
+        if let Some(port) = listening(&read_log(log, offset)) {
+            break port;
+        }
+        if Instant::now() >= until {
+            return Err(Failure::Fatal(anyhow!(
+                "{name} did not log that it listens"
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    // Phase 2: the server answers its own protocol on that port.
+    let mongo = match probe {
+        Probe::NatsInfo => None,
+        Probe::MongoPing => {
+            let uri = format!(
+                "mongodb://127.0.0.1:{port}/?directConnection=true\
+                 &serverSelectionTimeoutMS=1000&connectTimeoutMS=1000"
+            );
+            let client = mongodb::Client::with_uri_str(&uri)
+                .await
+                .map_err(|e| Failure::Fatal(e.into()))?;
+            Some(client)
+        }
+    };
+    loop {
+        check_running(name, child)?;
+        let answered = match &mongo {
+            Some(client) => ping_mongo(client).await,
+            None => nats_info_with_jetstream(port).await,
+        };
+        if answered {
+            return Ok(port);
+        }
+        if Instant::now() >= until {
+            return Err(Failure::Fatal(anyhow!(
+                "{name} logged that it listens on port {port} but did not answer in time"
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn check_running(name: &str, child: &mut Child) -> Result<(), Failure> {
+    match child.try_wait() {
+        Ok(None) => Ok(()),
+        Ok(Some(status)) => Err(Failure::Exited(anyhow!("{name} exited with {status}"))),
+        Err(e) => Err(Failure::Fatal(e.into())),
+    }
+}
+
+/// Connects, reads the `INFO {...}` line NATS greets with and checks JetStream is on.
+async fn nats_info_with_jetstream(port: u16) -> bool {
+    let probe = async {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .await?;
+        anyhow::Ok(line.starts_with("INFO ") && line.contains("\"jetstream\":true"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Ok(true))
+    )
+}
+
+async fn ping_mongo(client: &mongodb::Client) -> bool {
+    let admin = client.database("admin");
+    let ping = admin.run_command(bson::doc! {"ping": 1});
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), ping).await,
+        Ok(Ok(_))
+    )
+}
+
+/// The port at the end of the first line containing `marker` (`...on 127.0.0.1:4222`).
+fn port_after(text: &str, marker: &str) -> Option<u16> {
+    let line = text.lines().find(|l| l.contains(marker))?;
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let addr = rest.split_whitespace().next()?;
+    addr.rsplit(':').next()?.parse().ok()
+}
+
+/// The log written since `offset` (what this attempt wrote).
+fn read_log(log: &Path, offset: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(log) {
+        if file.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = file.read_to_end(&mut bytes);
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Keeps one previous log (`<log>.1`) once the log passes 16 MB, so the logs
+/// of a long-lived `.data` dir stay bounded.
+fn rotate_log(log: &Path) {
+    const MAX: u64 = 16 << 20;
+    if std::fs::metadata(log).is_ok_and(|m| m.len() > MAX) {
+        let mut old = log.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(log, old);
+    }
+}
+
+fn log_tail(log: &Path, offset: u64) -> String {
+    let text = read_log(log, offset);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    if tail.is_empty() {
+        "(empty)".into()
+    } else {
+        tail
+    }
+}
+
+async fn spawn_logged(
+    bin: &Path,
+    args: &[OsString],
+    dir: &Path,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true);
+    // Own process group: a terminal's Ctrl-C goes to the parent only, which
+    // drains against live servers before dropping the guards.
+    #[cfg(unix)]
+    cmd.process_group(0);
+    spawn_child(cmd)
         .await
-        .is_ok()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+/// Spawns on a thread that lives as long as the process: `PR_SET_PDEATHSIG`
+/// fires when the *thread* that forked the child ends, and test threads end
+/// after every test.
+#[cfg(target_os = "linux")]
+async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc;
+    use std::sync::OnceLock;
+
+    type Job = (
+        Command,
+        tokio::runtime::Handle,
+        tokio::sync::oneshot::Sender<std::io::Result<Child>>,
+    );
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+
+    extern "C" {
+        fn prctl(option: std::os::raw::c_int, ...) -> std::os::raw::c_int;
+    }
+    const PR_SET_PDEATHSIG: std::os::raw::c_int = 1;
+    const SIGKILL: std::os::raw::c_ulong = 9;
+    const ESRCH: i32 = 3;
+
+    let parent = std::process::id();
+    // SAFETY: runs in the forked child before exec; it only makes two
+    // async-signal-safe system calls (prctl, getppid) and does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if std::os::unix::process::parent_id() != parent {
+                return Err(std::io::Error::from_raw_os_error(ESRCH));
+            }
+            Ok(())
+        });
+    }
+
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name("server-spawner".into())
+            .spawn(move || {
+                for (mut cmd, handle, reply) in rx {
+                    let _runtime = handle.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "no spawner thread; servers outlive a killed parent");
+        }
+        tx
+    });
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    match spawner.send((cmd, tokio::runtime::Handle::current(), reply)) {
+        Ok(()) => answer
+            .await
+            .map_err(|_| std::io::Error::other("server spawner thread is gone"))?,
+        // No spawner thread: spawn here (the child then dies with this thread).
+        Err(mpsc::SendError((mut cmd, _, _))) => cmd.spawn(),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
+    cmd.spawn()
+}
+
+async fn kill_and_wait(child: &mut Child) -> anyhow::Result<()> {
+    if child.try_wait()?.is_some() {
+        return Ok(());
+    }
+    // start_kill fails only when the child was already reaped.
+    let _ = child.start_kill();
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .context("server did not die within 10 s of SIGKILL")??;
+    Ok(())
+}
+
+/// SIGKILL and reap without a runtime (Drop): the port and the directory are
+/// free once the guard is gone.
+fn kill_blocking(child: &mut Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    let _ = child.start_kill();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -11,7 +11,7 @@ use bson::{doc, Document};
 use contact_bulk_actors::filter::{Filter, ParseOptions};
 use contact_bulk_actors::model::{JobKind, JobRecord};
 use contact_bulk_actors::store::names;
-use contact_bulk_actors::ValidationError;
+use contact_bulk_actors::{JobError, ValidationError};
 use futures::TryStreamExt;
 use serde_json::{json, Value};
 
@@ -29,6 +29,18 @@ fn json_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::from_job(ValidationError::new("body", format!("not valid JSON: {e}")).into())
     })
+}
+
+/// A body that must be the filter object: anything else is refused naming `body`
+/// (the delete command would name its own `filter` key, which the caller never sent).
+fn filter_object(body: &Bytes) -> Result<Value, ApiError> {
+    let v = json_body(body)?;
+    if !v.is_object() {
+        return Err(ApiError::from_job(
+            ValidationError::new("body", "must be a JSON object").into(),
+        ));
+    }
+    Ok(v)
 }
 
 /// A filter body validated as a command's filter.
@@ -74,7 +86,7 @@ pub async fn query_count(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -
 /// recorded before the reply, so the next poll finds it.
 pub async fn query_bulk_delete(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
-    let filter = json_body(&body)?;
+    let filter = filter_object(&body)?;
     let req = json!({"filter": filter, "requestedBy": caller.user.map(|u| u.to_hex())});
     match app.delete(&req, Some(caller.org)).await? {
         DeleteOutcome::Job(job) => Ok((
@@ -95,7 +107,7 @@ pub async fn query_delete_preview(
     body: Bytes,
 ) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
-    let filter = json_body(&body)?;
+    let filter = filter_object(&body)?;
     let req = json!({"filter": filter, "dryRun": true});
     match app.delete(&req, Some(caller.org)).await? {
         DeleteOutcome::DryRun(counts) => {
@@ -114,7 +126,10 @@ async fn own_job(app: &App, auth: &Auth, job_id: &str) -> Result<JobRecord, ApiE
     app.store
         .get(auth.0.org, job_id)
         .await
-        .map_err(|_| ApiError::not_found("job"))
+        .map_err(|e| match e {
+            JobError::NotFound(_) => ApiError::not_found("job"),
+            e => ApiError::from_job(e),
+        })
 }
 
 /// `GET /api/contacts/bulk-job/{jobId}`.
@@ -152,7 +167,10 @@ pub async fn create_export(State(app): State<Arc<App>>, auth: Auth, body: Bytes)
             obj.insert("requestedBy".into(), json!(user.to_hex()));
         }
     }
-    let job = app.export(&req, Some(caller.org)).await?;
+    let job = app
+        .export(&req, Some(caller.org))
+        .await
+        .map_err(ApiError::from_job_nested)?;
     Ok((StatusCode::ACCEPTED, Json(app.snapshot(&job))).into_response())
 }
 

@@ -113,6 +113,16 @@ impl ApiError {
     /// A validation error whose field names the HTTP body's own keys: the
     /// body *is* the filter, so the `filter.` prefix of commands is dropped.
     pub fn from_job(e: JobError) -> ApiError {
+        ApiError::from_job_fields(e, true)
+    }
+
+    /// As [`ApiError::from_job`] for bodies holding the filter under their own
+    /// `filter` key (`POST /api/exports`): field paths are kept as they are.
+    pub fn from_job_nested(e: JobError) -> ApiError {
+        ApiError::from_job_fields(e, false)
+    }
+
+    fn from_job_fields(e: JobError, strip_filter_prefix: bool) -> ApiError {
         let (status, error) = match &e {
             JobError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -127,6 +137,7 @@ impl ApiError {
                 let field = v
                     .field
                     .strip_prefix("filter.")
+                    .filter(|_| strip_filter_prefix)
                     .unwrap_or(&v.field)
                     .to_string();
                 (format!("{field}: {}", v.message), Some(field))

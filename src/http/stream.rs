@@ -125,7 +125,10 @@ pub async fn download(
         app.store
             .get(auth.0.org, &job_id)
             .await
-            .map_err(|_| ApiError::not_found("export"))?
+            .map_err(|e| match e {
+                JobError::NotFound(_) => ApiError::not_found("export"),
+                e => ApiError::from_job(e),
+            })?
     } else {
         let expires = q.get("expires").and_then(|e| e.parse::<i64>().ok());
         let sig = q.get("signature");

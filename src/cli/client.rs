@@ -1,0 +1,276 @@
+//! NATS plumbing of the operator commands and benchmarks: requests whose error
+//! replies become errors naming the field, and following a job to its terminal
+//! state from its events (with a progress bar, or silently).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use async_nats::Subscriber;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
+
+/// How long a command may take to be answered (dry runs count large organisations).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Without an event for this long, the job is polled.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// An error reply of the service: `{"error": {code, message, field?}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}{}: {message}", field.as_deref().map(|f| format!(" in field {f}")).unwrap_or_default())]
+pub struct ReplyError {
+    /// `validation_error`, `not_found`, `conflict` or `internal`.
+    pub code: String,
+    /// The offending field, for validation errors.
+    pub field: Option<String>,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// A NATS connection plus the subject prefix of the service (`bulk`).
+pub struct Nats {
+    /// The client.
+    pub client: async_nats::Client,
+    prefix: String,
+}
+
+impl Nats {
+    /// Connects (giving up after 10 s).
+    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Nats> {
+        let connect = async_nats::ConnectOptions::new()
+            .name("contact-bulk-cli")
+            .request_timeout(None)
+            // Connection trouble surfaces as request errors; no event log lines.
+            .event_callback(|_| async {})
+            .connect(url);
+        let client = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .map_err(|_| anyhow!("nats at {url} did not answer within 10 s"))?
+            .with_context(|| format!("connecting to nats at {url}"))?;
+        Ok(Nats {
+            client,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// `subject("v1.export")` = `bulk.v1.export`.
+    pub fn subject(&self, tail: &str) -> String {
+        format!("{}.{tail}", self.prefix)
+    }
+
+    /// Subscribes to the job events of `org`: one job, or all of them (`None`).
+    pub async fn job_events(&self, org: &str, job_id: Option<&str>) -> anyhow::Result<Subscriber> {
+        let subject = self.subject(&format!("v1.events.{org}.job.{}", job_id.unwrap_or(">")));
+        let sub = self.client.subscribe(subject).await?;
+        // Make sure the server has the subscription before anything is asked.
+        self.client.flush().await?;
+        Ok(sub)
+    }
+
+    /// Sends a command and returns its reply; an error reply becomes a [`ReplyError`].
+    pub async fn request(&self, tail: &str, body: &Value) -> anyhow::Result<Value> {
+        let subject = self.subject(tail);
+        let payload = serde_json::to_vec(body)?;
+        let sent = self.client.request(subject.clone(), payload.into());
+        let msg = match tokio::time::timeout(REQUEST_TIMEOUT, sent).await {
+            Err(_) => anyhow::bail!("no reply on {subject} within {REQUEST_TIMEOUT:?}"),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                anyhow::bail!(
+                    "no contact-bulk instance answers on {subject}: is the service running?"
+                )
+            }
+            Ok(r) => r.with_context(|| format!("request on {subject}"))?,
+        };
+        let reply: Value = serde_json::from_slice(&msg.payload)
+            .with_context(|| format!("reply on {subject} is not JSON"))?;
+        // A snapshot has `"error": null` (or a string); an error reply has an object.
+        if let Some(err) = reply.get("error").filter(|e| e.is_object()) {
+            let text = |k: &str| err.get(k).and_then(Value::as_str).map(String::from);
+            return Err(ReplyError {
+                code: text("code").unwrap_or_else(|| "internal".into()),
+                field: text("field"),
+                message: text("message").unwrap_or_else(|| err.to_string()),
+            }
+            .into());
+        }
+        Ok(reply)
+    }
+
+    /// The job snapshot (`bulk.v1.job`).
+    pub async fn job(&self, org: &str, job_id: &str) -> anyhow::Result<Value> {
+        self.request("v1.job", &json!({"orgId": org, "jobId": job_id}))
+            .await
+    }
+
+    /// Follows a job until it is terminal and returns its last snapshot.
+    ///
+    /// `events` must have been subscribed before the job could have produced
+    /// its last event (for a new job: before the command was sent); the job is
+    /// also polled once at once, and whenever no event came for 2 s, so an
+    /// event lost or a job that finished earlier is still seen.
+    pub async fn follow(
+        &self,
+        org: &str,
+        job_id: &str,
+        events: &mut Subscriber,
+        view: &mut JobView,
+    ) -> anyhow::Result<Value> {
+        let wanted = self.subject(&format!("v1.events.{org}.job.{job_id}"));
+        let mut snap = self.job(org, job_id).await?;
+        view.update(&snap);
+        while !is_terminal(&snap) {
+            match tokio::time::timeout(POLL_EVERY, events.next()).await {
+                Ok(Some(msg)) if msg.subject.as_str() == wanted => {
+                    let Ok(event) = serde_json::from_slice::<Value>(&msg.payload) else {
+                        continue;
+                    };
+                    if let Some(job) = event.get("job").filter(|j| j.is_object()) {
+                        // Events and polls may cross: never step back.
+                        if is_terminal(job) || processed(job) >= processed(&snap) {
+                            snap = job.clone();
+                        }
+                    }
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => anyhow::bail!("nats subscription ended"),
+                Err(_) => snap = self.job(org, job_id).await?,
+            }
+            view.update(&snap);
+        }
+        view.finish(&snap);
+        Ok(snap)
+    }
+}
+
+/// True for completed, failed and cancelled snapshots.
+pub fn is_terminal(snap: &Value) -> bool {
+    matches!(status(snap), "completed" | "failed" | "cancelled")
+}
+
+/// The snapshot's status.
+pub fn status(snap: &Value) -> &str {
+    snap["status"].as_str().unwrap_or("unknown")
+}
+
+fn processed(snap: &Value) -> u64 {
+    snap["processed"].as_u64().unwrap_or(0)
+}
+
+/// `counts` of a delete snapshot as `(contacts, conversations, messages)`.
+pub fn counts(v: &Value) -> (u64, u64, u64) {
+    let c = &v["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    (n("contacts"), n("conversations"), n("messages"))
+}
+
+/// How a followed job is shown: a progress bar on a terminal, one line per
+/// status change otherwise, or nothing (benchmarks).
+pub struct JobView {
+    bar: ProgressBar,
+    quiet: bool,
+    sized: bool,
+    last_status: String,
+    started: Instant,
+}
+
+impl JobView {
+    /// A view drawing on stderr.
+    pub fn stderr() -> JobView {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(spinner_style());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        JobView::with(bar, false)
+    }
+
+    /// A view that shows nothing.
+    pub fn quiet() -> JobView {
+        JobView::with(ProgressBar::hidden(), true)
+    }
+
+    fn with(bar: ProgressBar, quiet: bool) -> JobView {
+        JobView {
+            bar,
+            quiet,
+            sized: false,
+            last_status: String::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Shows a snapshot.
+    pub fn update(&mut self, snap: &Value) {
+        let status = status(snap).to_string();
+        if let (Some(total), false) = (snap["total"].as_u64(), self.sized) {
+            self.bar.set_length(total);
+            self.bar.set_style(bar_style());
+            self.sized = true;
+        }
+        self.bar.set_position(processed(snap));
+        let mut msg = status.clone();
+        if snap["kind"] == "delete" {
+            let (c, v, m) = counts(snap);
+            msg = format!("{status} · {c} contacts, {v} conversations, {m} messages");
+        }
+        self.bar.set_message(msg);
+        if status != self.last_status {
+            if !self.quiet && self.bar.is_hidden() {
+                let total = snap["total"]
+                    .as_u64()
+                    .map_or_else(|| "?".into(), |t| t.to_string());
+                eprintln!(
+                    "job {} {status}: {}/{total} after {:.1} s",
+                    snap["jobId"].as_str().unwrap_or("?"),
+                    processed(snap),
+                    self.started.elapsed().as_secs_f64()
+                );
+            }
+            self.last_status = status;
+        }
+    }
+
+    /// Leaves the final state on screen.
+    pub fn finish(&self, snap: &Value) {
+        self.bar.set_position(processed(snap));
+        self.bar.abandon();
+    }
+}
+
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} processed · {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "[{elapsed_precise}] {wide_bar} {pos}/{len} · {per_sec} · eta {eta} · {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_errors_name_their_field() {
+        let e = ReplyError {
+            code: "validation_error".into(),
+            field: Some("filter.stageIds[0]".into()),
+            message: "must be a 24-hex ObjectId string".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "validation_error in field filter.stageIds[0]: must be a 24-hex ObjectId string"
+        );
+    }
+
+    #[test]
+    fn terminal_states() {
+        assert!(is_terminal(&json!({"status": "cancelled"})));
+        assert!(!is_terminal(&json!({"status": "processing"})));
+        assert_eq!(
+            counts(&json!({"counts": {"contacts": 1, "conversations": 2, "messages": 3}})),
+            (1, 2, 3)
+        );
+    }
+}

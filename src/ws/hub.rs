@@ -1,0 +1,381 @@
+//! The hub: one JetStream ordered consumer on the events stream per process,
+//! parsed once into [`Event`]s and fanned out to every session over a
+//! `tokio::sync::broadcast` channel, so a slow session can never hold up NATS
+//! consumption (it lags instead, and recovers with fresh snapshots).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::Context;
+use axum::extract::ws::Utf8Bytes;
+use bson::oid::ObjectId;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+
+/// Events the broadcast channel holds for sessions that fall behind.
+const CHANNEL_CAPACITY: usize = 4096;
+
+/// Old messages in a row after which the hub recreates its consumer itself:
+/// an ordered consumer recreated before its first message restarts at the
+/// beginning of the stream, which must not turn into a full replay.
+const MAX_STALE_RUN: u32 = 256;
+
+/// One event of the stream, parsed and checked once for every session.
+#[derive(Debug)]
+pub struct Event {
+    /// Stream sequence.
+    pub seq: u64,
+    /// Organisation, from the subject (and checked against the payload).
+    pub org: ObjectId,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// The two kinds of event.
+#[derive(Debug)]
+pub enum EventBody {
+    /// `job.progress` or `job.status`.
+    Job(JobEvent),
+    /// One deleted contact.
+    ContactRemoved {
+        /// 24-hex id of the contact.
+        contact_id: String,
+    },
+}
+
+/// A job event with its frame already serialised (shared by every session).
+#[derive(Debug)]
+pub struct JobEvent {
+    /// The job.
+    pub job_id: String,
+    /// `job.status` (never dropped) rather than `job.progress` (latest wins).
+    pub status: bool,
+    /// `processed` of the snapshot.
+    pub processed: i64,
+    /// `{"type", "seq", "job"}`.
+    pub frame: Utf8Bytes,
+}
+
+/// Fan-out of BULK_EVENTS to WebSocket sessions.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: broadcast::Sender<Arc<Event>>,
+    stream: Stream,
+    /// `<prefix>.v1.events`
+    events_prefix: String,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("events_prefix", &self.inner.events_prefix)
+            .field("sessions", &self.inner.tx.receiver_count())
+            .finish()
+    }
+}
+
+impl Hub {
+    /// Starts one JetStream ordered consumer on the events stream, deliver
+    /// policy New, filtered on `<prefix>.v1.events.>`, spawning its reader in
+    /// `tasks`; each message becomes an Arc'd parsed event with its stream
+    /// sequence and org id, and is sent on a tokio broadcast channel.
+    pub async fn start(
+        js: Context,
+        config: &Config,
+        tasks: &mut JoinSet<()>,
+    ) -> anyhow::Result<Hub> {
+        let events_prefix = config.subject("v1.events");
+        let mut stream = js
+            .get_stream(config.events_stream())
+            .await
+            .context("looking up the events stream")?;
+        // Everything up to here is history: sessions get it through snapshots
+        // or `since`, never through the live channel.
+        let floor = stream
+            .info()
+            .await
+            .context("events stream info")?
+            .state
+            .last_sequence;
+        let filter = format!("{events_prefix}.>");
+        let messages = consumer(&stream, &filter, DeliverPolicy::New).await?;
+        let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                tx,
+                stream,
+                events_prefix,
+            }),
+        };
+        let reader = hub.clone();
+        tasks.spawn(async move { reader.read(messages, filter, floor).await });
+        tracing::info!(stream = config.events_stream(), "ws hub ready");
+        Ok(hub)
+    }
+
+    /// Reads the stream forever, recreating the consumer when it ends.
+    async fn read(self, mut messages: Ordered, filter: String, mut last: u64) {
+        let mut stale = 0u32;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match messages.next().await {
+                Some(Ok(msg)) => {
+                    backoff = Duration::from_millis(250);
+                    let seq = match msg.info() {
+                        Ok(info) => info.stream_sequence,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ws hub: message without stream info");
+                            continue;
+                        }
+                    };
+                    if seq <= last {
+                        stale += 1;
+                        if stale < MAX_STALE_RUN {
+                            continue;
+                        }
+                        tracing::warn!(
+                            seq,
+                            last,
+                            "ws hub: consumer restarted from the past, recreating"
+                        );
+                    } else {
+                        stale = 0;
+                        last = seq;
+                        match self.parse(msg.subject.as_str(), seq, &msg.payload) {
+                            Ok(event) => {
+                                // No receivers is fine: nobody is connected.
+                                let _ = self.inner.tx.send(Arc::new(event));
+                            }
+                            Err(e) => {
+                                tracing::warn!(subject = %msg.subject, seq, error = %e, "ws hub: event dropped");
+                            }
+                        }
+                        continue;
+                    }
+                }
+                Some(Err(e)) => {
+                    // The ordered consumer recovers by itself; don't spin meanwhile.
+                    tracing::warn!(error = %e, "ws hub: consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                None => tracing::warn!("ws hub: consumer ended, recreating"),
+            }
+            // Recreate from the last sequence seen, with backoff.
+            loop {
+                // A stream that was recreated restarts its sequences: follow it.
+                if let Ok(info) = self.inner.stream.get_info().await {
+                    if info.state.last_sequence < last {
+                        tracing::warn!(
+                            last,
+                            now = info.state.last_sequence,
+                            "ws hub: events stream was reset"
+                        );
+                        last = info.state.last_sequence;
+                    }
+                }
+                let policy = DeliverPolicy::ByStartSequence {
+                    start_sequence: last + 1,
+                };
+                match consumer(&self.inner.stream, &filter, policy).await {
+                    Ok(m) => {
+                        messages = m;
+                        stale = 0;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ws hub: consumer not recreated, retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A receiver of every event from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.inner.tx.subscribe()
+    }
+
+    /// The subject of one job's events.
+    pub(crate) fn job_subject(&self, org: ObjectId, job_id: &str) -> String {
+        format!("{}.{}.job.{job_id}", self.inner.events_prefix, org.to_hex())
+    }
+
+    /// Sequence of the last event stored on `subject`, 0 when there is none.
+    pub(crate) async fn last_seq(&self, subject: &str) -> anyhow::Result<u64> {
+        match self
+            .inner
+            .stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+        {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// First and last sequence the stream holds now.
+    pub(crate) async fn bounds(&self) -> anyhow::Result<(u64, u64)> {
+        let info = self.inner.stream.get_info().await?;
+        Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    /// A temporary ordered consumer of `subject` from `start`, and how many
+    /// messages it had pending when created.
+    pub(crate) async fn replay(&self, subject: &str, start: u64) -> anyhow::Result<(Ordered, u64)> {
+        let consumer = self
+            .inner
+            .stream
+            .create_consumer(OrderedConfig {
+                filter_subject: subject.to_string(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.cached_info().num_pending;
+        Ok((consumer.messages().await?, pending))
+    }
+
+    /// Parses and checks one message: the subject names the organisation
+    /// (and job), the payload must agree, or the event is refused.
+    pub(crate) fn parse(&self, subject: &str, seq: u64, payload: &[u8]) -> anyhow::Result<Event> {
+        parse_event(&self.inner.events_prefix, subject, seq, payload)
+    }
+}
+
+async fn consumer(stream: &Stream, filter: &str, policy: DeliverPolicy) -> anyhow::Result<Ordered> {
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: policy,
+            ..Default::default()
+        })
+        .await
+        .context("creating the ws hub consumer")?;
+    Ok(consumer.messages().await?)
+}
+
+/// Parses `<events_prefix>.<org>.job.<jobId>` and `<events_prefix>.<org>.contact_removed`.
+pub(crate) fn parse_event(
+    events_prefix: &str,
+    subject: &str,
+    seq: u64,
+    payload: &[u8],
+) -> anyhow::Result<Event> {
+    let rest = subject
+        .strip_prefix(events_prefix)
+        .and_then(|s| s.strip_prefix('.'))
+        .context("subject outside the events prefix")?;
+    let mut tokens = rest.split('.');
+    let org_hex = tokens.next().unwrap_or_default();
+    let org = ObjectId::parse_str(org_hex).context("subject org is not an ObjectId")?;
+    let kind = (tokens.next(), tokens.next(), tokens.next());
+    let payload: Value = serde_json::from_slice(payload).context("payload is not JSON")?;
+    let ty = payload["type"].as_str().unwrap_or_default();
+    let body = match kind {
+        (Some("job"), Some(job_id), None) => {
+            let status = match ty {
+                "job.status" => true,
+                "job.progress" => false,
+                other => anyhow::bail!("job event of type {other:?}"),
+            };
+            let job = &payload["job"];
+            anyhow::ensure!(
+                job["orgId"].as_str() == Some(org_hex),
+                "payload orgId differs from the subject"
+            );
+            anyhow::ensure!(
+                job["jobId"].as_str() == Some(job_id),
+                "payload jobId differs from the subject"
+            );
+            let frame = json!({"type": ty, "seq": seq, "job": job});
+            EventBody::Job(JobEvent {
+                job_id: job_id.to_string(),
+                status,
+                processed: job["processed"].as_i64().unwrap_or(0),
+                frame: Utf8Bytes::from(frame.to_string()),
+            })
+        }
+        (Some("contact_removed"), None, None) => {
+            anyhow::ensure!(ty == "contact_removed", "contact event of type {ty:?}");
+            anyhow::ensure!(
+                payload["orgId"].as_str() == Some(org_hex),
+                "payload orgId differs from the subject"
+            );
+            let contact_id = payload["contactId"]
+                .as_str()
+                .context("contactId missing")?
+                .to_string();
+            EventBody::ContactRemoved { contact_id }
+        }
+        _ => anyhow::bail!("unknown event subject"),
+    };
+    Ok(Event { seq, org, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_events_must_agree_with_their_subject() {
+        let org = ObjectId::new().to_hex();
+        let subject = format!("bulk.v1.events.{org}.job.j1");
+        let good =
+            json!({"type": "job.progress", "job": {"jobId": "j1", "orgId": org, "processed": 7}});
+        let ev = parse_event("bulk.v1.events", &subject, 9, good.to_string().as_bytes()).unwrap();
+        assert_eq!(ev.seq, 9);
+        let EventBody::Job(job) = ev.body else {
+            panic!("not a job event")
+        };
+        assert!(!job.status);
+        assert_eq!(job.processed, 7);
+        let frame: Value = serde_json::from_str(job.frame.as_str()).unwrap();
+        assert_eq!(frame["seq"], 9);
+        assert_eq!(frame["job"]["processed"], 7);
+
+        let other = ObjectId::new().to_hex();
+        let forged = json!({"type": "job.status", "job": {"jobId": "j1", "orgId": other}});
+        assert!(parse_event("bulk.v1.events", &subject, 1, forged.to_string().as_bytes()).is_err());
+        let wrong_job = json!({"type": "job.status", "job": {"jobId": "j2", "orgId": org}});
+        assert!(parse_event(
+            "bulk.v1.events",
+            &subject,
+            1,
+            wrong_job.to_string().as_bytes()
+        )
+        .is_err());
+        assert!(parse_event("bulk.v1.events", &subject, 1, b"nope").is_err());
+        assert!(parse_event("other.v1.events", &subject, 1, good.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn contact_events_must_agree_with_their_subject() {
+        let org = ObjectId::new().to_hex();
+        let subject = format!("bulk.v1.events.{org}.contact_removed");
+        let good = json!({"type": "contact_removed", "orgId": org, "contactId": "c1"});
+        let ev = parse_event("bulk.v1.events", &subject, 3, good.to_string().as_bytes()).unwrap();
+        assert!(
+            matches!(ev.body, EventBody::ContactRemoved { ref contact_id } if contact_id == "c1")
+        );
+        let forged = json!({"type": "contact_removed", "orgId": ObjectId::new().to_hex(), "contactId": "c1"});
+        assert!(parse_event("bulk.v1.events", &subject, 3, forged.to_string().as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,341 @@
+//! The operator CLI (`export`, `delete`, `watch`) as the real binary against a
+//! real stack with the service in-process, and a smoke run of `bench export`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, Document};
+use common::*;
+use serde_json::Value;
+
+/// Runs the binary with `args` (stdin not a terminal) and returns its output.
+async fn cli(stack: Option<&Stack>, dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env_remove("BULK_SUBJECT_PREFIX")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(stack) = stack {
+        cmd.env("NATS_URL", stack.nats.url());
+    }
+    tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("contact-bulk {args:?} did not end within 300 s"))
+        .expect("binary runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Org {
+    id: ObjectId,
+    stages: Vec<ObjectId>,
+    contacts: Vec<Document>,
+}
+
+/// `n` contacts over 3 stages; every even one has a conversation with 2 messages.
+async fn seed(db: &mongodb::Database, n: usize) -> Org {
+    let id = ObjectId::new();
+    let stages: Vec<ObjectId> = (0..3).map(|_| ObjectId::new()).collect();
+    let named: Vec<(ObjectId, &str)> = stages
+        .iter()
+        .zip(["A", "B", "C"])
+        .map(|(s, n)| (*s, n))
+        .collect();
+    let pipe = pipeline(db, id, "Sales", &named).await;
+    let contacts: Vec<Document> = (0..n)
+        .map(|i| contact(id, pipe, stages[i % 3], i))
+        .collect();
+    let mut convs = Vec::new();
+    let mut msgs = Vec::new();
+    for c in contacts.iter().step_by(2) {
+        let (cid, conv) = (c.get_object_id("_id").unwrap(), ObjectId::new());
+        convs.push(doc! {"_id": conv, "orgId": id, "contactId": cid});
+        for _ in 0..2 {
+            msgs.push(doc! {"_id": ObjectId::new(), "orgId": id, "conversationId": conv, "contactId": cid});
+        }
+    }
+    insert(db, "contacts", contacts.clone()).await;
+    insert(db, "conversations", convs).await;
+    insert(db, "messages", msgs).await;
+    Org {
+        id,
+        stages,
+        contacts,
+    }
+}
+
+async fn count(db: &mongodb::Database, coll: &str, filter: Document) -> u64 {
+    db.collection::<Document>(coll)
+        .count_documents(filter)
+        .await
+        .unwrap()
+}
+
+fn csv_rows(data: &[u8]) -> Vec<Vec<String>> {
+    csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(data)
+        .records()
+        .map(|r| r.unwrap().iter().map(String::from).collect())
+        .collect()
+}
+
+fn names(contacts: &[&Document]) -> Vec<(String, String)> {
+    contacts
+        .iter()
+        .map(|c| {
+            (
+                c.get_str("firstName").unwrap().to_string(),
+                c.get_str("lastName").unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn export_downloads_the_file_with_exactly_the_seeded_rows() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 1200).await;
+    let _svc = stack.service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("all.csv");
+    let org_hex = org.id.to_hex();
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &[
+            "export",
+            "--org",
+            &org_hex,
+            "--org-wide",
+            "--output",
+            out_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "export failed: {stdout}\n{stderr}");
+    assert!(stdout.contains("sha256 ok: "), "{stdout}");
+    let data = std::fs::read(&out_path).expect("the file is at --output");
+    let rows = csv_rows(&data);
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    assert_eq!(got, names(&org.contacts.iter().collect::<Vec<_>>()));
+    assert!(!tmp.path().join("all.csv.part").exists());
+
+    // `watch` on the finished job prints its terminal snapshot.
+    let job_id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export job ")?.strip_suffix(" accepted"))
+        .expect("job id printed")
+        .to_string();
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &["watch", &job_id, "--org", &org_hex],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "watch failed: {stdout}\n{stderr}");
+    let snap: Value = serde_json::from_str(&stdout).expect("snapshot JSON");
+    assert_eq!(snap["status"], "completed");
+    assert_eq!(snap["result"]["rows"], 1200);
+
+    // Without --output the file lands under its own name in the current directory.
+    let stage = org.stages[1].to_hex();
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &[
+            "export",
+            "--org",
+            &org_hex,
+            "--stage-ids",
+            &stage,
+            "--filename",
+            "stage-b",
+            "--limit",
+            "50",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let rows = csv_rows(&std::fs::read(tmp.path().join("stage-b.csv")).unwrap());
+    let expected: Vec<&Document> = org
+        .contacts
+        .iter()
+        .filter(|c| c.get_object_id("stageId").unwrap() == org.stages[1])
+        .take(50)
+        .collect();
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    assert_eq!(got, names(&expected));
+}
+
+#[tokio::test]
+async fn delete_with_yes_deletes_what_the_dry_run_announced() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 600).await;
+    let _svc = stack.service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (convs, msgs) = (
+        count(&db, "conversations", doc! {}).await,
+        count(&db, "messages", doc! {}).await,
+    );
+    let stages = format!("{},{}", org.stages[0].to_hex(), org.stages[2].to_hex());
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &[
+            "delete",
+            "--org",
+            &org.id.to_hex(),
+            "--stage-ids",
+            &stages,
+            "--yes",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "delete failed: {stdout}\n{stderr}");
+    let announced = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("will permanently delete "))
+        .expect("impact printed");
+    let numbers: Vec<u64> = announced
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    // 400 contacts in stages A and C; every even contact has 1 conversation, 2 messages.
+    assert_eq!(numbers, [400, 200, 400], "{announced}");
+    assert_eq!(count(&db, "contacts", doc! {"orgId": org.id}).await, 200);
+    assert_eq!(
+        count(
+            &db,
+            "contacts",
+            doc! {"stageId": {"$in": [org.stages[0], org.stages[2]]}}
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        convs - count(&db, "conversations", doc! {}).await,
+        numbers[1]
+    );
+    assert_eq!(msgs - count(&db, "messages", doc! {}).await, numbers[2]);
+    assert!(
+        stdout.contains("completed: deleted 400 contacts, 200 conversations, 400 messages"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn delete_without_yes_and_without_a_terminal_refuses() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 90).await;
+    let _svc = stack.service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &["delete", "--org", &org.id.to_hex(), "--org-wide"],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert!(
+        stdout.contains("will permanently delete 90 contacts"),
+        "{stdout}"
+    );
+    assert_eq!(count(&db, "contacts", doc! {"orgId": org.id}).await, 90);
+    assert_eq!(count(&db, "bulk_jobs", doc! {}).await, 0);
+}
+
+#[tokio::test]
+async fn an_invalid_filter_exits_non_zero_naming_the_field() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 10).await;
+    let _svc = stack.service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let org_hex = org.id.to_hex();
+    for (args, field) in [
+        (
+            vec!["export", "--org", &org_hex, "--stage-ids", "nothex"],
+            "filter.stageIds[0]",
+        ),
+        (
+            vec!["delete", "--org", &org_hex, "--yes"],
+            "filter.stageIds",
+        ),
+        (
+            vec![
+                "export",
+                "--org",
+                &org_hex,
+                "--org-wide",
+                "--advanced",
+                r#"{"$where": "1"}"#,
+            ],
+            "filter.advancedParams",
+        ),
+        (vec!["export", "--org", "nope", "--org-wide"], "orgId"),
+    ] {
+        let out = cli(Some(&stack), tmp.path(), &args).await;
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?} succeeded: {stdout}");
+        assert!(
+            stderr.contains(field),
+            "{args:?}: {field} not named in {stderr}"
+        );
+    }
+    assert_eq!(count(&db, "bulk_jobs", doc! {}).await, 0);
+    assert_eq!(count(&db, "contacts", doc! {}).await, 10);
+}
+
+#[tokio::test]
+async fn bench_export_smoke_prints_a_json_line_with_the_ratio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap().to_string();
+    let out = cli(
+        None,
+        tmp.path(),
+        &["bench", "export", "--rows", "2000", "--data-dir", &dir],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "bench failed: {stdout}\n{stderr}");
+    let line: Value = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
+    assert_eq!(line["bench"], "export");
+    for key in [
+        "rows",
+        "exportRowsPerSec",
+        "drainRowsPerSec",
+        "ratio",
+        "peakRssMb",
+    ] {
+        assert!(
+            line[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} missing or not positive in {line}"
+        );
+    }
+    assert_eq!(line["rows"], 2000);
+}
