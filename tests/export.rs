@@ -480,12 +480,23 @@ async fn progress_events_are_monotonic_and_end_completed() {
     .await;
     let events = collect_until(&mut sub, 120, |e| e["job"]["status"] == "completed").await;
     let mut last = -1i64;
+    let mut counted = false;
     for e in &events {
         assert_eq!(e["job"]["jobId"], job.as_str());
         let p = e["job"]["processed"].as_i64().unwrap();
         assert!(p >= last, "processed went back: {last} -> {p}");
         last = p;
+        // `total` may be null while the count runs beside the export, but once
+        // known it is exact and never disappears again.
+        match e["job"]["total"].as_i64() {
+            Some(t) => {
+                assert_eq!(t, 4000, "{e}");
+                counted = true;
+            }
+            None => assert!(!counted && e["job"]["total"].is_null(), "total lost: {e}"),
+        }
     }
+    assert!(counted);
     assert!(events
         .iter()
         .any(|e| e["type"] == "job.status" && e["job"]["status"] == "processing"));

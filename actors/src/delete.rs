@@ -20,7 +20,7 @@ use std::future::IntoFuture;
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use futures::TryStreamExt;
 use mongodb::options::{InsertManyOptions, UpdateOptions};
-use mongodb::{Collection, Database};
+use mongodb::{Collection, Cursor, Database};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::error::JobError;
@@ -28,6 +28,7 @@ use crate::events::RemovedContact;
 use crate::filter::Filter;
 use crate::job::{handle_job_msg, JobEnv, JobMsg, JobRun, JobStep};
 use crate::model::{Counts, DeleteInflight, JobRecord, JobStatus};
+use crate::snapshot;
 use crate::store::{is_duplicate_key, names};
 
 /// The field that marks a contact as claimed by a delete job.
@@ -39,7 +40,14 @@ pub struct DeleteActor;
 /// Its state, built in `pre_start`.
 pub struct DeleteState {
     run: JobRun,
+    /// Candidate ids in `_id` order after the checkpoint, read a batch at a
+    /// time. One cursor for the whole job: asking afresh for "the next batch
+    /// after the checkpoint" costs some servers a scan of everything left.
+    candidates: Option<Cursor<Document>>,
 }
+
+/// The most contact ids a notification lists; `count` stays exact.
+pub const NOTIFICATION_SAMPLE: i32 = 1000;
 
 impl Actor for DeleteActor {
     type Msg = JobMsg;
@@ -53,6 +61,7 @@ impl Actor for DeleteActor {
     ) -> Result<DeleteState, ActorProcessingErr> {
         Ok(DeleteState {
             run: JobRun::new(env, job),
+            candidates: None,
         })
     }
 
@@ -80,14 +89,19 @@ impl JobStep for DeleteState {
         &mut self.run
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        // A failed step may have read ids it never claimed: start again from
+        // the checkpoint.
+        self.candidates = None;
+    }
 
     async fn step(&mut self) -> Result<bool, JobError> {
-        step(&mut self.run).await
+        step(self).await
     }
 }
 
-async fn step(run: &mut JobRun) -> Result<bool, JobError> {
+async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
+    let run = &mut s.run;
     if !run.job.initialised {
         initialise(run).await?;
     }
@@ -106,23 +120,31 @@ async fn step(run: &mut JobRun) -> Result<bool, JobError> {
     let job = &run.job;
     let db = run.env.store.db();
     let coll = contacts(db, &job.filter);
-    let mut query = job.filter.query(job.org_id);
-    let mut range = doc! {"$lte": max_id};
-    if let Some(after) = job.checkpoint.last_id {
-        range.insert("$gt", after);
+    let batch = run.env.settings.delete_batch as usize;
+    if s.candidates.is_none() {
+        let mut query = job.filter.query(job.org_id);
+        let mut range = doc! {"$lte": max_id};
+        if let Some(after) = job.checkpoint.last_id {
+            range.insert("$gt", after);
+        }
+        query.insert("_id", range);
+        let cursor = coll
+            .find(query)
+            .sort(doc! {"_id": 1})
+            .projection(doc! {"_id": 1})
+            .batch_size(batch as u32)
+            .await?;
+        s.candidates = Some(cursor);
     }
-    query.insert("_id", range);
-    let candidates: Vec<ObjectId> = coll
-        .find(query.clone())
-        .sort(doc! {"_id": 1})
-        .limit(run.env.settings.delete_batch as i64)
-        .projection(doc! {"_id": 1})
-        .await?
-        .try_collect::<Vec<_>>()
-        .await?
-        .iter()
-        .filter_map(|d| d.get_object_id("_id").ok())
-        .collect();
+    let mut candidates: Vec<ObjectId> = Vec::with_capacity(batch);
+    if let Some(cursor) = s.candidates.as_mut() {
+        while candidates.len() < batch {
+            match cursor.try_next().await? {
+                Some(d) => candidates.extend(d.get_object_id("_id").ok()),
+                None => break,
+            }
+        }
+    }
     let Some(upto) = candidates.last().copied() else {
         return complete(run).await;
     };
@@ -158,22 +180,11 @@ async fn step(run: &mut JobRun) -> Result<bool, JobError> {
 /// Freezes the snapshot and counts `total`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     let job = &run.job;
-    let coll = contacts(run.env.store.db(), &job.filter);
+    let db = run.env.store.db();
+    let collection = job.filter.pipeline_type.collection();
     let query = job.filter.query(job.org_id);
-    let last = coll
-        .find_one(query.clone())
-        .sort(doc! {"_id": -1})
-        .projection(doc! {"_id": 1})
-        .await?;
-    let max_id = last.and_then(|d| d.get_object_id("_id").ok());
-    let total = match max_id {
-        Some(max_id) => {
-            let mut bounded = query;
-            bounded.insert("_id", doc! {"$lte": max_id});
-            coll.count_documents(bounded).await? as i64
-        }
-        None => 0,
-    };
+    let max_id = snapshot::bound(db, collection, &query).await?;
+    let total = snapshot::count(db, collection, &query, max_id, None).await?;
     run.update(doc! {"$set": {
         "initialised": true,
         "status": "processing",
@@ -330,7 +341,12 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
                         "orgId": org, "userId": owner, "type": "contacts_removed",
                         "jobId": &job.job_id, "createdAt": DateTime::now(), "read": false,
                     },
-                    "$push": {"contactIds": {"$each": &contact_ids}, "batches": &batch_key},
+                    // A sample of the ids, so a huge job cannot outgrow the
+                    // document size limit; `count` is exact.
+                    "$push": {
+                        "contactIds": {"$each": &contact_ids, "$slice": NOTIFICATION_SAMPLE},
+                        "batches": &batch_key,
+                    },
                     "$inc": {"count": contact_ids.len() as i64},
                 },
             )

@@ -35,6 +35,19 @@ pub struct ExportState {
     last_flush: std::time::Instant,
     exhausted: bool,
     resumed: bool,
+    /// The `total` count, running beside the first batches (see [`Counting`]).
+    counting: Option<Counting>,
+}
+
+/// The count of `total`, run as its own task so the export does not wait for
+/// it: on a large organisation counting takes a fair fraction of the time the
+/// whole export does. Aborted when the actor goes away.
+struct Counting(tokio::task::JoinHandle<Result<i64, JobError>>);
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Actor for ExportActor {
@@ -64,6 +77,7 @@ impl Actor for ExportActor {
             last_flush: std::time::Instant::now(),
             exhausted: false,
             resumed: false,
+            counting: None,
         })
     }
 
@@ -130,9 +144,13 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     let Some(max_id) = s.run.job.snapshot_max_id else {
         return complete(s).await;
     };
+    if s.run.job.total.is_none() && s.counting.is_none() {
+        s.counting = Some(start_count(s, max_id));
+    }
     if !s.exhausted {
         read_batch(s, max_id).await?;
     }
+    settle_count(s, false).await?;
     let due = s.buf.len() >= s.run.env.settings.flush_bytes
         || s.last_flush.elapsed() >= s.run.env.settings.flush_interval;
     if s.buf_rows > 0 && (due || s.exhausted) {
@@ -147,44 +165,31 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     Ok(true)
 }
 
-/// Freezes the snapshot, counts `total`, discovers custom keys, writes the header.
+/// Freezes the snapshot, discovers custom keys when asked, writes the header;
+/// `total` is counted beside the first batches.
 async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     let job = &s.run.job;
     let db = s.run.env.store.db();
     let coll = db.collection::<Document>(job.filter.pipeline_type.collection());
     let query = job.filter.query(job.org_id);
-    let last = coll
-        .find_one(query.clone())
-        .sort(doc! {"_id": -1})
-        .projection(doc! {"_id": 1})
-        .await?;
-    let max_id = last.and_then(|d| d.get_object_id("_id").ok());
-    let mut total = 0i64;
+    let max_id = crate::snapshot::bound(db, job.filter.pipeline_type.collection(), &query).await?;
     let mut custom_keys = None;
-    if let Some(max_id) = max_id {
-        let mut bounded = query.clone();
+    if s.spec.columns.needs_custom_discovery() {
+        let mut bounded = query;
         bounded.insert("_id", doc! {"$lte": max_id});
-        total = coll.count_documents(bounded.clone()).await? as i64;
+        let mut keys = std::collections::BTreeSet::new();
+        let mut find = coll
+            .find(bounded)
+            .sort(doc! {"_id": 1})
+            .projection(doc! {"customFields": 1});
         if let Some(limit) = job.filter.limit {
-            total = total.min(limit as i64);
+            find = find.limit(limit as i64);
         }
-        if s.spec.columns.needs_custom_discovery() {
-            let mut keys = std::collections::BTreeSet::new();
-            let mut find = coll
-                .find(bounded)
-                .sort(doc! {"_id": 1})
-                .projection(doc! {"customFields": 1});
-            if let Some(limit) = job.filter.limit {
-                find = find.limit(limit as i64);
-            }
-            let mut cursor = find.batch_size(2000).await?;
-            while let Some(d) = cursor.try_next().await? {
-                collect_custom_keys(&d, &mut keys);
-            }
-            custom_keys = Some(keys.into_iter().collect::<Vec<_>>());
+        let mut cursor = find.batch_size(2000).await?;
+        while let Some(d) = cursor.try_next().await? {
+            collect_custom_keys(&d, &mut keys);
         }
-    } else if s.spec.columns.needs_custom_discovery() {
-        custom_keys = Some(Vec::new());
+        custom_keys = Some(keys.into_iter().collect::<Vec<_>>());
     }
     let columns = s
         .spec
@@ -206,7 +211,8 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
             "status": "processing",
             "startedAt": bson::DateTime::now(),
             "snapshotMaxId": max_id,
-            "total": total,
+            // The count runs beside the export: `total` is null until it lands.
+            "total": bson::Bson::Null,
             "customKeys": custom,
             "processed": 0i64,
             "checkpoint": {"lastId": null, "nextChunk": 1i64, "bytes": header_len},
@@ -215,7 +221,7 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     s.encoder = Some(encoder);
     s.read_last = None;
     s.run.status_event().await;
-    tracing::info!(job_id = %s.run.job.job_id, total, "export started");
+    tracing::info!(job_id = %s.run.job.job_id, max_id = %max_id, "export started");
     Ok(())
 }
 
@@ -297,7 +303,7 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
 /// Writes the buffer as the next chunk, then the checkpoint that covers it.
 async fn flush(s: &mut ExportState) -> Result<(), JobError> {
     let n = s.run.job.checkpoint.next_chunk;
-    let data = pack(&s.spec, s.buf.clone()).await?;
+    let data = pack(&s.spec, std::mem::take(&mut s.buf)).await?;
     let len = data.len() as i64;
     s.run.env.artifacts.put(&s.run.job.job_id, n, data).await?;
     s.run
@@ -316,7 +322,48 @@ async fn flush(s: &mut ExportState) -> Result<(), JobError> {
     Ok(())
 }
 
+/// Starts counting `total` beside the export.
+fn start_count(s: &ExportState, max_id: ObjectId) -> Counting {
+    let job = &s.run.job;
+    let db = s.run.env.store.db().clone();
+    let collection = job.filter.pipeline_type.collection();
+    let query = job.filter.query(job.org_id);
+    let limit = job.filter.limit;
+    Counting(tokio::spawn(async move {
+        crate::snapshot::count(&db, collection, &query, max_id, limit).await
+    }))
+}
+
+/// Records `total` once the count has landed (or, with `wait`, waits for it).
+/// A failed count is the step's error: the retry starts a new one.
+async fn settle_count(s: &mut ExportState, wait: bool) -> Result<(), JobError> {
+    let Some(counting) = s.counting.as_mut() else {
+        return Ok(());
+    };
+    if !wait && !counting.0.is_finished() {
+        return Ok(());
+    }
+    let outcome = (&mut counting.0).await;
+    s.counting = None;
+    let total = match outcome {
+        Ok(count) => count?,
+        Err(e) => return Err(JobError::Internal(format!("count task: {e}"))),
+    };
+    s.run.update(doc! {"$set": {"total": total}}).await?;
+    tracing::info!(job_id = %s.run.job.job_id, total, "export counted");
+    s.run.progress_event().await;
+    Ok(())
+}
+
 async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
+    if s.run.job.total.is_none() {
+        if s.counting.is_none() {
+            if let Some(max_id) = s.run.job.snapshot_max_id {
+                s.counting = Some(start_count(s, max_id));
+            }
+        }
+        settle_count(s, true).await?;
+    }
     let job_id = s.run.job.job_id.clone();
     let (bytes, sha256) = s.run.env.artifacts.digest(&job_id).await?;
     let result = doc! {

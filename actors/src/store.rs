@@ -109,6 +109,14 @@ impl JobStore {
                     .build(),
             ),
             (
+                names::EVENT_LOGS,
+                // A batch reads and marks its own entries by contact id range.
+                IndexModel::builder()
+                    .keys(doc! {"jobId": 1, "contactId": 1})
+                    .options(IndexOptions::builder().sparse(true).build())
+                    .build(),
+            ),
+            (
                 names::NOTIFICATIONS,
                 IndexModel::builder()
                     .keys(doc! {"bulkKey": 1})

@@ -114,13 +114,28 @@ pub async fn wait_job(
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let payload = serde_json::to_vec(&json!({"orgId": org.to_hex(), "jobId": job_id})).unwrap();
     loop {
-        let snap = request(
-            client,
-            "bulk.v1.job",
-            json!({"orgId": org.to_hex(), "jobId": job_id}),
+        let reply = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.request("bulk.v1.job", payload.clone().into()),
         )
-        .await;
+        .await
+        .unwrap_or_else(|_| panic!("no reply on bulk.v1.job within 20 s"));
+        let snap: Value = match reply {
+            Ok(m) => serde_json::from_slice(&m.payload).unwrap(),
+            // Right after a NATS restart the test's client may be back before
+            // the service has resubscribed: poll again, within the deadline.
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "bulk.v1.job had no responders until the deadline"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => panic!("request on bulk.v1.job failed: {e}"),
+        };
         if pred(&snap) {
             return snap;
         }
