@@ -6,6 +6,7 @@ use contact_bulk_actors::delete::dry_run;
 use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::filter::{field_path, parse_object_id, Filter, ParseOptions};
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
+use contact_bulk_actors::snapshot;
 use contact_bulk_actors::store::JobStore;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
@@ -179,14 +180,10 @@ impl App {
 
     /// `bulk.v1.count` / `POST /api/contacts/query-count`.
     pub async fn count(&self, org: ObjectId, filter: &Filter) -> Result<u64, JobError> {
-        let coll = self
-            .db
-            .collection::<bson::Document>(filter.pipeline_type.collection());
-        let mut n = coll.count_documents(filter.query(org)).await?;
-        if let Some(limit) = filter.limit {
-            n = n.min(limit);
-        }
-        Ok(n)
+        let collection = filter.pipeline_type.collection();
+        let n =
+            snapshot::count(&self.db, collection, &filter.query(org), None, filter.limit).await?;
+        Ok(n.max(0) as u64)
     }
 
     /// `bulk.v1.cancel`: asks, broadcasts to every instance, then waits (up to

@@ -553,3 +553,82 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn overlapping_delete_jobs_never_delete_audit_or_count_a_contact_twice() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 3000, None).await;
+    let _svc = stack
+        .service_with(|c| {
+            c.delete_batch = 50;
+            c.max_per_org = 2;
+        })
+        .await;
+    let client = stack.client().await;
+    // One job over the whole organisation, one over two of its stages, racing.
+    let (a, b) = tokio::join!(
+        request(
+            &client,
+            "bulk.v1.delete",
+            json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}}),
+        ),
+        request(
+            &client,
+            "bulk.v1.delete",
+            json!({"orgId": org.id.to_hex(), "filter": {"stageIds": [org.stages[0].to_hex(), org.stages[1].to_hex()]}}),
+        )
+    );
+    let (a, b) = (
+        a["jobId"].as_str().unwrap().to_string(),
+        b["jobId"].as_str().unwrap().to_string(),
+    );
+    let sa = wait_terminal(&client, org.id, &a).await;
+    let sb = wait_terminal(&client, org.id, &b).await;
+    assert_eq!(sa["status"], "completed", "{sa}");
+    assert_eq!(sb["status"], "completed", "{sb}");
+    let left = db
+        .collection::<Document>("contacts")
+        .count_documents(doc! {"orgId": org.id})
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // Each contact was deleted by exactly one of the jobs: one audit entry in
+    // all, and the jobs' counts add up to the organisation.
+    let entries: Vec<Document> = db
+        .collection::<Document>("event_logs")
+        .find(doc! {"orgId": org.id, "type": "CONTACT_DELETE"})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let audited: BTreeSet<ObjectId> = entries
+        .iter()
+        .map(|e| e.get_object_id("contactId").unwrap())
+        .collect();
+    assert_eq!(
+        entries.len(),
+        3000,
+        "one audit entry per contact across jobs"
+    );
+    assert_eq!(audited.len(), 3000);
+    let counted =
+        sa["counts"]["contacts"].as_u64().unwrap() + sb["counts"]["contacts"].as_u64().unwrap();
+    assert_eq!(counted, 3000, "{sa} {sb}");
+    for (snap, job) in [(&sa, &a), (&sb, &b)] {
+        let mine = entries
+            .iter()
+            .filter(|e| e.get_str("jobId").unwrap() == job)
+            .count() as u64;
+        assert_eq!(snap["counts"]["contacts"].as_u64().unwrap(), mine, "{snap}");
+    }
+    for coll in ["conversations", "messages"] {
+        let n = db
+            .collection::<Document>(coll)
+            .count_documents(doc! {"orgId": org.id})
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{coll} left behind");
+    }
+}

@@ -6,9 +6,10 @@
 //!    the claim is the decision: a contact moved out of the filter before it is left alone;
 //! 3. count their conversations and messages and record the batch as `inflight` on the job;
 //! 4. write one `event_logs` CONTACT_DELETE entry per contact (unique per job and contact),
-//!    which is also the outbox of what still has to be announced;
+//!    which is also the outbox of what the batch has to announce;
 //! 5. delete messages, then conversations, then the claimed contacts (`$in`, idempotent);
-//! 6. publish `contact_removed` for entries not yet announced (deduplicated by `Nats-Msg-Id`), mark them;
+//! 6. publish `contact_removed` for the batch's entries (deduplicated by `Nats-Msg-Id`),
+//!    then mark the batch announced on the job (one write, not one per entry);
 //! 7. notify assignees (one document per assignee and job, each batch applied once);
 //! 8. checkpoint: last id, counts from `inflight`, `inflight` cleared.
 //!
@@ -19,7 +20,7 @@ use std::future::IntoFuture;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::options::{InsertManyOptions, UpdateOptions};
+use mongodb::options::{Hint, InsertManyOptions, UpdateOptions};
 use mongodb::{Collection, Cursor, Database};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -120,6 +121,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let job = &run.job;
     let db = run.env.store.db();
     let coll = contacts(db, &job.filter);
+    let claim_started = std::time::Instant::now();
     let batch = run.env.settings.delete_batch as usize;
     if s.candidates.is_none() {
         let mut query = job.filter.query(job.org_id);
@@ -148,12 +150,21 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let Some(upto) = candidates.last().copied() else {
         return complete(run).await;
     };
-    // The claim re-checks the filter, so only contacts matching now are taken.
-    let mut claim = job.filter.query(job.org_id);
-    claim.insert("_id", doc! {"$in": &candidates});
-    coll.update_many(claim, doc! {"$set": {CLAIM_FIELD: &job.job_id}})
-        .await?;
-    let claimed = claimed_ids(&coll, job, job.checkpoint.last_id, upto).await?;
+    // The claim re-checks the filter, so only contacts matching now are taken,
+    // and never one another delete job has claimed (it deletes it itself).
+    let mut claim = doc! {"_id": {"$in": &candidates}};
+    claim.extend(job.filter.query(job.org_id));
+    claim.insert(CLAIM_FIELD, doc! {"$in": [Bson::Null, &job.job_id]});
+    let matched = coll
+        .update_many(claim, doc! {"$set": {CLAIM_FIELD: &job.job_id}})
+        .await?
+        .matched_count;
+    // Every candidate matched: they are the claimed set, no need to read it back.
+    let claimed = if matched == candidates.len() as u64 {
+        candidates
+    } else {
+        claimed_ids(&coll, job, job.checkpoint.last_id, upto).await?
+    };
     let (conversations, messages) = if claimed.is_empty() {
         (0, 0)
     } else {
@@ -170,9 +181,11 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         contacts: claimed.len() as u64,
         conversations,
         messages,
+        announced: false,
     };
     run.update(doc! {"$set": {"inflight": bson::to_bson(&inflight)?}})
         .await?;
+    tracing::debug!(job_id = %run.job.job_id, claim_ms = claim_started.elapsed().as_millis() as u64, "delete batch claimed");
     finish_batch(run, &inflight).await?;
     Ok(true)
 }
@@ -184,7 +197,7 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     let collection = job.filter.pipeline_type.collection();
     let query = job.filter.query(job.org_id);
     let max_id = snapshot::bound(db, collection, &query).await?;
-    let total = snapshot::count(db, collection, &query, max_id, None).await?;
+    let total = snapshot::count(db, collection, &query, Some(max_id), None).await?;
     run.update(doc! {"$set": {
         "initialised": true,
         "status": "processing",
@@ -225,7 +238,7 @@ async fn claimed_docs(
         range.insert("$gt", after);
     }
     Ok(coll
-        .find(doc! {"orgId": job.org_id, CLAIM_FIELD: &job.job_id, "_id": range})
+        .find(doc! {"_id": range, "orgId": job.org_id, CLAIM_FIELD: &job.job_id})
         .projection(projection)
         .await?
         .try_collect()
@@ -235,11 +248,12 @@ async fn claimed_docs(
 /// Steps 4–8 of the batch; every one of them may run again after a crash.
 async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(), JobError> {
     let job = &run.job;
-    let db = run.env.store.db();
-    let coll = contacts(db, &job.filter);
+    let db = run.env.store.db().clone();
+    let coll = contacts(&db, &job.filter);
     let after = job.checkpoint.last_id;
     let org = job.org_id;
 
+    let mut laps = Laps::started();
     // 4. audit entries for the claimed contacts still present.
     let present = claimed_docs(
         &coll,
@@ -249,6 +263,9 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
         doc! {"firstName": 1, "lastName": 1, "email": 1, "phone": 1, "ownerId": 1},
     )
     .await?;
+    // The entries just written are the batch's record, unless some existed
+    // already (a redone batch): then the collection is read back.
+    let mut written = None;
     if !present.is_empty() {
         let now = DateTime::now();
         let entries: Vec<Document> = present
@@ -271,17 +288,17 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
                     "ownerId": c.get("ownerId").cloned().unwrap_or(Bson::Null),
                     "pipelineType": job.filter.pipeline_type.as_str(),
                     "bulkKey": format!("{}:{}", job.job_id, id.to_hex()),
-                    "announced": false,
                 })
             })
             .collect();
         let opts = InsertManyOptions::builder().ordered(false).build();
         match db
             .collection::<Document>(names::EVENT_LOGS)
-            .insert_many(entries)
+            .insert_many(&entries)
             .with_options(opts)
             .await
         {
+            Ok(_) if inflight.contacts == entries.len() as u64 => written = Some(entries),
             Ok(_) => {}
             Err(e) if is_duplicate_key(&e) => {}
             Err(e) => return Err(e.into()),
@@ -289,22 +306,28 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
     }
 
     // The batch's contacts are exactly its audit entries.
-    let mut range = doc! {"$lte": inflight.upto};
-    if let Some(after) = after {
-        range.insert("$gt", after);
-    }
-    let audits: Vec<Document> = db
-        .collection::<Document>(names::EVENT_LOGS)
-        .find(doc! {"jobId": &job.job_id, "contactId": range, "type": "CONTACT_DELETE"})
-        .projection(doc! {"contactId": 1, "ownerId": 1, "announced": 1, "createdAt": 1})
-        .await?
-        .try_collect()
-        .await?;
+    let audits: Vec<Document> = match written {
+        Some(entries) => entries,
+        None => {
+            let mut range = doc! {"$lte": inflight.upto};
+            if let Some(after) = after {
+                range.insert("$gt", after);
+            }
+            db.collection::<Document>(names::EVENT_LOGS)
+                .find(doc! {"jobId": &job.job_id, "contactId": range, "type": "CONTACT_DELETE"})
+                .hint(audit_by_contact())
+                .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1})
+                .await?
+                .try_collect()
+                .await?
+        }
+    };
     let ids: Vec<ObjectId> = audits
         .iter()
         .filter_map(|a| a.get_object_id("contactId").ok())
         .collect();
 
+    laps.lap("audit");
     // 5. children first, so no message or conversation ever outlives its contact.
     if !ids.is_empty() {
         let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
@@ -314,13 +337,19 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
         db.collection::<Document>(names::CONVERSATIONS)
             .delete_many(children)
             .await?;
-        coll.delete_many(doc! {"orgId": org, "_id": {"$in": &ids}, CLAIM_FIELD: &job.job_id})
+        coll.delete_many(doc! {"_id": {"$in": &ids}, "orgId": org, CLAIM_FIELD: &job.job_id})
             .await?;
     }
 
-    // 6. announce what is not yet announced.
-    announce(run, &audits).await?;
+    laps.lap("delete");
+    // 6. announce the batch, unless a run before a crash got that far.
+    if !inflight.announced {
+        announce(run, &audits).await?;
+        run.update(doc! {"$set": {"inflight.announced": true}})
+            .await?;
+    }
 
+    laps.lap("announce");
     // 7. one notification per assignee and job; `batches` makes each batch count once.
     let job = &run.job;
     let mut by_owner: BTreeMap<ObjectId, Vec<ObjectId>> = BTreeMap::new();
@@ -360,6 +389,7 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
         }
     }
 
+    laps.lap("notify");
     // 8. checkpoint.
     run.update(doc! {
         "$set": {"checkpoint.lastId": inflight.upto, "inflight": null},
@@ -371,16 +401,18 @@ async fn finish_batch(run: &mut JobRun, inflight: &DeleteInflight) -> Result<(),
         },
     })
     .await?;
+    laps.lap("checkpoint");
+    tracing::debug!(job_id = %run.job.job_id, laps = %laps, "delete batch");
     run.progress_event().await;
     Ok(())
 }
 
-/// Publishes `contact_removed` for audit entries not yet announced, then marks them.
+/// Publishes `contact_removed` for the batch's audit entries. A repeat after a
+/// crash is deduplicated by the stream (`Nats-Msg-Id: <jobId>:<contactId>`).
 async fn announce(run: &JobRun, audits: &[Document]) -> Result<(), JobError> {
     let job = &run.job;
-    let pending: Vec<RemovedContact> = audits
+    let removed: Vec<RemovedContact> = audits
         .iter()
-        .filter(|a| !a.get_bool("announced").unwrap_or(false))
         .filter_map(|a| {
             Some(RemovedContact {
                 org_id: job.org_id,
@@ -395,21 +427,10 @@ async fn announce(run: &JobRun, audits: &[Document]) -> Result<(), JobError> {
             })
         })
         .collect();
-    if pending.is_empty() {
+    if removed.is_empty() {
         return Ok(());
     }
-    run.env.sink.contacts_removed(&pending).await?;
-    let ids: Vec<ObjectId> = pending.iter().map(|r| r.contact_id).collect();
-    run.env
-        .store
-        .db()
-        .collection::<Document>(names::EVENT_LOGS)
-        .update_many(
-            doc! {"jobId": &job.job_id, "contactId": {"$in": ids}},
-            doc! {"$set": {"announced": true}},
-        )
-        .await?;
-    Ok(())
+    run.env.sink.contacts_removed(&removed).await
 }
 
 /// Removes claim marks left on contacts that were claimed but not deleted (none in
@@ -426,28 +447,20 @@ async fn release_claims(run: &JobRun) -> Result<(), JobError> {
 }
 
 async fn complete(run: &mut JobRun) -> Result<bool, JobError> {
-    // Anything deleted but not yet announced (a crash in the last batch) goes
-    // out now, a bounded page at a time; `announce` marks each page done.
-    loop {
-        let page: Vec<Document> = run
-            .env
-            .store
-            .db()
-            .collection::<Document>(names::EVENT_LOGS)
-            .find(doc! {"jobId": &run.job.job_id, "announced": false})
-            .projection(doc! {"contactId": 1, "ownerId": 1, "announced": 1, "createdAt": 1})
-            .limit(500)
-            .await?
-            .try_collect()
-            .await?;
-        if page.is_empty() {
-            break;
-        }
-        announce(run, &page).await?;
-    }
     release_claims(run).await?;
     run.finish(JobStatus::Completed, doc! {}).await?;
     Ok(false)
+}
+
+// The per-batch queries name a narrow key range (the ids of one batch). Those
+// on contacts put `_id` first: some planners (secantusd-rs) pick the index of
+// the first key, and an `orgId`-first filter had them walk the organisation's
+// index for every batch. The audit queries hint their index for the same
+// reason. (Measured: 6 ms against 130-250 ms a batch at 60,000 contacts.)
+
+/// `{jobId: 1, contactId: 1}` on event_logs.
+fn audit_by_contact() -> Hint {
+    Hint::Keys(doc! {"jobId": 1, "contactId": 1})
 }
 
 fn contacts(db: &Database, filter: &Filter) -> Collection<Document> {
@@ -487,5 +500,36 @@ pub async fn dry_run(db: &Database, org: ObjectId, filter: &Filter) -> Result<Co
         if done {
             return Ok(counts);
         }
+    }
+}
+
+/// Milliseconds spent in each phase of a batch, for the debug log.
+#[derive(Default)]
+struct Laps {
+    start: Option<std::time::Instant>,
+    laps: Vec<(&'static str, u128)>,
+}
+
+impl Laps {
+    fn started() -> Laps {
+        Laps {
+            start: Some(std::time::Instant::now()),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        let since = self.start.replace(now).unwrap_or(now);
+        self.laps.push((name, (now - since).as_millis()));
+    }
+}
+
+impl std::fmt::Display for Laps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, ms)) in self.laps.iter().enumerate() {
+            write!(f, "{}{name}={ms}ms", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
     }
 }

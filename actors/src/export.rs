@@ -25,7 +25,7 @@ pub struct ExportState {
     run: JobRun,
     spec: ExportSpec,
     encoder: Option<Encoder>,
-    cursor: Option<Cursor<Document>>,
+    reader: Option<Reader>,
     names: NameCache,
     /// Encoded rows not yet flushed.
     buf: Vec<u8>,
@@ -50,6 +50,64 @@ impl Drop for Counting {
     }
 }
 
+/// Reads the cursor one batch ahead in its own task, so the server produces
+/// the next batch while this one is encoded and written. The channel holds a
+/// single batch: memory stays at two batches whatever the export's size.
+/// Aborted (with its cursor) when dropped.
+struct Reader {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<Document>, JobError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    fn spawn(mut cursor: Cursor<Document>, batch: usize) -> Reader {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            loop {
+                let mut docs = Vec::with_capacity(batch);
+                let mut failed = None;
+                while docs.len() < batch {
+                    match cursor.try_next().await {
+                        Ok(Some(d)) => docs.push(d),
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed = Some(JobError::from(e));
+                            break;
+                        }
+                    }
+                }
+                let last = docs.len() < batch || failed.is_some();
+                if !docs.is_empty() && tx.send(Ok(docs)).await.is_err() {
+                    return;
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                if last {
+                    // Dropping the sender tells the reader the cursor is done.
+                    return;
+                }
+            }
+        });
+        Reader { rx, task }
+    }
+
+    /// The next batch; empty once the cursor is exhausted.
+    async fn next(&mut self) -> Result<Vec<Document>, JobError> {
+        match self.rx.recv().await {
+            Some(batch) => batch,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Actor for ExportActor {
     type Msg = JobMsg;
     type State = ExportState;
@@ -69,7 +127,7 @@ impl Actor for ExportActor {
             run: JobRun::new(env, job),
             spec,
             encoder: None,
-            cursor: None,
+            reader: None,
             names: NameCache::default(),
             buf: Vec::new(),
             buf_rows: 0,
@@ -106,7 +164,8 @@ impl JobStep for ExportState {
     }
 
     fn reset(&mut self) {
-        self.cursor = None;
+        // The reader restarts after the last row that reached the buffer.
+        self.reader = None;
     }
 
     async fn step(&mut self) -> Result<bool, JobError> {
@@ -235,7 +294,7 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
         s.exhausted = true;
         return Ok(());
     }
-    if s.cursor.is_none() {
+    if s.reader.is_none() {
         let mut query = job.filter.query(job.org_id);
         let mut range = doc! {"$lte": max_id};
         if let Some(after) = s.read_last {
@@ -248,29 +307,31 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
             .store
             .db()
             .collection::<Document>(job.filter.pipeline_type.collection());
-        let cursor = coll
+        let mut find = coll
             .find(query)
             .sort(doc! {"_id": 1})
             .projection(s.spec.columns.projection())
-            .batch_size(s.run.env.settings.export_batch)
-            .await?;
-        s.cursor = Some(cursor);
+            .batch_size(s.run.env.settings.export_batch);
+        if let Some(r) = remaining {
+            find = find.limit(r);
+        }
+        let cursor = find.await?;
+        s.reader = Some(Reader::spawn(
+            cursor,
+            s.run.env.settings.export_batch as usize,
+        ));
     }
     let want = remaining
         .unwrap_or(i64::MAX)
         .min(s.run.env.settings.export_batch as i64) as usize;
-    let mut docs = Vec::with_capacity(want);
-    if let Some(cursor) = s.cursor.as_mut() {
-        while docs.len() < want {
-            match cursor.try_next().await? {
-                Some(d) => docs.push(d),
-                None => {
-                    s.exhausted = true;
-                    break;
-                }
-            }
-        }
+    let mut docs = match s.reader.as_mut() {
+        Some(reader) => reader.next().await?,
+        None => Vec::new(),
+    };
+    if docs.is_empty() {
+        s.exhausted = true;
     }
+    docs.truncate(want);
     if remaining.is_some_and(|r| r <= docs.len() as i64) {
         s.exhausted = true;
     }
@@ -303,7 +364,8 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
 /// Writes the buffer as the next chunk, then the checkpoint that covers it.
 async fn flush(s: &mut ExportState) -> Result<(), JobError> {
     let n = s.run.job.checkpoint.next_chunk;
-    let data = pack(&s.spec, std::mem::take(&mut s.buf)).await?;
+    // A copy: if the write fails the buffer must still be there for the retry.
+    let data = pack(&s.spec, s.buf.clone()).await?;
     let len = data.len() as i64;
     s.run.env.artifacts.put(&s.run.job.job_id, n, data).await?;
     s.run
@@ -330,7 +392,7 @@ fn start_count(s: &ExportState, max_id: ObjectId) -> Counting {
     let query = job.filter.query(job.org_id);
     let limit = job.filter.limit;
     Counting(tokio::spawn(async move {
-        crate::snapshot::count(&db, collection, &query, max_id, limit).await
+        crate::snapshot::count(&db, collection, &query, Some(max_id), limit).await
     }))
 }
 

@@ -46,18 +46,20 @@ pub async fn bound(
         .unwrap_or(now))
 }
 
-/// Counts the documents of `query` in `collection` with `_id <= bound`, capped
-/// by `limit`. The `count` command with a predicate is exact and, unlike the
+/// Counts the documents of `query` in `collection` with `_id <= bound` (all of
+/// them without a bound), capped by `limit`. The `count` command with a predicate is exact and, unlike the
 /// aggregation behind `countDocuments`, a bare count scan of the index.
 pub async fn count(
     db: &Database,
     collection: &str,
     query: &Document,
-    bound: ObjectId,
+    bound: Option<ObjectId>,
     limit: Option<u64>,
 ) -> Result<i64, JobError> {
     let mut query = query.clone();
-    query.insert("_id", doc! {"$lte": bound});
+    if let Some(bound) = bound {
+        query.insert("_id", doc! {"$lte": bound});
+    }
     let reply = db
         .run_command(doc! {"count": collection, "query": query})
         .await?;

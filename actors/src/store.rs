@@ -103,13 +103,6 @@ impl JobStore {
             ),
             (
                 names::EVENT_LOGS,
-                IndexModel::builder()
-                    .keys(doc! {"jobId": 1, "announced": 1})
-                    .options(IndexOptions::builder().sparse(true).build())
-                    .build(),
-            ),
-            (
-                names::EVENT_LOGS,
                 // A batch reads and marks its own entries by contact id range.
                 IndexModel::builder()
                     .keys(doc! {"jobId": 1, "contactId": 1})
@@ -322,7 +315,7 @@ impl JobStore {
         let opts = FindOneAndUpdateOptions::builder()
             .return_document(ReturnDocument::After)
             .build();
-        Ok(self
+        let failed = self
             .jobs
             .find_one_and_update(
                 doc! {"_id": job_id, "status": {"$in": ["pending", "processing"]}},
@@ -330,7 +323,21 @@ impl JobStore {
                 "leaseOwner": null, "leaseUntil": null}},
             )
             .with_options(opts)
-            .await?)
+            .await?;
+        if let Some(job) = &failed {
+            if job.kind == crate::model::JobKind::Delete {
+                // The contacts of its unfinished batch go back to being anyone's:
+                // a later job may delete them (claimed ones are skipped).
+                self.db
+                    .collection::<Document>(job.filter.pipeline_type.collection())
+                    .update_many(
+                        doc! {"orgId": job.org_id, crate::delete::CLAIM_FIELD: &job.job_id},
+                        doc! {"$unset": {crate::delete::CLAIM_FIELD: ""}},
+                    )
+                    .await?;
+            }
+        }
+        Ok(failed)
     }
 
     /// Gives the job back without changing its state, so it stays resumable (drain on shutdown).
