@@ -14,9 +14,6 @@
 //! 8. checkpoint: last id, counts from `inflight`, `inflight` cleared.
 //!
 //! A resumed job with an `inflight` batch redoes 4–8 for it; each of them is idempotent.
-//! Steps 1–2 of the next batch run while 4–8 of the current one do (different
-//! contacts; a claim without an `inflight` record is just claimed again after a
-//! crash, and released on cancel or failure).
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
@@ -48,10 +45,6 @@ pub struct DeleteState {
     /// time. One cursor for the whole job: asking afresh for "the next batch
     /// after the checkpoint" costs some servers a scan of everything left.
     candidates: Option<Cursor<Document>>,
-    /// The next batch, claimed while the previous one was finished.
-    prepared: Option<Claimed>,
-    /// The candidate cursor is done.
-    exhausted: bool,
 }
 
 /// The most contact ids a notification lists; `count` stays exact.
@@ -70,8 +63,6 @@ impl Actor for DeleteActor {
         Ok(DeleteState {
             run: JobRun::new(env, job),
             candidates: None,
-            prepared: None,
-            exhausted: false,
         })
     }
 
@@ -103,8 +94,6 @@ impl JobStep for DeleteState {
         // A failed step may have read ids it never claimed: start again from
         // the checkpoint.
         self.candidates = None;
-        self.prepared = None;
-        self.exhausted = false;
     }
 
     async fn step(&mut self) -> Result<bool, JobError> {
@@ -129,75 +118,15 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let Some(max_id) = run.job.snapshot_max_id else {
         return complete(run).await;
     };
-    let db = run.env.store.db().clone();
-    let batch = run.env.settings.delete_batch as usize;
-    let claimed = match s.prepared.take() {
-        Some(c) => Some(c),
-        None if s.exhausted => None,
-        None => {
-            let after = run.job.checkpoint.last_id;
-            claim_next(&db, &run.job, max_id, after, &mut s.candidates, batch).await?
-        }
-    };
-    let Some(claimed) = claimed else {
-        return complete(run).await;
-    };
-    let inflight = DeleteInflight {
-        upto: claimed.upto,
-        contacts: claimed.ids.len() as u64,
-        conversations: claimed.conversations,
-        messages: claimed.messages,
-        announced: false,
-    };
-    run.update(doc! {"$set": {"inflight": bson::to_bson(&inflight)?}})
-        .await?;
-    // The next batch is read and claimed while this one is finished: the two
-    // touch different contacts, and claims without an `inflight` record are
-    // simply claimed again after a crash (or released on cancel).
-    let job = run.job.clone();
-    let (done, next) = tokio::join!(
-        finish_batch(run, &inflight),
-        claim_next(
-            &db,
-            &job,
-            max_id,
-            Some(claimed.upto),
-            &mut s.candidates,
-            batch
-        )
-    );
-    done?;
-    match next? {
-        Some(c) => s.prepared = Some(c),
-        None => s.exhausted = true,
-    }
-    Ok(true)
-}
-
-/// A batch read and claimed but not yet recorded on the job.
-struct Claimed {
-    upto: ObjectId,
-    ids: Vec<ObjectId>,
-    conversations: u64,
-    messages: u64,
-}
-
-/// Reads the next candidates (after `after`, within the snapshot) and claims
-/// those that still match; `None` once there are none left.
-async fn claim_next(
-    db: &Database,
-    job: &JobRecord,
-    max_id: ObjectId,
-    after: Option<ObjectId>,
-    candidates_cursor: &mut Option<Cursor<Document>>,
-    batch: usize,
-) -> Result<Option<Claimed>, JobError> {
-    let started = std::time::Instant::now();
+    let job = &run.job;
+    let db = run.env.store.db();
     let coll = contacts(db, &job.filter);
-    if candidates_cursor.is_none() {
+    let claim_started = std::time::Instant::now();
+    let batch = run.env.settings.delete_batch as usize;
+    if s.candidates.is_none() {
         let mut query = job.filter.query(job.org_id);
         let mut range = doc! {"$lte": max_id};
-        if let Some(after) = after {
+        if let Some(after) = job.checkpoint.last_id {
             range.insert("$gt", after);
         }
         query.insert("_id", range);
@@ -207,10 +136,10 @@ async fn claim_next(
             .projection(doc! {"_id": 1})
             .batch_size(batch as u32)
             .await?;
-        *candidates_cursor = Some(cursor);
+        s.candidates = Some(cursor);
     }
     let mut candidates: Vec<ObjectId> = Vec::with_capacity(batch);
-    if let Some(cursor) = candidates_cursor.as_mut() {
+    if let Some(cursor) = s.candidates.as_mut() {
         while candidates.len() < batch {
             match cursor.try_next().await? {
                 Some(d) => candidates.extend(d.get_object_id("_id").ok()),
@@ -219,7 +148,7 @@ async fn claim_next(
         }
     }
     let Some(upto) = candidates.last().copied() else {
-        return Ok(None);
+        return complete(run).await;
     };
     // The claim re-checks the filter, so only contacts matching now are taken,
     // and never one another delete job has claimed (it deletes it itself).
@@ -231,28 +160,34 @@ async fn claim_next(
         .await?
         .matched_count;
     // Every candidate matched: they are the claimed set, no need to read it back.
-    let ids = if matched == candidates.len() as u64 {
+    let claimed = if matched == candidates.len() as u64 {
         candidates
     } else {
-        claimed_ids(&coll, job, after, upto).await?
+        claimed_ids(&coll, job, job.checkpoint.last_id, upto).await?
     };
-    let (conversations, messages) = if ids.is_empty() {
+    let (conversations, messages) = if claimed.is_empty() {
         (0, 0)
     } else {
-        let children = doc! {"orgId": job.org_id, "contactId": {"$in": &ids}};
+        let children = doc! {"orgId": job.org_id, "contactId": {"$in": &claimed}};
         let conversations = db.collection::<Document>(names::CONVERSATIONS);
         let messages = db.collection::<Document>(names::MESSAGES);
         let conv = conversations.count_documents(children.clone());
         let msgs = messages.count_documents(children);
-        futures::try_join!(conv.into_future(), msgs.into_future())?
+        let (c, m) = futures::try_join!(conv.into_future(), msgs.into_future())?;
+        (c, m)
     };
-    tracing::debug!(job_id = %job.job_id, contacts = ids.len(), claim_ms = started.elapsed().as_millis() as u64, "delete batch claimed");
-    Ok(Some(Claimed {
+    let inflight = DeleteInflight {
         upto,
-        ids,
+        contacts: claimed.len() as u64,
         conversations,
         messages,
-    }))
+        announced: false,
+    };
+    run.update(doc! {"$set": {"inflight": bson::to_bson(&inflight)?}})
+        .await?;
+    tracing::debug!(job_id = %run.job.job_id, claim_ms = claim_started.elapsed().as_millis() as u64, "delete batch claimed");
+    finish_batch(run, &inflight).await?;
+    Ok(true)
 }
 
 /// Freezes the snapshot and counts `total`.
