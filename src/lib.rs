@@ -61,9 +61,18 @@ impl Service {
             .unwrap_or_else(|| format!("http://{addr}"));
         let keys = Keys::new(&secret, &public_url);
 
-        let mongo = mongodb::Client::with_uri_str(&config.mongodb_uri)
+        let mut options = mongodb::options::ClientOptions::parse(&config.mongodb_uri)
             .await
-            .context("connecting to mongodb")?;
+            .context("parsing MONGODB_URI")?;
+        if options.write_concern.is_none() {
+            // A job record or checkpoint acknowledged is one a server crash keeps.
+            options.write_concern = Some(
+                mongodb::options::WriteConcern::builder()
+                    .journal(true)
+                    .build(),
+            );
+        }
+        let mongo = mongodb::Client::with_options(options).context("connecting to mongodb")?;
         let db = mongo.database(&config.mongodb_db);
         let nats = async_nats::ConnectOptions::new()
             .name("contact-bulk")

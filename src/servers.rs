@@ -239,7 +239,8 @@ pub struct MongoServer {
 
 impl MongoServer {
     /// Starts `secantusd-rs --host 127.0.0.1 --port <port> --storage-path <dir>/data
-    /// --log-file-max 16MB --cache-size 512M` (`port` None = an ephemeral port)
+    /// --log-file-max 16MB --cache-size 512M --sync-on-commit` (`port` None = an
+    /// ephemeral port)
     /// and waits, at most 20 s, until it answers `ping`. The log is
     /// `<dir>/secantusd.log`; an empty `<dir>/secantusd.toml` is passed as
     /// `--config` so no config file elsewhere on the machine is picked up.
@@ -374,6 +375,10 @@ async fn launch_mongo(
         "16MB".into(),
         "--cache-size".into(),
         "512M".into(),
+        // Every acknowledged write is fsynced, as a journaled MongoDB would keep
+        // it: without it a SIGKILL of the server loses recent acknowledged
+        // writes (job records, checkpoints) and the crash tests test nothing.
+        "--sync-on-commit".into(),
     ];
     let spec = Launch {
         name: "secantusd-rs",
