@@ -35,6 +35,8 @@ pub struct App {
     pub cancel_subject: String,
     /// Fan-out of `BULK_EVENTS` to WebSocket clients.
     pub hub: crate::ws::Hub,
+    /// Job events (the `pending` status of a new job).
+    pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
 }
 
 /// What a delete command produced.
@@ -171,6 +173,15 @@ impl App {
         let (job, created) = self.store.create(job).await?;
         if created {
             tracing::info!(job_id = %job.job_id, kind = job.kind.as_str(), org_id = %job.org_id, "job accepted");
+            // Announced before the supervisor can start it, so watchers of the
+            // organisation see a job waiting behind the caps, in order.
+            if let Err(e) = self
+                .sink
+                .job_event(contact_bulk_actors::events::JobEventKind::Status, &job)
+                .await
+            {
+                tracing::warn!(job_id = %job.job_id, error = %e, "pending status event not published");
+            }
             let _ = self
                 .supervisor
                 .send_message(SupervisorMsg::Start(job.job_id.clone()));

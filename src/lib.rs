@@ -91,14 +91,15 @@ impl Service {
         let store = JobStore::new(db.clone());
         store.ensure_indexes().await.context("ensuring indexes")?;
         let artifacts = Artifacts::new(&db);
+        let sink: Arc<dyn contact_bulk_actors::events::EventSink> = Arc::new(NatsSink::new(
+            js.clone(),
+            keys.clone(),
+            &config.subject_prefix,
+        ));
         let env = JobEnv {
             store: store.clone(),
             artifacts: artifacts.clone(),
-            sink: Arc::new(NatsSink::new(
-                js.clone(),
-                keys.clone(),
-                &config.subject_prefix,
-            )),
+            sink: sink.clone(),
             settings: config.job_settings(),
             instance: uuid::Uuid::new_v4().to_string(),
         };
@@ -116,6 +117,7 @@ impl Service {
             nats,
             cancel_subject: config.subject("v1.internal.cancel"),
             hub,
+            sink,
         });
         intake::start(app.clone(), &config, &mut tasks).await?;
         let router = http::router(app.clone(), &config).await?;

@@ -497,6 +497,9 @@ async fn progress_events_are_monotonic_and_end_completed() {
         }
     }
     assert!(counted);
+    // The first event announces the new job as pending, before it runs.
+    assert_eq!(events[0]["type"], "job.status", "{}", events[0]);
+    assert_eq!(events[0]["job"]["status"], "pending", "{}", events[0]);
     assert!(events
         .iter()
         .any(|e| e["type"] == "job.status" && e["job"]["status"] == "processing"));
