@@ -134,9 +134,6 @@ pub struct DeleteInflight {
     pub conversations: u64,
     /// Messages counted for them.
     pub messages: u64,
-    /// Whether its `contact_removed` events went out (a resumed batch skips them).
-    #[serde(default)]
-    pub announced: bool,
 }
 
 /// A job as stored in `bulk_jobs`.
