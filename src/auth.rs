@@ -88,6 +88,9 @@ impl Keys {
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken accepts tokens up to 60 s past `exp` by default; an
+        // expired token is a bad token (401), to the second.
+        validation.leeway = 0;
         let data = decode::<Claims>(token, &DecodingKey::from_secret(&self.secret), &validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let org = ObjectId::parse_str(&data.claims.org)
@@ -194,6 +197,9 @@ mod tests {
         assert!(Keys::new("other", "http://x").verify(&t).is_err());
         let expired = keys.mint("u", &org, "jobs:read", -120).unwrap();
         assert!(keys.verify(&expired).is_err());
+        // No grace period: a token that expired seconds ago is refused.
+        let just_expired = keys.mint("u", &org, "jobs:read", -2).unwrap();
+        assert!(keys.verify(&just_expired).is_err());
     }
 
     #[test]

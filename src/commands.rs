@@ -4,6 +4,7 @@
 use bson::oid::ObjectId;
 use contact_bulk_actors::delete::dry_run;
 use contact_bulk_actors::encode::{ColumnSpec, Format};
+use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::{field_path, parse_object_id, Filter, ParseOptions};
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
 use contact_bulk_actors::snapshot;
@@ -170,16 +171,22 @@ impl App {
 
     /// Records the job (idempotent by `commandId`) and, if new, asks the supervisor to start it.
     pub async fn submit(&self, job: JobRecord) -> Result<JobRecord, JobError> {
+        let kind = job.kind;
         let (job, created) = self.store.create(job).await?;
+        if job.kind != kind {
+            // The key names a job of the other kind: answering with it would tell
+            // a caller asking for a delete that its delete was accepted.
+            return Err(JobError::Conflict(format!(
+                "commandId is already used by {} job {}",
+                job.kind.as_str(),
+                job.job_id
+            )));
+        }
         if created {
             tracing::info!(job_id = %job.job_id, kind = job.kind.as_str(), org_id = %job.org_id, "job accepted");
             // Announced before the supervisor can start it, so watchers of the
             // organisation see a job waiting behind the caps, in order.
-            if let Err(e) = self
-                .sink
-                .job_event(contact_bulk_actors::events::JobEventKind::Status, &job)
-                .await
-            {
+            if let Err(e) = self.sink.job_event(JobEventKind::Status, &job).await {
                 tracing::warn!(job_id = %job.job_id, error = %e, "pending status event not published");
             }
             let _ = self
@@ -200,7 +207,15 @@ impl App {
     /// `bulk.v1.cancel`: asks, broadcasts to every instance, then waits (up to
     /// 3 s) for the job to stop so the reply shows what was done.
     pub async fn cancel(&self, org: ObjectId, job_id: &str) -> Result<JobRecord, JobError> {
-        let job = self.store.request_cancel(org, job_id).await?;
+        let (job, cancelled_here) = self.store.request_cancel(org, job_id).await?;
+        if cancelled_here {
+            // A pending job no actor holds: its terminal status is announced here,
+            // so the job's last event is its terminal snapshot.
+            tracing::info!(job_id, "pending job cancelled");
+            if let Err(e) = self.sink.job_event(JobEventKind::Status, &job).await {
+                tracing::warn!(job_id, error = %e, "cancelled status event not published");
+            }
+        }
         if job.status.is_terminal() {
             return Ok(job);
         }

@@ -177,6 +177,7 @@ async fn start_durable(
         .await?;
     let mut messages = consumer.messages().await?;
     let export_subject = config.subject("v1.submit.export");
+    let delete_subject = config.subject("v1.submit.delete");
     tasks.spawn(async move {
         while let Some(msg) = messages.next().await {
             let msg = match msg {
@@ -186,7 +187,18 @@ async fn start_durable(
                     continue;
                 }
             };
-            let export = msg.subject.as_str() == export_subject;
+            // Only the two named subjects run anything: a command on any other
+            // subject the stream captures (a typo, a future version) must never
+            // fall through to a delete. It is dropped for good, loudly.
+            let export = match msg.subject.as_str() {
+                s if s == export_subject => true,
+                s if s == delete_subject => false,
+                other => {
+                    tracing::error!(subject = other, "durable command on an unknown subject dropped");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
             match submit(&app, export, &msg.payload).await {
                 Ok(reply) => {
                     tracing::info!(subject = %msg.subject, reply = %reply, "durable command handled");

@@ -494,6 +494,18 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
     stack.service().await.stop().await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
     let body = json!({"orgId": a.id.to_hex(), "commandId": "durable-1", "filter": {"stageIds": [a.stages[0].to_hex()]}});
+    // A command on a subject the stream captures but the contract does not
+    // name must never run (least of all as a delete).
+    let stray =
+        json!({"orgId": a.id.to_hex(), "commandId": "durable-stray", "filter": {"orgWide": true}});
+    js.publish(
+        "bulk.v1.submit.deleteall",
+        serde_json::to_vec(&stray).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("stored by JetStream");
     for _ in 0..2 {
         js.publish(
             "bulk.v1.submit.delete",
@@ -539,7 +551,22 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
             .unwrap(),
         1
     );
-    // Both messages were consumed (work queue emptied).
+    // The stray command made no job and touched nothing outside stage 0.
+    let stray_job = request(
+        &client,
+        "bulk.v1.job",
+        json!({"orgId": a.id.to_hex(), "commandId": "durable-stray"}),
+    )
+    .await;
+    assert_eq!(stray_job["error"]["code"], "not_found", "{stray_job}");
+    assert_eq!(
+        db.collection::<Document>("contacts")
+            .count_documents(doc! {"orgId": a.id})
+            .await
+            .unwrap(),
+        60
+    );
+    // Every message was consumed (work queue emptied), the stray one included.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut stream = js.get_stream("BULK_SUBMIT").await.unwrap();

@@ -332,6 +332,23 @@ async fn command_id_replay_returns_the_same_job() {
     // The same commandId in another organisation is another job.
     let other = request(&client, "bulk.v1.export", json!({"orgId": ObjectId::new().to_hex(), "commandId": "cmd-1", "filter": {"orgWide": true}})).await;
     assert_ne!(other["jobId"], r1["jobId"]);
+    // Reused for a delete, the key is a conflict: the caller must not read the
+    // export's job as its delete accepted, and nothing is deleted.
+    let clash = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": org.id.to_hex(), "commandId": "cmd-1", "filter": {"orgWide": true}}),
+    )
+    .await;
+    assert_eq!(clash["error"]["code"], "conflict", "{clash}");
+    assert!(clash.get("jobId").is_none(), "{clash}");
+    assert_eq!(
+        db.collection::<Document>("contacts")
+            .count_documents(doc! {"orgId": org.id})
+            .await
+            .unwrap(),
+        10
+    );
 }
 
 #[tokio::test]

@@ -671,3 +671,33 @@ async fn the_latency_benchmark_measures_every_client() {
     assert!(p50 <= p99, "{p50:?} {p99:?}");
     assert!(p99 < Duration::from_secs(2), "p99 {p99:?}");
 }
+
+#[tokio::test]
+async fn cancelling_a_pending_job_is_announced_as_its_last_event() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let (org, _, _) = seed(&db, 30).await;
+    let svc = service(&stack).await;
+    let client = stack.client().await;
+    // Recorded but never started: no actor holds it, so the cancel itself ends it.
+    let job = pending_export(&svc, org).await;
+    let mut ws = connect(svc.addr, &token(org, "jobs:read")).await;
+    send(&mut ws, json!({"op": "subscribe", "jobId": job})).await;
+    let first = next(&mut ws).await;
+    assert_eq!(first["type"], "snapshot");
+    assert_eq!(first["job"]["status"], "pending");
+    let reply = request(
+        &client,
+        "bulk.v1.cancel",
+        json!({"orgId": org.to_hex(), "jobId": job}),
+    )
+    .await;
+    assert_eq!(reply["status"], "cancelled", "{reply}");
+    let frames = until(&mut ws, is_terminal_status).await;
+    let last = frames.last().unwrap();
+    assert_eq!(last["job"]["status"], "cancelled", "{frames:?}");
+    assert_eq!(last["job"]["processed"], 0);
+    // The stream holds it too, for durable consumers: the job's last event.
+    let seqs = stored_seqs(&client, org, &job).await;
+    assert_eq!(last["seq"].as_u64(), seqs.last().copied());
+}

@@ -353,8 +353,14 @@ impl JobStore {
 
     /// Asks for a cancel. A pending job nobody holds is cancelled at once; a
     /// running one gets `cancelRequested` and stops at its next batch boundary.
-    /// Returns the record after the change (unchanged when already terminal).
-    pub async fn request_cancel(&self, org: ObjectId, job_id: &str) -> Result<JobRecord, JobError> {
+    /// Returns the record after the change (unchanged when already terminal) and
+    /// whether this call itself moved a pending job to `cancelled` (no actor will
+    /// announce that change: the caller must).
+    pub async fn request_cancel(
+        &self,
+        org: ObjectId,
+        job_id: &str,
+    ) -> Result<(JobRecord, bool), JobError> {
         let now = DateTime::now();
         let opts = FindOneAndUpdateOptions::builder()
             .return_document(ReturnDocument::After)
@@ -371,7 +377,7 @@ impl JobStore {
             .with_options(opts.clone())
             .await?;
         if let Some(job) = cancelled {
-            return Ok(job);
+            return Ok((job, true));
         }
         let requested = self
             .jobs
@@ -382,8 +388,8 @@ impl JobStore {
             .with_options(opts)
             .await?;
         match requested {
-            Some(job) => Ok(job),
-            None => self.get(org, job_id).await,
+            Some(job) => Ok((job, false)),
+            None => Ok((self.get(org, job_id).await?, false)),
         }
     }
 }
