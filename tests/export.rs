@@ -574,3 +574,52 @@ async fn export_resumes_after_restart_and_produces_the_same_file() {
     assert_eq!(csv_rows(&a).len(), 6001);
     assert_eq!(a, b, "resumed file equals a fresh export");
 }
+
+#[tokio::test]
+async fn cancel_lands_during_the_custom_field_pass() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 60_000, None).await;
+    let _svc = stack.service().await;
+    let client = stack.client().await;
+    let reply = request(
+        &client,
+        "bulk.v1.export",
+        json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}, "fields": ["firstName", "customFields"]}),
+    )
+    .await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    // Leased but not started: the pass that discovers the custom keys is running.
+    let jobs = db.collection::<Document>("bulk_jobs");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rec = jobs.find_one(doc! {"_id": &job}).await.unwrap().unwrap();
+        if rec.get_str("leaseOwner").is_ok() {
+            assert_eq!(
+                rec.get_str("status").unwrap(),
+                "pending",
+                "the custom-key pass ended before the cancel could be sent"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never leased");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let asked = std::time::Instant::now();
+    let snap = request(
+        &client,
+        "bulk.v1.cancel",
+        json!({"orgId": org.id.to_hex(), "jobId": job}),
+    )
+    .await;
+    let took = asked.elapsed();
+    assert_eq!(snap["status"], "cancelled", "{snap}");
+    // The contract's bound (2 s), with the reply's own round trips on top.
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "cancel took {took:?}"
+    );
+    assert!(snap["startedAt"].is_null(), "{snap}");
+    assert_eq!(snap["processed"], 0);
+    assert!(snap["result"].is_null());
+}

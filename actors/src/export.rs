@@ -173,6 +173,9 @@ impl JobStep for ExportState {
     }
 }
 
+/// How often the custom-key pass renews its lease and looks for a cancel.
+const DISCOVERY_BEAT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One batch. `Ok(true)` = more to do.
 async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     if s.run.cancel {
@@ -183,6 +186,11 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     }
     if !s.run.job.initialised {
         initialise(s).await?;
+        if s.run.cancel {
+            // Cancelled during the custom-key pass: nothing was written yet.
+            s.run.finish(JobStatus::Cancelled, doc! {}).await?;
+            return Ok(false);
+        }
     } else if !s.resumed {
         // A crash may have left a chunk past the checkpoint; it is rewritten.
         let job = &s.run.job;
@@ -227,11 +235,12 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
 /// Freezes the snapshot, discovers custom keys when asked, writes the header;
 /// `total` is counted beside the first batches.
 async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
-    let job = &s.run.job;
-    let db = s.run.env.store.db();
-    let coll = db.collection::<Document>(job.filter.pipeline_type.collection());
-    let query = job.filter.query(job.org_id);
-    let max_id = crate::snapshot::bound(db, job.filter.pipeline_type.collection(), &query).await?;
+    let db = s.run.env.store.db().clone();
+    let collection = s.run.job.filter.pipeline_type.collection();
+    let coll = db.collection::<Document>(collection);
+    let query = s.run.job.filter.query(s.run.job.org_id);
+    let limit = s.run.job.filter.limit;
+    let max_id = crate::snapshot::bound(&db, collection, &query).await?;
     let mut custom_keys = None;
     if s.spec.columns.needs_custom_discovery() {
         let mut bounded = query;
@@ -241,12 +250,22 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
             .find(bounded)
             .sort(doc! {"_id": 1})
             .projection(doc! {"customFields": 1});
-        if let Some(limit) = job.filter.limit {
+        if let Some(limit) = limit {
             find = find.limit(limit as i64);
         }
         let mut cursor = find.batch_size(2000).await?;
+        let mut beat = std::time::Instant::now();
         while let Some(d) = cursor.try_next().await? {
             collect_custom_keys(&d, &mut keys);
+            if beat.elapsed() >= DISCOVERY_BEAT {
+                // A pass over a large organisation is one step: it renews the
+                // lease and listens for a cancel as it goes.
+                s.run.update(doc! {}).await?;
+                if s.run.cancel {
+                    return Ok(());
+                }
+                beat = std::time::Instant::now();
+            }
         }
         custom_keys = Some(keys.into_iter().collect::<Vec<_>>());
     }
@@ -258,8 +277,9 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     let header = encoder.header().await.map_err(io_err)?;
     let header = pack(&s.spec, header).await?;
     let header_len = header.len() as i64;
-    s.run.env.artifacts.put(&job.job_id, 0, header).await?;
-    s.run.env.artifacts.truncate_from(&job.job_id, 1).await?;
+    let job_id = s.run.job.job_id.clone();
+    s.run.env.artifacts.put(&job_id, 0, header).await?;
+    s.run.env.artifacts.truncate_from(&job_id, 1).await?;
     let custom = match &custom_keys {
         Some(k) => bson::to_bson(k)?,
         None => bson::Bson::Null,
