@@ -173,9 +173,6 @@ impl JobStep for ExportState {
     }
 }
 
-/// How often the custom-key pass renews its lease and looks for a cancel.
-const DISCOVERY_BEAT: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// One batch. `Ok(true)` = more to do.
 async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     if s.run.cancel {
@@ -253,21 +250,18 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
         if let Some(limit) = limit {
             find = find.limit(limit as i64);
         }
-        let mut cursor = find.batch_size(2000).await?;
-        let mut beat = std::time::Instant::now();
-        while let Some(d) = cursor.try_next().await? {
-            collect_custom_keys(&d, &mut keys);
-            if beat.elapsed() >= DISCOVERY_BEAT {
-                // A pass over a large organisation is one step: it renews the
-                // lease and listens for a cancel as it goes.
-                s.run.update(doc! {}).await?;
-                if s.run.cancel {
-                    return Ok(());
-                }
-                beat = std::time::Instant::now();
+        let pass = async move {
+            let mut cursor = find.batch_size(2000).await?;
+            while let Some(d) = cursor.try_next().await? {
+                collect_custom_keys(&d, &mut keys);
             }
+            Ok::<_, JobError>(keys.into_iter().collect::<Vec<_>>())
+        };
+        // A pass over a large organisation is one step: it must hear a cancel.
+        match s.run.listening(pass).await? {
+            Some(keys) => custom_keys = Some(keys),
+            None => return Ok(()),
         }
-        custom_keys = Some(keys.into_iter().collect::<Vec<_>>());
     }
     let columns = s
         .spec

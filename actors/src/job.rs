@@ -13,6 +13,9 @@ use crate::events::{EventSink, JobEventKind, ProgressThrottle};
 use crate::model::{JobRecord, JobStatus};
 use crate::store::JobStore;
 
+/// How often a long single operation renews the lease and looks for a cancel.
+pub const BEAT: Duration = Duration::from_millis(500);
+
 /// Tunables of running jobs.
 #[derive(Debug, Clone)]
 pub struct JobSettings {
@@ -127,6 +130,31 @@ impl JobRun {
         self.job = job;
         self.counters.checkpoints += 1;
         Ok(())
+    }
+
+    /// Runs one long operation of a step (a count, a pass over the selection)
+    /// while renewing the lease and reading the cancel flag every `BEAT`, so a
+    /// cancel lands within the contract's 2 seconds and no other instance takes
+    /// the job over meanwhile. `None`: a cancel came first and `op` was dropped.
+    pub async fn listening<T>(
+        &mut self,
+        op: impl Future<Output = Result<T, JobError>>,
+    ) -> Result<Option<T>, JobError> {
+        let mut op = std::pin::pin!(op);
+        let mut beat = tokio::time::interval(BEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut op => return r.map(Some),
+                _ = beat.tick() => {
+                    self.update(bson::doc! {}).await?;
+                    if self.cancel {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
     }
 
     /// Moves the job to a terminal state and announces it.

@@ -223,11 +223,15 @@ async fn children_counts(
 /// Freezes the snapshot and counts `total`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     let job = &run.job;
-    let db = run.env.store.db();
+    let db = run.env.store.db().clone();
     let collection = job.filter.pipeline_type.collection();
     let query = job.filter.query(job.org_id);
-    let max_id = snapshot::bound(db, collection, &query).await?;
-    let total = snapshot::count(db, collection, &query, Some(max_id), None).await?;
+    let max_id = snapshot::bound(&db, collection, &query).await?;
+    let count = snapshot::count(&db, collection, &query, Some(max_id), None);
+    // Counting a large organisation takes a while: a cancel meanwhile wins.
+    let Some(total) = run.listening(count).await? else {
+        return Ok(());
+    };
     run.update(doc! {"$set": {
         "initialised": true,
         "status": "processing",
