@@ -1,7 +1,10 @@
-//! `contact-bulk bench delete`: two identical organisations; A is removed by a
+//! `contact-bulk bench delete`: three identical organisations; A is removed by a
 //! cascade-delete job of the real service (audit entries, events and
 //! notifications included), B by plain `deleteMany` calls per collection, the
-//! fastest the server can remove the same documents. Documents/s side by side.
+//! fastest the server can remove the same documents (the target's yardstick),
+//! and C by the job's own deletes alone (`deleteMany` with `$in` over batches
+//! of 500 ids, per collection), which shows what the job's other work costs.
+//! Documents/s side by side.
 
 use std::time::{Duration, Instant};
 
@@ -61,13 +64,14 @@ pub async fn run(args: DeleteBench) -> anyhow::Result<()> {
         ..SeedSpec::demo()
     };
     eprintln!(
-        "seeding two organisations of {n} contacts, {n} conversations, {} messages",
+        "seeding three organisations of {n} contacts, {n} conversations, {} messages",
         2 * n
     );
-    let (a, b) = (ObjectId::new(), ObjectId::new());
-    let (seeded, took) = timed(futures::future::try_join(
+    let (a, b, c) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+    let (seeded, took) = timed(futures::future::try_join3(
         seed_org(&h.db, a, &spec),
         seed_org(&h.db, b, &spec),
+        seed_org(&h.db, c, &spec),
     ))
     .await;
     seeded?;
@@ -92,6 +96,15 @@ pub async fn run(args: DeleteBench) -> anyhow::Result<()> {
     let before_base = probe.sample();
     let base = delete_many(&h, b).await?;
     let after_base = probe.sample();
+    let batched = delete_batched(&h, c, BATCH).await?;
+    if batched.contacts != n || batched.docs != base.docs {
+        bail!(
+            "the batched baseline removed {} documents ({} contacts), expected {}",
+            batched.docs,
+            batched.contacts,
+            base.docs
+        );
+    }
     let cpu = Cpu {
         job: after_job.since(&before),
         job_json: after_job.json_since(&before),
@@ -103,7 +116,7 @@ pub async fn run(args: DeleteBench) -> anyhow::Result<()> {
         job.docs_rps(),
         base.docs_rps()
     );
-    report(n, &job, &base, mem, &cpu);
+    report(n, &job, &base, &batched, mem, &cpu);
     Ok(())
 }
 
@@ -159,12 +172,66 @@ async fn delete_many(h: &Harness, org: ObjectId) -> anyhow::Result<Side> {
     })
 }
 
-fn report(n: u64, job: &Side, base: &Side, mem: Memory, cpu: &Cpu) {
-    let ratio = if base.docs_rps() > 0.0 {
-        job.docs_rps() / base.docs_rps()
-    } else {
-        0.0
+/// The job's default batch size, for the batched baseline.
+const BATCH: usize = 500;
+
+/// `org` removed by the job's own deletes and nothing else: contact ids read in
+/// `_id` order, then per batch messages, conversations, contacts by `$in`.
+async fn delete_batched(h: &Harness, org: ObjectId, batch: usize) -> anyhow::Result<Side> {
+    use futures::TryStreamExt;
+    let t0 = Instant::now();
+    let contacts = h.db.collection::<Document>("contacts");
+    let mut cursor = contacts
+        .find(doc! {"orgId": org})
+        .sort(doc! {"_id": 1})
+        .projection(doc! {"_id": 1})
+        .batch_size(batch as u32)
+        .await?;
+    let (mut docs, mut removed) = (0, 0);
+    let mut ids = Vec::with_capacity(batch);
+    loop {
+        let next = cursor.try_next().await?;
+        if let Some(d) = &next {
+            ids.push(d.get_object_id("_id")?);
+        }
+        if ids.len() == batch || (next.is_none() && !ids.is_empty()) {
+            let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
+            for coll in ["messages", "conversations"] {
+                docs +=
+                    h.db.collection::<Document>(coll)
+                        .delete_many(children.clone())
+                        .await?
+                        .deleted_count;
+            }
+            let n = contacts
+                .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
+                .await?
+                .deleted_count;
+            docs += n;
+            removed += n;
+            ids.clear();
+        }
+        if next.is_none() {
+            break;
+        }
+    }
+    Ok(Side {
+        contacts: removed,
+        docs,
+        took: t0.elapsed(),
+    })
+}
+
+fn report(n: u64, job: &Side, base: &Side, batched: &Side, mem: Memory, cpu: &Cpu) {
+    let over = |side: &Side| {
+        if side.docs_rps() > 0.0 {
+            job.docs_rps() / side.docs_rps()
+        } else {
+            0.0
+        }
     };
+    let ratio = over(base);
+    let ratio_batched = over(batched);
     println!();
     println!("delete benchmark: {n} contacts per organisation, 1 conversation and 2 messages each");
     let row = |name: &str, s: &Side| {
@@ -184,13 +251,20 @@ fn report(n: u64, job: &Side, base: &Side, mem: Memory, cpu: &Cpu) {
             "contacts/s",
             "documents/s",
         ],
-        &[row("cascade-delete job", job), row("deleteMany x3", base)],
+        &[
+            row("cascade-delete job", job),
+            row("deleteMany x3", base),
+            row("deleteMany $in x500", batched),
+        ],
     );
     println!(
         "ratio {ratio:.2} (target >= 0.50: {}); service VmHWM {:.1} MB, max VmRSS {:.1} MB",
         if ratio >= 0.5 { "met" } else { "missed" },
         mb(mem.hwm_kb),
         mb(mem.sampled_kb)
+    );
+    println!(
+        "against the job's own deletes alone (deleteMany $in, batches of {BATCH}): ratio {ratio_batched:.2}"
     );
     println!("cpu during the job: {}", cpu.job);
     println!("cpu during deleteMany: {}", cpu.base);
@@ -208,6 +282,10 @@ fn report(n: u64, job: &Side, base: &Side, mem: Memory, cpu: &Cpu) {
             "baselineSeconds": r3(base.took.as_secs_f64()),
             "baselineDocsPerSec": r3(base.docs_rps()),
             "ratio": r3(ratio),
+            "batchedDocuments": batched.docs,
+            "batchedSeconds": r3(batched.took.as_secs_f64()),
+            "batchedDocsPerSec": r3(batched.docs_rps()),
+            "ratioBatched": r3(ratio_batched),
             "peakRssMb": r3(mb(mem.hwm_kb)),
             "sampledRssMb": r3(mb(mem.sampled_kb)),
             "jobCpuSeconds": cpu.job_json,
