@@ -606,7 +606,7 @@ async fn spawn_logged(
 /// fires when the *thread* that forked the child ends, and test threads end
 /// after every test.
 #[cfg(target_os = "linux")]
-async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
+pub(crate) async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
     use std::sync::mpsc;
     use std::sync::OnceLock;
 
@@ -666,7 +666,7 @@ async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
 }
 
 #[cfg(not(target_os = "linux"))]
-async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
+pub(crate) async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 

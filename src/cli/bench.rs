@@ -200,7 +200,10 @@ impl ServiceChild {
             _ => "info".to_string(),
         };
         cmd.env("RUST_LOG", filter);
-        let mut child = cmd.spawn().context("starting the service")?;
+        // Like the servers: killed with this process, even by SIGKILL.
+        let mut child = crate::servers::spawn_child(cmd)
+            .await
+            .context("starting the service")?;
         let pid = child.id().context("service exited at once")?;
         let stdout = child.stdout.take().context("service stdout")?;
         let mut lines = BufReader::new(stdout).lines();
