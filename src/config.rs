@@ -40,6 +40,11 @@ pub struct Config {
     /// Contacts read per export batch.
     #[arg(long, env = "BULK_EXPORT_BATCH", default_value_t = 1000)]
     pub export_batch: u32,
+    /// How long an export's start waits for its count so that `total` is known
+    /// from the `processing` snapshot on, in milliseconds; a longer count lands
+    /// beside the first batches.
+    #[arg(long, env = "BULK_EXPORT_TOTAL_WAIT_MS", default_value_t = 250)]
+    pub export_total_wait_ms: u64,
     /// Contacts deleted per delete batch.
     #[arg(long, env = "BULK_DELETE_BATCH", default_value_t = 500)]
     pub delete_batch: u32,
@@ -88,6 +93,7 @@ impl Config {
         JobSettings {
             export_batch: self.export_batch.max(1),
             delete_batch: self.delete_batch.max(1),
+            total_wait: Duration::from_millis(self.export_total_wait_ms),
             lease_ttl: Duration::from_millis(self.lease_ms.max(500)),
             max_attempts: self.max_attempts.max(1),
             ..JobSettings::default()

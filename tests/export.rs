@@ -483,6 +483,8 @@ async fn progress_events_are_monotonic_and_end_completed() {
     let _svc = stack
         .service_with(|c| {
             c.export_batch = 100;
+            // Long enough for any count of 4,000 rows: `total` from the start.
+            c.export_total_wait_ms = 60_000;
         })
         .await;
     let client = stack.client().await;
@@ -517,9 +519,12 @@ async fn progress_events_are_monotonic_and_end_completed() {
     // The first event announces the new job as pending, before it runs.
     assert_eq!(events[0]["type"], "job.status", "{}", events[0]);
     assert_eq!(events[0]["job"]["status"], "pending", "{}", events[0]);
-    assert!(events
+    let processing = events
         .iter()
-        .any(|e| e["type"] == "job.status" && e["job"]["status"] == "processing"));
+        .find(|e| e["type"] == "job.status" && e["job"]["status"] == "processing")
+        .expect("a processing status event");
+    // Counted at start: the job starts with its `total`.
+    assert_eq!(processing["job"]["total"], 4000, "{processing}");
     let final_event = events.last().unwrap();
     assert_eq!(final_event["type"], "job.status");
     assert_eq!(final_event["job"]["processed"], 4000);

@@ -238,6 +238,7 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     let query = s.run.job.filter.query(s.run.job.org_id);
     let limit = s.run.job.filter.limit;
     let max_id = crate::snapshot::bound(&db, collection, &query).await?;
+    let mut counting = start_count(s, max_id);
     let mut custom_keys = None;
     if s.spec.columns.needs_custom_discovery() {
         let mut bounded = query;
@@ -278,14 +279,25 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
         Some(k) => bson::to_bson(k)?,
         None => bson::Bson::Null,
     };
+    // The count started with the snapshot. A small organisation's has landed by
+    // now and the job starts with its `total`; a large one's lands beside the
+    // first batches rather than holding them up.
+    let wait = s.run.env.settings.total_wait;
+    let total = match tokio::time::timeout(wait, &mut counting.0).await {
+        Ok(Ok(count)) => Some(count?),
+        Ok(Err(e)) => return Err(JobError::Internal(format!("count task: {e}"))),
+        Err(_) => None,
+    };
+    if total.is_none() {
+        s.counting = Some(counting);
+    }
     s.run
         .update(doc! {"$set": {
             "initialised": true,
             "status": "processing",
             "startedAt": bson::DateTime::now(),
             "snapshotMaxId": max_id,
-            // The count runs beside the export: `total` is null until it lands.
-            "total": bson::Bson::Null,
+            "total": total.map_or(bson::Bson::Null, bson::Bson::Int64),
             "customKeys": custom,
             "processed": 0i64,
             "checkpoint": {"lastId": null, "nextChunk": 1i64, "bytes": header_len},

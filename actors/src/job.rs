@@ -25,6 +25,10 @@ pub struct JobSettings {
     pub delete_batch: u32,
     /// Export buffer size that triggers a flush (chunk + checkpoint).
     pub flush_bytes: usize,
+    /// How long an export's start waits for its count, so that `total` is in
+    /// the `processing` snapshot whenever it is quick to get (after it, the
+    /// count lands beside the first batches instead of holding them up).
+    pub total_wait: Duration,
     /// Longest time between export flushes, so progress stays live.
     pub flush_interval: Duration,
     /// Lease length; renewed at every checkpoint.
@@ -45,6 +49,7 @@ impl Default for JobSettings {
             export_batch: 1000,
             delete_batch: 500,
             flush_bytes: 1 << 20,
+            total_wait: Duration::from_millis(250),
             flush_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(30),
             progress_interval: Duration::from_millis(100),
