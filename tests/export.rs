@@ -539,9 +539,9 @@ async fn progress_events_are_monotonic_and_end_completed() {
 async fn export_resumes_after_restart_and_produces_the_same_file() {
     let stack = Stack::start().await;
     let db = stack.db().await;
-    let org = seed(&db, 6000, None).await;
+    let org = seed(&db, 12_000, None).await;
     let client = stack.client().await;
-    let svc = stack.service_with(|c| c.export_batch = 50).await;
+    let svc = stack.service_with(|c| c.export_batch = 20).await;
     let body = json!({"orgId": org.id.to_hex(), "gzip": true, "filter": {"orgWide": true}});
     let job = export(&client, body.clone()).await;
     wait_job(&client, org.id, &job, 60, |s| {
@@ -566,7 +566,7 @@ async fn export_resumes_after_restart_and_produces_the_same_file() {
         "lease given back on drain"
     );
     let stopped_at = mid.get_i64("processed").unwrap();
-    assert!(stopped_at < 6000, "stopped mid-way");
+    assert!(stopped_at < 12_000, "stopped mid-way");
 
     let _svc = stack.service().await;
     let resumed = wait_terminal(&client, org.id, &job).await;
@@ -576,7 +576,7 @@ async fn export_resumes_after_restart_and_produces_the_same_file() {
     let fresh = wait_terminal(&client, org.id, &fresh).await;
     let a = gunzip(&download(&resumed).await);
     let b = gunzip(&download(&fresh).await);
-    assert_eq!(csv_rows(&a).len(), 6001);
+    assert_eq!(csv_rows(&a).len(), 12_001);
     assert_eq!(a, b, "resumed file equals a fresh export");
 }
 

@@ -16,6 +16,7 @@ use crate::error::JobError;
 use crate::job::{handle_job_msg, JobEnv, JobMsg, JobRun, JobStep};
 use crate::lookup::NameCache;
 use crate::model::{ExportSpec, JobRecord, JobStatus};
+use crate::pending_chunk::PendingChunk;
 
 /// The export actor.
 pub struct ExportActor;
@@ -37,6 +38,9 @@ pub struct ExportState {
     resumed: bool,
     /// The `total` count, running beside the first batches (see [`Counting`]).
     counting: Option<Counting>,
+    /// The last flushed chunk, stored in the background while the next rows
+    /// are read and encoded.
+    pending: Option<PendingChunk>,
 }
 
 /// The count of `total`, run as its own task so the export does not wait for
@@ -136,6 +140,7 @@ impl Actor for ExportActor {
             exhausted: false,
             resumed: false,
             counting: None,
+            pending: None,
         })
     }
 
@@ -312,10 +317,11 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
 
 async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobError> {
     let job = &s.run.job;
+    let in_flight = s.pending.as_ref().map_or(0, PendingChunk::rows);
     let remaining = job
         .filter
         .limit
-        .map(|l| l as i64 - job.processed - s.buf_rows);
+        .map(|l| l as i64 - job.processed - in_flight - s.buf_rows);
     if remaining.is_some_and(|r| r <= 0) {
         s.exhausted = true;
         return Ok(());
@@ -387,26 +393,32 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
     Ok(())
 }
 
-/// Writes the buffer as the next chunk, then the checkpoint that covers it.
+/// Settles the chunk in flight, if any: stored, then checkpointed.
+async fn settle_pending(s: &mut ExportState) -> Result<(), JobError> {
+    if let Some(pending) = s.pending.as_mut() {
+        pending.settle(&mut s.run).await?;
+        s.pending = None;
+        s.run.progress_event().await;
+    }
+    Ok(())
+}
+
+/// Settles the previous chunk, then starts writing the buffer as the next one.
 async fn flush(s: &mut ExportState) -> Result<(), JobError> {
+    settle_pending(s).await?;
     let n = s.run.job.checkpoint.next_chunk;
-    // A copy: if the write fails the buffer must still be there for the retry.
+    // A copy: if packing fails the buffer must still be there for the retry.
     let data = pack(&s.spec, s.buf.clone()).await?;
-    let len = data.len() as i64;
-    s.run.env.artifacts.put(&s.run.job.job_id, n, data).await?;
-    s.run
-        .update(doc! {
-            "$set": {
-                "checkpoint.lastId": s.read_last,
-                "checkpoint.nextChunk": n + 1,
-            },
-            "$inc": {"checkpoint.bytes": len, "processed": s.buf_rows},
-        })
-        .await?;
+    s.pending = Some(PendingChunk::spawn(
+        &s.run,
+        n,
+        data,
+        s.buf_rows,
+        s.read_last,
+    ));
     s.buf.clear();
     s.buf_rows = 0;
     s.last_flush = std::time::Instant::now();
-    s.run.progress_event().await;
     Ok(())
 }
 
@@ -452,6 +464,7 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
         }
         settle_count(s, true).await?;
     }
+    settle_pending(s).await?;
     let job_id = s.run.job.job_id.clone();
     let (bytes, sha256) = s.run.env.artifacts.digest(&job_id).await?;
     let result = doc! {

@@ -14,6 +14,7 @@ pub mod filter;
 pub mod job;
 pub mod lookup;
 pub mod model;
+mod pending_chunk;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;

@@ -1,0 +1,100 @@
+//! An export chunk on its way to storage: written in the background while the
+//! export reads and encodes the next rows, then covered by a checkpoint.
+//!
+//! At most one is in flight per export, and it is settled (stored and
+//! checkpointed) before the next one starts, so chunks and checkpoints still
+//! land in order. A crash before the settle leaves a chunk past the checkpoint,
+//! which a resumed export drops and rewrites, as before.
+
+use bson::{doc, oid::ObjectId};
+
+use crate::error::JobError;
+use crate::job::JobRun;
+
+/// Chunk `n` being stored.
+pub(crate) struct PendingChunk {
+    n: i64,
+    /// Kept until the chunk is stored, so a failed background write is redone.
+    data: Vec<u8>,
+    rows: i64,
+    last_id: Option<ObjectId>,
+    put: Option<tokio::task::JoinHandle<Result<(), JobError>>>,
+    stored: bool,
+}
+
+impl PendingChunk {
+    /// Starts writing chunk `n` (holding `rows` rows, up to `last_id`).
+    pub(crate) fn spawn(
+        run: &JobRun,
+        n: i64,
+        data: Vec<u8>,
+        rows: i64,
+        last_id: Option<ObjectId>,
+    ) -> PendingChunk {
+        let artifacts = run.env.artifacts.clone();
+        let job_id = run.job.job_id.clone();
+        let copy = data.clone();
+        let put = tokio::spawn(async move { artifacts.put(&job_id, n, copy).await });
+        PendingChunk {
+            n,
+            data,
+            rows,
+            last_id,
+            put: Some(put),
+            stored: false,
+        }
+    }
+
+    /// Rows in the chunk, not yet in the job's `processed`.
+    pub(crate) fn rows(&self) -> i64 {
+        self.rows
+    }
+
+    /// Waits until the chunk is stored (writing it again if the background
+    /// write failed), then writes the checkpoint that covers it. An error leaves
+    /// it pending; calling again resumes where this call stopped.
+    pub(crate) async fn settle(&mut self, run: &mut JobRun) -> Result<(), JobError> {
+        if let Some(put) = self.put.take() {
+            match put.await {
+                Ok(Ok(())) => self.stored = true,
+                Ok(Err(e)) => {
+                    tracing::warn!(job_id = %run.job.job_id, n = self.n, error = %e, "chunk write failed, writing it again");
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %run.job.job_id, n = self.n, error = %e, "chunk write task failed, writing it again");
+                }
+            }
+        }
+        if !self.stored {
+            run.env
+                .artifacts
+                .put(&run.job.job_id, self.n, self.data.clone())
+                .await?;
+            self.stored = true;
+        }
+        // Absolute values, not `$inc`: a checkpoint write that took effect but
+        // whose reply was lost can be sent again without counting twice.
+        let job = &run.job;
+        let bytes = job.checkpoint.bytes + self.data.len() as i64;
+        let processed = job.processed + self.rows;
+        run.update(doc! {
+            "$set": {
+                "checkpoint.lastId": self.last_id,
+                "checkpoint.nextChunk": self.n + 1,
+                "checkpoint.bytes": bytes,
+                "processed": processed,
+            },
+        })
+        .await
+    }
+}
+
+impl Drop for PendingChunk {
+    fn drop(&mut self) {
+        // A cancelled or drained export: the chunk is past the checkpoint and
+        // would be dropped on resume anyway.
+        if let Some(put) = &self.put {
+            put.abort();
+        }
+    }
+}
