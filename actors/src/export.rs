@@ -48,6 +48,16 @@ pub struct ExportState {
 /// whole export does. Aborted when the actor goes away.
 struct Counting(tokio::task::JoinHandle<Result<i64, JobError>>);
 
+impl Counting {
+    /// The count, once it has landed (cancel-safe: it can be awaited again).
+    async fn wait(&mut self) -> Result<i64, JobError> {
+        match (&mut self.0).await {
+            Ok(count) => count,
+            Err(e) => Err(JobError::Internal(format!("count task: {e}"))),
+        }
+    }
+}
+
 impl Drop for Counting {
     fn drop(&mut self) {
         self.0.abort();
@@ -288,9 +298,8 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     // now and the job starts with its `total`; a large one's lands beside the
     // first batches rather than holding them up.
     let wait = s.run.env.settings.total_wait;
-    let total = match tokio::time::timeout(wait, &mut counting.0).await {
-        Ok(Ok(count)) => Some(count?),
-        Ok(Err(e)) => return Err(JobError::Internal(format!("count task: {e}"))),
+    let total = match tokio::time::timeout(wait, counting.wait()).await {
+        Ok(count) => Some(count?),
         Err(_) => None,
     };
     if total.is_none() {
@@ -443,12 +452,9 @@ async fn settle_count(s: &mut ExportState, wait: bool) -> Result<(), JobError> {
     if !wait && !counting.0.is_finished() {
         return Ok(());
     }
-    let outcome = (&mut counting.0).await;
+    let outcome = counting.wait().await;
     s.counting = None;
-    let total = match outcome {
-        Ok(count) => count?,
-        Err(e) => return Err(JobError::Internal(format!("count task: {e}"))),
-    };
+    let total = outcome?;
     s.run.update(doc! {"$set": {"total": total}}).await?;
     tracing::info!(job_id = %s.run.job.job_id, total, "export counted");
     s.run.progress_event().await;
