@@ -326,15 +326,9 @@ impl JobStore {
             .await?;
         if let Some(job) = &failed {
             if job.kind == crate::model::JobKind::Delete {
-                // The contacts of its unfinished batch go back to being anyone's:
-                // a later job may delete them (claimed ones are skipped).
-                self.db
-                    .collection::<Document>(job.filter.pipeline_type.collection())
-                    .update_many(
-                        doc! {"orgId": job.org_id, crate::delete::CLAIM_FIELD: &job.job_id},
-                        doc! {"$unset": {crate::delete::CLAIM_FIELD: ""}},
-                    )
-                    .await?;
+                // The contacts its unfinished batches had not deleted go back
+                // to being anyone's: a later job may delete them.
+                crate::delete::release_undecided(&self.db, job).await?;
             }
         }
         Ok(failed)

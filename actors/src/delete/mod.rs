@@ -1,33 +1,45 @@
 //! The delete actor: one per delete job; each `Step` message cascade-deletes one batch.
 //!
 //! A batch goes through steps that are safe to stop after at any point:
-//! 1. take the next candidates after the checkpoint (within the frozen
-//!    snapshot) from the job's one cursor, with the fields the audit keeps;
-//! 2. claim those that still match the filter (`bulkDeleteJobId` on the contact);
-//!    the claim is the decision: a contact moved out of the filter before it is left alone;
-//! 3. count their conversations and messages and record the batch as `inflight`
-//!    on the job; beside it,
-//! 4. write one `event_logs` CONTACT_DELETE entry per claimed contact (unique per
-//!    job and contact), which is also the outbox of what the batch has to announce;
-//! 5. delete messages, then conversations, then the claimed contacts (`$in`, idempotent);
-//! 6. notify assignees (one document per assignee and job, each batch applied once)
-//!    and, beside it, 7. publish `contact_removed` for the batch's entries
+//! 1. take the next candidate ids after the last batch (within the frozen
+//!    snapshot) from the job's one cursor;
+//! 2. decide: re-read them over the batch's `_id` range and write one
+//!    `event_logs` CONTACT_DELETE entry for each that still matches the filter.
+//!    The entry is the decision (a contact moved out of the filter before it is
+//!    left alone; one after it goes as decided), unique per contact (a contact
+//!    another delete job decided on is that job's), and the outbox of what the
+//!    batch has to announce; beside it,
+//! 3. count their conversations and messages;
+//! 4. record the batch as `inflight` on the job (with the previous batch's
+//!    checkpoint, in the same write);
+//! 5. delete messages and conversations, then the contacts (`$in`, idempotent);
+//! 6. notify assignees (one document per assignee and job, each batch applied
+//!    once) and, beside it, publish `contact_removed` for the batch's entries
 //!    (deduplicated by `Nats-Msg-Id`);
-//! 8. checkpoint: last id, counts from `inflight`, `inflight` cleared.
+//! 7. checkpoint: last id, counts from `inflight`, `inflight` cleared.
 //!
-//! A resumed job with an `inflight` batch redoes 4–8 for it (`cascade`).
+//! Steps 5–6 (`cascade`) run in the background while the next `Step` prepares
+//! the next batch (1–3, `prepare`, which deletes nothing), so the server's
+//! second core is busy; the next batch's `inflight` waits for them. Nothing
+//! happens to a contact before its batch is `inflight`, so the entries of a
+//! batch that never got there (a crash, a failure, a cancel) are removed again
+//! (`release_undecided`), and a resumed job with an `inflight` batch redoes 5–7
+//! for it from its entries.
 
 mod cascade;
 mod dry_run;
+mod prepare;
 
-use std::future::IntoFuture;
+use std::sync::Arc;
 
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use bson::{doc, oid::ObjectId, DateTime, Document};
 use futures::TryStreamExt;
 use mongodb::{Collection, Cursor, Database};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
 
 pub use dry_run::dry_run;
+pub use prepare::audit_key;
 
 use crate::error::JobError;
 use crate::filter::Filter;
@@ -36,19 +48,44 @@ use crate::model::{DeleteInflight, JobRecord, JobStatus};
 use crate::snapshot;
 use crate::store::names;
 
-/// The field that marks a contact as claimed by a delete job.
-pub const CLAIM_FIELD: &str = "bulkDeleteJobId";
-
 /// The delete actor.
 pub struct DeleteActor;
 
 /// Its state, built in `pre_start`.
 pub struct DeleteState {
     run: JobRun,
-    /// Candidate ids in `_id` order after the checkpoint, read a batch at a
-    /// time. One cursor for the whole job: asking afresh for "the next batch
-    /// after the checkpoint" costs some servers a scan of everything left.
+    /// Candidate ids in `_id` order, read a batch at a time.
     candidates: Option<Cursor<Document>>,
+    /// The `inflight` batch whose deletes and announcements are running.
+    applying: Option<Applying>,
+    /// Whether entries of batches that never got `inflight` have been looked
+    /// for since the actor started or a step failed.
+    released: bool,
+}
+
+/// A batch being applied in the background.
+struct Applying {
+    inflight: DeleteInflight,
+    task: JoinHandle<Result<(), JobError>>,
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        // Dropped unfinished (a failed step, a drain): every part of it is
+        // idempotent and is redone from the `inflight` record.
+        self.task.abort();
+    }
+}
+
+impl Applying {
+    /// Waits for the batch's deletes and announcements.
+    async fn done(mut self) -> Result<DeleteInflight, JobError> {
+        match (&mut self.task).await {
+            Ok(Ok(())) => Ok(self.inflight.clone()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(JobError::Internal(format!("delete batch task: {e}"))),
+        }
+    }
 }
 
 /// The most contact ids a notification lists; `count` stays exact.
@@ -67,6 +104,8 @@ impl Actor for DeleteActor {
         Ok(DeleteState {
             run: JobRun::new(env, job),
             candidates: None,
+            applying: None,
+            released: false,
         })
     }
 
@@ -95,9 +134,11 @@ impl JobStep for DeleteState {
     }
 
     fn reset(&mut self) {
-        // A failed step may have read ids it never claimed: start again from
-        // the checkpoint.
+        // A failed step may have read ids it never decided on, or decided on
+        // some it never recorded: start again from the record.
         self.candidates = None;
+        self.applying = None;
+        self.released = false;
     }
 
     async fn step(&mut self) -> Result<bool, JobError> {
@@ -110,114 +151,110 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     if !run.job.initialised {
         initialise(run).await?;
     }
-    if let Some(inflight) = run.job.inflight.clone() {
-        cascade::finish_batch(run, &inflight, None).await?;
-        return Ok(true);
+    if s.applying.is_none() {
+        if let Some(inflight) = run.job.inflight.clone() {
+            // A batch left by a crash or a failed step: redo it from its entries.
+            let db = run.env.store.db().clone();
+            let audits = cascade::recorded(
+                &db,
+                &run.job,
+                run.job.checkpoint.last_id,
+                Some(inflight.upto),
+            )
+            .await?;
+            let job = Arc::new(run.job.clone());
+            cascade::apply(db, run.env.sink.clone(), job, inflight.upto, audits).await?;
+            checkpoint(run, Some(&inflight), None).await?;
+            return Ok(true);
+        }
+    }
+    if !s.released {
+        release_undecided(run.env.store.db(), &run.job).await?;
+        s.released = true;
     }
     if run.cancel {
-        release_claims(run).await?;
+        if let Some(applying) = s.applying.take() {
+            let done = applying.done().await?;
+            checkpoint(run, Some(&done), None).await?;
+        }
+        release_undecided(run.env.store.db(), &run.job).await?;
         run.finish(JobStatus::Cancelled, doc! {}).await?;
         return Ok(false);
     }
     let Some(max_id) = run.job.snapshot_max_id else {
-        return complete(run).await;
+        return complete(s).await;
     };
-    let job = &run.job;
     let db = run.env.store.db().clone();
-    let coll = contacts(&db, &job.filter);
-    let claim_started = std::time::Instant::now();
+    let after = s
+        .applying
+        .as_ref()
+        .map(|a| a.inflight.upto)
+        .or(run.job.checkpoint.last_id);
     let batch = run.env.settings.delete_batch as usize;
-    if s.candidates.is_none() {
-        let mut query = job.filter.query(job.org_id);
-        let mut range = doc! {"$lte": max_id};
-        if let Some(after) = job.checkpoint.last_id {
-            range.insert("$gt", after);
+    let started = std::time::Instant::now();
+    // The next batch is decided and counted while the previous one is deleted.
+    let next = prepare::prepare(&db, &run.job, &mut s.candidates, after, max_id, batch);
+    let applying = s.applying.take();
+    let previous = async move {
+        match applying {
+            Some(applying) => applying.done().await.map(Some),
+            None => Ok(None),
         }
-        query.insert("_id", range);
-        let cursor = coll
-            .find(query)
-            .sort(doc! {"_id": 1})
-            .projection(cascade::snapshot_projection())
-            .batch_size(batch as u32)
-            .await?;
-        s.candidates = Some(cursor);
-    }
-    let mut candidates: Vec<Document> = Vec::with_capacity(batch);
-    if let Some(cursor) = s.candidates.as_mut() {
-        while candidates.len() < batch {
-            match cursor.try_next().await? {
-                Some(d) => candidates.push(d),
-                None => break,
-            }
+    };
+    let (next, previous) = futures::try_join!(next, previous)?;
+    let Some(next) = next else {
+        if let Some(done) = previous {
+            checkpoint(run, Some(&done), None).await?;
         }
-    }
-    let read_ms = claim_started.elapsed().as_millis() as u64;
-    let ids: Vec<ObjectId> = candidates
-        .iter()
-        .filter_map(|d| d.get_object_id("_id").ok())
-        .collect();
-    let Some(upto) = ids.last().copied() else {
-        return complete(run).await;
+        return complete(s).await;
     };
-    // The claim re-checks the filter, so only contacts matching now are taken,
-    // and never one another delete job has claimed (it deletes it itself).
-    let mut claim = doc! {"_id": {"$in": &ids}};
-    claim.extend(job.filter.query(job.org_id));
-    claim.insert(CLAIM_FIELD, doc! {"$in": [Bson::Null, &job.job_id]});
-    let matched = coll
-        .update_many(claim, doc! {"$set": {CLAIM_FIELD: &job.job_id}})
-        .await?
-        .matched_count;
-    // Every candidate matched: they are the claimed set as read a moment ago;
-    // otherwise the claimed ones are read back.
-    let claim_ms = claim_started.elapsed().as_millis() as u64;
-    let claimed = if matched == ids.len() as u64 {
-        candidates
-    } else {
-        let after = job.checkpoint.last_id;
-        claimed_docs(&coll, job, after, upto, cascade::snapshot_projection()).await?
-    };
-    let claimed_ids: Vec<ObjectId> = claimed
-        .iter()
-        .filter_map(|d| d.get_object_id("_id").ok())
-        .collect();
-    let entries = cascade::audit_entries(job, &claimed);
-    let org = job.org_id;
-    // Counting the children and recording the batch must come before any
-    // deletion; the audit entries only need the claim, so they go alongside.
-    let record = async {
-        let (conversations, messages) = children_counts(&db, org, &claimed_ids).await?;
-        let inflight = DeleteInflight {
-            upto,
-            contacts: claimed_ids.len() as u64,
-            conversations,
-            messages,
-        };
-        run.update(doc! {"$set": {"inflight": bson::to_bson(&inflight)?}})
-            .await?;
-        Ok::<_, JobError>(inflight)
-    };
-    let (inflight, written) = futures::try_join!(record, cascade::write_audits(&db, entries))?;
-    tracing::debug!(job_id = %run.job.job_id, read_ms, claim_ms, total_ms = claim_started.elapsed().as_millis() as u64, "delete batch claimed");
-    cascade::finish_batch(run, &inflight, written).await?;
+    checkpoint(run, previous.as_ref(), Some(&next.inflight)).await?;
+    tracing::debug!(job_id = %run.job.job_id, contacts = next.inflight.contacts, prepare_ms = started.elapsed().as_millis() as u64, "delete batch recorded");
+    let job = Arc::new(run.job.clone());
+    let task = tokio::spawn(cascade::apply(
+        db,
+        run.env.sink.clone(),
+        job,
+        next.inflight.upto,
+        next.audits,
+    ));
+    s.applying = Some(Applying {
+        inflight: next.inflight,
+        task,
+    });
     Ok(true)
 }
 
-/// Conversations and messages of these contacts.
-async fn children_counts(
-    db: &Database,
-    org: ObjectId,
-    ids: &[ObjectId],
-) -> Result<(u64, u64), JobError> {
-    if ids.is_empty() {
-        return Ok((0, 0));
+/// One write to the job: `done` (a batch applied) checkpointed, `next` recorded
+/// as the batch in flight.
+async fn checkpoint(
+    run: &mut JobRun,
+    done: Option<&DeleteInflight>,
+    next: Option<&DeleteInflight>,
+) -> Result<(), JobError> {
+    let mut set = doc! {"inflight": match next {
+        Some(next) => bson::to_bson(next)?,
+        None => bson::Bson::Null,
+    }};
+    let mut update = Document::new();
+    if let Some(done) = done {
+        set.insert("checkpoint.lastId", done.upto);
+        update.insert(
+            "$inc",
+            doc! {
+                "processed": done.contacts as i64,
+                "counts.contacts": done.contacts as i64,
+                "counts.conversations": done.conversations as i64,
+                "counts.messages": done.messages as i64,
+            },
+        );
     }
-    let children = doc! {"orgId": org, "contactId": {"$in": ids}};
-    let conversations = db.collection::<Document>(names::CONVERSATIONS);
-    let messages = db.collection::<Document>(names::MESSAGES);
-    let conv = conversations.count_documents(children.clone());
-    let msgs = messages.count_documents(children);
-    Ok(futures::try_join!(conv.into_future(), msgs.into_future())?)
+    update.insert("$set", set);
+    run.update(update).await?;
+    if done.is_some() {
+        run.progress_event().await;
+    }
+    Ok(())
 }
 
 /// Freezes the snapshot and counts `total`.
@@ -246,41 +283,54 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Contacts this job claimed in `(after, upto]` that still exist.
-async fn claimed_docs(
-    coll: &Collection<Document>,
-    job: &JobRecord,
-    after: Option<ObjectId>,
-    upto: ObjectId,
-    projection: Document,
-) -> Result<Vec<Document>, JobError> {
-    let mut range = doc! {"$lte": upto};
-    if let Some(after) = after {
-        range.insert("$gt", after);
-    }
-    Ok(coll
-        .find(doc! {"_id": range, "orgId": job.org_id, CLAIM_FIELD: &job.job_id})
-        .projection(projection)
-        .await?
-        .try_collect()
-        .await?)
-}
-
-/// Removes claim marks left on contacts that were claimed but not deleted (none in
-/// the normal course; a crash between claim and `inflight` can leave some).
-async fn release_claims(run: &JobRun) -> Result<(), JobError> {
-    let job = &run.job;
-    contacts(run.env.store.db(), &job.filter)
-        .update_many(
-            doc! {"orgId": job.org_id, CLAIM_FIELD: &job.job_id},
-            doc! {"$unset": {CLAIM_FIELD: ""}},
-        )
+/// Removes this job's CONTACT_DELETE entries beyond its checkpoint whose
+/// contact still exists: decisions of batches that never got to delete (a crash
+/// or failure before `inflight`, a cancel), so the contacts are anyone's again.
+/// Their children are intact: nothing is deleted before a batch is `inflight`.
+/// Called for a failed job too, where it also gives back what its unfinished
+/// batch had not deleted yet.
+pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), JobError> {
+    let after = job.checkpoint.last_id;
+    let entries = db.collection::<Document>(names::EVENT_LOGS);
+    let mut decided = entries
+        .find(cascade::own_entries(job, after, None))
+        .hint(cascade::audit_by_contact())
+        .projection(doc! {"contactId": 1})
+        .batch_size(1000)
         .await?;
-    Ok(())
+    let coll = contacts(db, &job.filter);
+    let mut ids = Vec::with_capacity(1000);
+    loop {
+        let next = decided.try_next().await?;
+        let done = next.is_none();
+        if let Some(id) = next.and_then(|d| d.get_object_id("contactId").ok()) {
+            ids.push(id);
+        }
+        if ids.len() == 1000 || (done && !ids.is_empty()) {
+            let present: Vec<ObjectId> = coll
+                .find(doc! {"_id": {"$in": &ids}, "orgId": job.org_id})
+                .projection(doc! {"_id": 1})
+                .await?
+                .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
+                .try_collect()
+                .await?;
+            if !present.is_empty() {
+                tracing::info!(job_id = %job.job_id, contacts = present.len(), "releasing undeleted contacts");
+                entries
+                    .delete_many(doc! {"jobId": &job.job_id, "type": "CONTACT_DELETE", "contactId": {"$in": &present}})
+                    .await?;
+            }
+            ids.clear();
+        }
+        if done {
+            return Ok(());
+        }
+    }
 }
 
-async fn complete(run: &mut JobRun) -> Result<bool, JobError> {
-    release_claims(run).await?;
+async fn complete(s: &mut DeleteState) -> Result<bool, JobError> {
+    let run = &mut s.run;
+    release_undecided(run.env.store.db(), &run.job).await?;
     run.finish(JobStatus::Completed, doc! {}).await?;
     Ok(false)
 }
