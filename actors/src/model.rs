@@ -199,9 +199,12 @@ pub struct JobRecord {
     pub lease_owner: Option<String>,
     /// Lease expiry; another instance may take over after it.
     pub lease_until: Option<DateTime>,
-    /// Delete batch in progress.
+    /// Delete batch in progress: the oldest one not yet checkpointed.
     #[serde(default)]
     pub inflight: Option<DeleteInflight>,
+    /// The delete batch after `inflight`, being deleted while `inflight` is announced.
+    #[serde(default)]
+    pub inflight_next: Option<DeleteInflight>,
 }
 
 impl JobRecord {
@@ -245,6 +248,7 @@ impl JobRecord {
             lease_owner: None,
             lease_until: None,
             inflight: None,
+            inflight_next: None,
         }
     }
 

@@ -293,6 +293,7 @@ impl JobStore {
         set.insert("leaseOwner", bson::Bson::Null);
         set.insert("leaseUntil", bson::Bson::Null);
         set.insert("inflight", bson::Bson::Null);
+        set.insert("inflightNext", bson::Bson::Null);
         let opts = FindOneAndUpdateOptions::builder()
             .return_document(ReturnDocument::After)
             .build();

@@ -11,6 +11,7 @@ use bson::{doc, oid::ObjectId, DateTime, Document};
 use futures::TryStreamExt;
 use mongodb::options::{Hint, UpdateOptions};
 use mongodb::Database;
+use tokio::sync::oneshot;
 
 use super::{contacts, NOTIFICATION_SAMPLE};
 use crate::error::JobError;
@@ -18,41 +19,63 @@ use crate::events::{EventSink, RemovedContact};
 use crate::model::JobRecord;
 use crate::store::{is_duplicate_key, names};
 
-/// Deletes, notifies and announces one batch: the contacts of `audits` (this
-/// job's CONTACT_DELETE entries for the batch), up to `upto`.
-pub(super) async fn apply(
-    db: Database,
-    sink: Arc<dyn EventSink>,
-    job: Arc<JobRecord>,
-    upto: ObjectId,
-    audits: Vec<Document>,
-) -> Result<(), JobError> {
+/// One batch to apply: the contacts of `audits` (this job's CONTACT_DELETE
+/// entries for the batch), up to `upto`.
+pub(super) struct Batch {
+    pub db: Database,
+    pub sink: Arc<dyn EventSink>,
+    pub job: Arc<JobRecord>,
+    pub upto: ObjectId,
+    pub audits: Vec<Document>,
+    /// Resolves once the previous batch is fully applied: notifications count
+    /// batches in order, and a batch is announced after the one before it.
+    pub after_previous: Option<oneshot::Receiver<()>>,
+    /// Told once this batch is fully applied.
+    pub applied: Option<oneshot::Sender<()>>,
+}
+
+/// Deletes, notifies and announces one batch.
+pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
+    let Batch {
+        db,
+        sink,
+        job,
+        upto,
+        audits,
+        after_previous,
+        applied,
+    } = batch;
     let mut laps = Laps::started();
     let ids: Vec<ObjectId> = audits
         .iter()
         .filter_map(|a| a.get_object_id("contactId").ok())
         .collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
     let org = job.org_id;
-    // Children first, so no message or conversation ever outlives its contact.
-    // Messages and conversations go together: the contacts, deleted only after
-    // both, keep the children's contact alive until they are gone.
-    let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
-    let messages = db.collection::<Document>(names::MESSAGES);
-    let conversations = db.collection::<Document>(names::CONVERSATIONS);
-    futures::try_join!(
-        messages.delete_many(children.clone()).into_future(),
-        conversations.delete_many(children).into_future(),
-    )?;
-    laps.lap("children");
-    // The audit entry is the decision: the contact goes even if it left the
-    // filter since (its children already may have).
-    contacts(&db, &job.filter)
-        .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
-        .await?;
+    if !ids.is_empty() {
+        // Children first, so no message or conversation ever outlives its contact.
+        // Messages and conversations go together: the contacts, deleted only after
+        // both, keep the children's contact alive until they are gone.
+        let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
+        let messages = db.collection::<Document>(names::MESSAGES);
+        let conversations = db.collection::<Document>(names::CONVERSATIONS);
+        futures::try_join!(
+            messages.delete_many(children.clone()).into_future(),
+            conversations.delete_many(children).into_future(),
+        )?;
+        laps.lap("children");
+        // The audit entry is the decision: the contact goes even if it left the
+        // filter since (its children already may have).
+        contacts(&db, &job.filter)
+            .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
+            .await?;
+    }
     laps.lap("contacts");
+    if let Some(previous) = after_previous {
+        previous
+            .await
+            .map_err(|_| JobError::Internal("the previous delete batch was not applied".into()))?;
+    }
+    laps.lap("previous");
 
     // Notifications in MongoDB and `contact_removed` in JetStream go to
     // different servers, so they overlap. A crash after either is safe: the
@@ -64,6 +87,10 @@ pub(super) async fn apply(
     )?;
     laps.lap("notify+announce");
     tracing::debug!(job_id = %job.job_id, laps = %laps, "delete batch applied");
+    if let Some(applied) = applied {
+        // The next batch may be gone already (a failed step): nothing to tell.
+        let _ = applied.send(());
+    }
     Ok(())
 }
 

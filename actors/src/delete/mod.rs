@@ -30,12 +30,14 @@ mod cascade;
 mod dry_run;
 mod prepare;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use futures::TryStreamExt;
 use mongodb::{Collection, Cursor, Database};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use dry_run::dry_run;
@@ -56,9 +58,10 @@ pub struct DeleteState {
     run: JobRun,
     /// Candidate ids in `_id` order, read a batch at a time.
     candidates: Option<Cursor<Document>>,
-    /// The `inflight` batch whose deletes and announcements are running.
-    applying: Option<Applying>,
-    /// Whether entries of batches that never got `inflight` have been looked
+    /// The recorded batches being applied in the background, oldest first: at
+    /// most two (`inflight` and `inflightNext` on the record).
+    applying: VecDeque<Applying>,
+    /// Whether entries of batches that never got recorded have been looked
     /// for since the actor started or a step failed.
     released: bool,
 }
@@ -67,12 +70,14 @@ pub struct DeleteState {
 struct Applying {
     inflight: DeleteInflight,
     task: JoinHandle<Result<(), JobError>>,
+    /// Resolves when this batch is fully applied; the next batch's task takes it.
+    applied: Option<oneshot::Receiver<()>>,
 }
 
 impl Drop for Applying {
     fn drop(&mut self) {
         // Dropped unfinished (a failed step, a drain): every part of it is
-        // idempotent and is redone from the `inflight` record.
+        // idempotent and is redone from the record.
         self.task.abort();
     }
 }
@@ -87,6 +92,9 @@ impl Applying {
         }
     }
 }
+
+/// Batches recorded and applied at once: one announced while the next is deleted.
+const DEPTH: usize = 2;
 
 /// The most contact ids a notification lists; `count` stays exact.
 pub const NOTIFICATION_SAMPLE: i32 = 1000;
@@ -104,7 +112,7 @@ impl Actor for DeleteActor {
         Ok(DeleteState {
             run: JobRun::new(env, job),
             candidates: None,
-            applying: None,
+            applying: VecDeque::with_capacity(DEPTH),
             released: false,
         })
     }
@@ -137,7 +145,7 @@ impl JobStep for DeleteState {
         // A failed step may have read ids it never decided on, or decided on
         // some it never recorded: start again from the record.
         self.candidates = None;
-        self.applying = None;
+        self.applying.clear();
         self.released = false;
     }
 
@@ -151,20 +159,24 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     if !run.job.initialised {
         initialise(run).await?;
     }
-    if s.applying.is_none() {
+    if s.applying.is_empty() {
         if let Some(inflight) = run.job.inflight.clone() {
             // A batch left by a crash or a failed step: redo it from its entries.
             let db = run.env.store.db().clone();
-            let audits = cascade::recorded(
-                &db,
-                &run.job,
-                run.job.checkpoint.last_id,
-                Some(inflight.upto),
-            )
+            let after = run.job.checkpoint.last_id;
+            let audits = cascade::recorded(&db, &run.job, after, Some(inflight.upto)).await?;
+            cascade::apply(cascade::Batch {
+                db,
+                sink: run.env.sink.clone(),
+                job: Arc::new(run.job.clone()),
+                upto: inflight.upto,
+                audits,
+                after_previous: None,
+                applied: None,
+            })
             .await?;
-            let job = Arc::new(run.job.clone());
-            cascade::apply(db, run.env.sink.clone(), job, inflight.upto, audits).await?;
-            checkpoint(run, Some(&inflight), None).await?;
+            let next = run.job.inflight_next.clone();
+            record(run, Some(&inflight), &[next.as_ref()]).await?;
             return Ok(true);
         }
     }
@@ -173,69 +185,93 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         s.released = true;
     }
     if run.cancel {
-        if let Some(applying) = s.applying.take() {
-            let done = applying.done().await?;
-            checkpoint(run, Some(&done), None).await?;
-        }
+        settle(s).await?;
+        let run = &mut s.run;
         release_undecided(run.env.store.db(), &run.job).await?;
         run.finish(JobStatus::Cancelled, doc! {}).await?;
         return Ok(false);
     }
     let Some(max_id) = run.job.snapshot_max_id else {
+        settle(s).await?;
         return complete(s).await;
     };
     let db = run.env.store.db().clone();
     let after = s
         .applying
-        .as_ref()
+        .back()
         .map(|a| a.inflight.upto)
         .or(run.job.checkpoint.last_id);
     let batch = run.env.settings.delete_batch as usize;
     let started = std::time::Instant::now();
-    // The next batch is decided and counted while the previous one is deleted.
+    // The next batch is decided and counted while the recorded ones are
+    // applied; with the pipeline full, the oldest must finish first.
     let next = prepare::prepare(&db, &run.job, &mut s.candidates, after, max_id, batch);
-    let applying = s.applying.take();
+    let oldest = match s.applying.len() >= DEPTH {
+        true => s.applying.pop_front(),
+        false => None,
+    };
     let previous = async move {
-        match applying {
+        match oldest {
             Some(applying) => applying.done().await.map(Some),
             None => Ok(None),
         }
     };
-    let (next, previous) = futures::try_join!(next, previous)?;
+    let (next, done) = futures::try_join!(next, previous)?;
     let Some(next) = next else {
-        if let Some(done) = previous {
-            checkpoint(run, Some(&done), None).await?;
+        if let Some(done) = done {
+            let remaining: Vec<_> = s.applying.iter().map(|a| Some(&a.inflight)).collect();
+            record(run, Some(&done), &remaining).await?;
         }
+        settle(s).await?;
         return complete(s).await;
     };
-    checkpoint(run, previous.as_ref(), Some(&next.inflight)).await?;
+    let mut recorded: Vec<Option<&DeleteInflight>> =
+        s.applying.iter().map(|a| Some(&a.inflight)).collect();
+    recorded.push(Some(&next.inflight));
+    record(run, done.as_ref(), &recorded).await?;
     tracing::debug!(job_id = %run.job.job_id, contacts = next.inflight.contacts, prepare_ms = started.elapsed().as_millis() as u64, "delete batch recorded");
-    let job = Arc::new(run.job.clone());
-    let task = tokio::spawn(cascade::apply(
+    let (tell, applied) = oneshot::channel();
+    let task = tokio::spawn(cascade::apply(cascade::Batch {
         db,
-        run.env.sink.clone(),
-        job,
-        next.inflight.upto,
-        next.audits,
-    ));
-    s.applying = Some(Applying {
+        sink: run.env.sink.clone(),
+        job: Arc::new(run.job.clone()),
+        upto: next.inflight.upto,
+        audits: next.audits,
+        after_previous: s.applying.back_mut().and_then(|a| a.applied.take()),
+        applied: Some(tell),
+    }));
+    s.applying.push_back(Applying {
         inflight: next.inflight,
         task,
+        applied: Some(applied),
     });
     Ok(true)
 }
 
-/// One write to the job: `done` (a batch applied) checkpointed, `next` recorded
-/// as the batch in flight.
-async fn checkpoint(
+/// Waits for every batch being applied, oldest first, checkpointing each.
+async fn settle(s: &mut DeleteState) -> Result<(), JobError> {
+    while let Some(oldest) = s.applying.pop_front() {
+        let done = oldest.done().await?;
+        let remaining: Vec<_> = s.applying.iter().map(|a| Some(&a.inflight)).collect();
+        record(&mut s.run, Some(&done), &remaining).await?;
+    }
+    Ok(())
+}
+
+/// One write to the job: `done` (a batch applied) checkpointed, and the
+/// batches recorded as in flight (`inflight`, then `inflightNext`).
+async fn record(
     run: &mut JobRun,
     done: Option<&DeleteInflight>,
-    next: Option<&DeleteInflight>,
+    in_flight: &[Option<&DeleteInflight>],
 ) -> Result<(), JobError> {
-    let mut set = doc! {"inflight": match next {
-        Some(next) => bson::to_bson(next)?,
-        None => bson::Bson::Null,
-    }};
+    let slot = |i: usize| -> Result<bson::Bson, JobError> {
+        Ok(match in_flight.get(i).copied().flatten() {
+            Some(b) => bson::to_bson(b)?,
+            None => bson::Bson::Null,
+        })
+    };
+    let mut set = doc! {"inflight": slot(0)?, "inflightNext": slot(1)?};
     let mut update = Document::new();
     if let Some(done) = done {
         set.insert("checkpoint.lastId", done.upto);
