@@ -96,17 +96,12 @@ impl JobStore {
             ),
             (
                 names::EVENT_LOGS,
+                // `<orgId>:<contactId>` of bulk-delete entries: one per deleted
+                // contact, and how a job finds its own by contact id range.
+                // Sparse, so the CRM's own entries are not constrained.
                 IndexModel::builder()
                     .keys(doc! {"bulkKey": 1})
                     .options(unique_sparse())
-                    .build(),
-            ),
-            (
-                names::EVENT_LOGS,
-                // A batch reads and marks its own entries by contact id range.
-                IndexModel::builder()
-                    .keys(doc! {"jobId": 1, "contactId": 1})
-                    .options(IndexOptions::builder().sparse(true).build())
                     .build(),
             ),
             (

@@ -3,13 +3,13 @@
 //! ends the batch is written by the actor (`mod.rs`). Every step is idempotent,
 //! so a batch is finished after a crash by running them again from its entries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::options::{Hint, UpdateOptions};
+use mongodb::options::UpdateOptions;
 use mongodb::Database;
 use tokio::sync::oneshot;
 
@@ -32,7 +32,15 @@ pub(super) struct Batch {
     pub after_previous: Option<oneshot::Receiver<()>>,
     /// Told once this batch is fully applied.
     pub applied: Option<oneshot::Sender<()>>,
+    /// Contact ids listed so far per assignee by this actor.
+    pub sampled: Sampled,
 }
+
+/// Contact ids this actor has put in each assignee's notification. Once an
+/// assignee's sample is full, later batches skip the `$push` (which rewrites the
+/// list for nothing); after a restart it starts empty and the `$slice` keeps
+/// the list right.
+pub(super) type Sampled = Arc<Mutex<HashMap<ObjectId, usize>>>;
 
 /// Deletes, notifies and announces one batch.
 pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
@@ -44,6 +52,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         audits,
         after_previous,
         applied,
+        sampled,
     } = batch;
     let mut laps = Laps::started();
     let ids: Vec<ObjectId> = audits
@@ -82,7 +91,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
     // notification skips a batch it has, the stream drops a repeated
     // `Nats-Msg-Id`, and only the checkpoint ends the batch.
     futures::try_join!(
-        notify(&db, &job, upto, &audits),
+        notify(&db, &job, upto, &audits, &sampled),
         announce(sink.as_ref(), &job, &audits),
     )?;
     laps.lap("notify+announce");
@@ -105,32 +114,37 @@ pub(super) async fn recorded(
     Ok(db
         .collection::<Document>(names::EVENT_LOGS)
         .find(own_entries(job, after, upto))
-        .hint(audit_by_contact())
         .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1})
         .await?
         .try_collect()
         .await?)
 }
 
-/// The filter of this job's CONTACT_DELETE entries for contacts in `(after, upto]`.
+/// The filter of this job's CONTACT_DELETE entries for contacts in `(after, upto]`,
+/// by their unique `bulkKey` (`<orgId>:<contactId>`: hex of fixed length, so
+/// the keys of an organisation sort as its contact ids do).
 pub(super) fn own_entries(
     job: &JobRecord,
     after: Option<ObjectId>,
     upto: Option<ObjectId>,
 ) -> Document {
-    let mut query = doc! {"jobId": &job.job_id};
-    let mut range = Document::new();
-    if let Some(after) = after {
-        range.insert("$gt", after);
-    }
-    if let Some(upto) = upto {
-        range.insert("$lte", upto);
-    }
-    if !range.is_empty() {
-        query.insert("contactId", range);
-    }
-    query.insert("type", "CONTACT_DELETE");
-    query
+    let org = job.org_id;
+    let mut range = doc! {"$gt": match after {
+        Some(after) => audit_key(org, after),
+        None => format!("{}:", org.to_hex()),
+    }};
+    match upto {
+        Some(upto) => range.insert("$lte", audit_key(org, upto)),
+        // ';' follows ':', so this bounds every key of the organisation.
+        None => range.insert("$lt", format!("{};", org.to_hex())),
+    };
+    doc! {"bulkKey": range, "jobId": &job.job_id, "type": "CONTACT_DELETE"}
+}
+
+/// The unique key of a contact's bulk-delete audit entry: one per contact, so
+/// two delete jobs never both take it.
+pub fn audit_key(org: ObjectId, contact: ObjectId) -> String {
+    format!("{}:{}", org.to_hex(), contact.to_hex())
 }
 
 /// One notification per assignee and job. Batches are applied in `_id` order,
@@ -140,6 +154,7 @@ async fn notify(
     job: &JobRecord,
     upto: ObjectId,
     audits: &[Document],
+    sampled: &Sampled,
 ) -> Result<(), JobError> {
     let mut by_owner: BTreeMap<ObjectId, Vec<ObjectId>> = BTreeMap::new();
     for a in audits {
@@ -151,26 +166,39 @@ async fn notify(
     let updates = by_owner.into_iter().map(|(owner, contact_ids)| {
         let key = format!("{}:{}", job.job_id, owner.to_hex());
         let notifications = &notifications;
+        let listed = sampled
+            .lock()
+            .map(|m| m.get(&owner).copied().unwrap_or(0))
+            .unwrap_or(0);
         async move {
+            let mut update = doc! {
+                "$setOnInsert": {
+                    "orgId": job.org_id, "userId": owner, "type": "contacts_removed",
+                    "jobId": &job.job_id, "createdAt": DateTime::now(), "read": false,
+                },
+                "$set": {"lastBatch": upto},
+                "$inc": {"count": contact_ids.len() as i64},
+            };
+            if listed < NOTIFICATION_SAMPLE as usize {
+                // A sample of the ids, so a huge job cannot outgrow the
+                // document size limit; `count` is exact.
+                update.insert(
+                    "$push",
+                    doc! {"contactIds": {"$each": &contact_ids, "$slice": NOTIFICATION_SAMPLE}},
+                );
+            }
             let res = notifications
                 .update_one(
                     doc! {"bulkKey": &key, "lastBatch": {"$not": {"$gte": upto}}},
-                    doc! {
-                        "$setOnInsert": {
-                            "orgId": job.org_id, "userId": owner, "type": "contacts_removed",
-                            "jobId": &job.job_id, "createdAt": DateTime::now(), "read": false,
-                        },
-                        // A sample of the ids, so a huge job cannot outgrow the
-                        // document size limit; `count` is exact.
-                        "$push": {
-                            "contactIds": {"$each": &contact_ids, "$slice": NOTIFICATION_SAMPLE},
-                        },
-                        "$set": {"lastBatch": upto},
-                        "$inc": {"count": contact_ids.len() as i64},
-                    },
+                    update,
                 )
                 .with_options(UpdateOptions::builder().upsert(true).build())
                 .await;
+            if res.is_ok() {
+                if let Ok(mut m) = sampled.lock() {
+                    *m.entry(owner).or_default() += contact_ids.len();
+                }
+            }
             match res {
                 Ok(_) => Ok(()),
                 // The batch was already applied: the filter missed and the upsert collided.
@@ -210,12 +238,6 @@ async fn announce(
         return Ok(());
     }
     sink.contacts_removed(&removed).await
-}
-
-/// `{jobId: 1, contactId: 1}` on event_logs: the audit queries name one batch's
-/// key range, and some planners (secantusd-rs) otherwise pick a worse index.
-pub(super) fn audit_by_contact() -> Hint {
-    Hint::Keys(doc! {"jobId": 1, "contactId": 1})
 }
 
 /// Milliseconds spent in each phase of a batch, for the debug log.

@@ -40,8 +40,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use cascade::audit_key;
 pub use dry_run::dry_run;
-pub use prepare::audit_key;
 
 use crate::error::JobError;
 use crate::filter::Filter;
@@ -64,6 +64,8 @@ pub struct DeleteState {
     /// Whether entries of batches that never got recorded have been looked
     /// for since the actor started or a step failed.
     released: bool,
+    /// Contact ids listed per assignee (notifications).
+    sampled: cascade::Sampled,
 }
 
 /// A batch being applied in the background.
@@ -114,6 +116,7 @@ impl Actor for DeleteActor {
             candidates: None,
             applying: VecDeque::with_capacity(DEPTH),
             released: false,
+            sampled: cascade::Sampled::default(),
         })
     }
 
@@ -173,6 +176,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
                 audits,
                 after_previous: None,
                 applied: None,
+                sampled: s.sampled.clone(),
             })
             .await?;
             let next = run.job.inflight_next.clone();
@@ -239,6 +243,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         audits: next.audits,
         after_previous: s.applying.back_mut().and_then(|a| a.applied.take()),
         applied: Some(tell),
+        sampled: s.sampled.clone(),
     }));
     s.applying.push_back(Applying {
         inflight: next.inflight,
@@ -330,7 +335,6 @@ pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), Job
     let entries = db.collection::<Document>(names::EVENT_LOGS);
     let mut decided = entries
         .find(cascade::own_entries(job, after, None))
-        .hint(cascade::audit_by_contact())
         .projection(doc! {"contactId": 1})
         .batch_size(1000)
         .await?;
@@ -352,8 +356,9 @@ pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), Job
                 .await?;
             if !present.is_empty() {
                 tracing::info!(job_id = %job.job_id, contacts = present.len(), "releasing undeleted contacts");
+                let keys: Vec<String> = present.iter().map(|c| audit_key(job.org_id, *c)).collect();
                 entries
-                    .delete_many(doc! {"jobId": &job.job_id, "type": "CONTACT_DELETE", "contactId": {"$in": &present}})
+                    .delete_many(doc! {"bulkKey": {"$in": keys}, "jobId": &job.job_id})
                     .await?;
             }
             ids.clear();

@@ -160,16 +160,10 @@ fn audit_entries(job: &JobRecord, contacts: &[Document]) -> Vec<Document> {
                 },
                 "ownerId": field(c, "ownerId"),
                 "pipelineType": job.filter.pipeline_type.as_str(),
-                "bulkKey": audit_key(id),
+                "bulkKey": cascade::audit_key(job.org_id, id),
             })
         })
         .collect()
-}
-
-/// The unique key of a contact's bulk-delete audit entry: one per contact, so
-/// two delete jobs never both take it.
-pub fn audit_key(contact: ObjectId) -> String {
-    format!("CONTACT_DELETE:{}", contact.to_hex())
 }
 
 /// Inserts the entries. `Some(entries)` when every one was new, so they are the
