@@ -47,7 +47,7 @@ impl Default for JobSettings {
     fn default() -> Self {
         JobSettings {
             export_batch: 1000,
-            delete_batch: 500,
+            delete_batch: 2000,
             flush_bytes: 1 << 20,
             total_wait: Duration::from_millis(250),
             flush_interval: Duration::from_millis(250),

@@ -3,7 +3,7 @@
 //! notifications included), B by plain `deleteMany` calls per collection, the
 //! fastest the server can remove the same documents (the target's yardstick),
 //! and C by the job's own deletes alone (`deleteMany` with `$in` over batches
-//! of 500 ids, per collection), which shows what the job's other work costs.
+//! of the job's batch size, per collection), which shows what the job's other work costs.
 //! Documents/s side by side.
 
 use std::time::{Duration, Instant};
@@ -96,7 +96,7 @@ pub async fn run(args: DeleteBench) -> anyhow::Result<()> {
     let before_base = probe.sample();
     let base = delete_many(&h, b).await?;
     let after_base = probe.sample();
-    let batched = delete_batched(&h, c, BATCH).await?;
+    let batched = delete_batched(&h, c, batch_size()).await?;
     if batched.contacts != n || batched.docs != base.docs {
         bail!(
             "the batched baseline removed {} documents ({} contacts), expected {}",
@@ -172,8 +172,15 @@ async fn delete_many(h: &Harness, org: ObjectId) -> anyhow::Result<Side> {
     })
 }
 
-/// The job's default batch size, for the batched baseline.
-const BATCH: usize = 500;
+/// The job's batch size (`BULK_DELETE_BATCH`, which the service child inherits),
+/// for the batched baseline.
+fn batch_size() -> usize {
+    std::env::var("BULK_DELETE_BATCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&b: &usize| b > 0)
+        .unwrap_or(contact_bulk_actors::job::JobSettings::default().delete_batch as usize)
+}
 
 /// `org` removed by the job's own deletes and nothing else: contact ids read in
 /// `_id` order, then per batch messages, conversations, contacts by `$in`.
@@ -254,7 +261,7 @@ fn report(n: u64, job: &Side, base: &Side, batched: &Side, mem: Memory, cpu: &Cp
         &[
             row("cascade-delete job", job),
             row("deleteMany x3", base),
-            row("deleteMany $in x500", batched),
+            row(&format!("deleteMany $in x{}", batch_size()), batched),
         ],
     );
     println!(
@@ -264,7 +271,7 @@ fn report(n: u64, job: &Side, base: &Side, batched: &Side, mem: Memory, cpu: &Cp
         mb(mem.sampled_kb)
     );
     println!(
-        "against the job's own deletes alone (deleteMany $in, batches of {BATCH}): ratio {ratio_batched:.2}"
+        "against the job's own deletes alone (deleteMany $in, batches of {}): ratio {ratio_batched:.2}", batch_size()
     );
     println!("cpu during the job: {}", cpu.job);
     println!("cpu during deleteMany: {}", cpu.base);
