@@ -8,18 +8,17 @@
 use bson::{doc, oid::ObjectId, Document};
 use futures::TryStreamExt;
 use mongodb::Cursor;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::io::AsyncWriteExt;
 
 use crate::encode::{collect_custom_keys, Encoder};
 use crate::error::JobError;
-use crate::job::{handle_job_msg, JobEnv, JobMsg, JobRun, JobStep};
+use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::lookup::NameCache;
 use crate::model::{ExportSpec, JobRecord, JobStatus};
 use crate::pending_chunk::PendingChunk;
 
 /// The export actor.
-pub struct ExportActor;
+pub type ExportActor = JobActor<ExportState>;
 
 /// Its state, built in `pre_start`.
 pub struct ExportState {
@@ -122,16 +121,8 @@ impl Drop for Reader {
     }
 }
 
-impl Actor for ExportActor {
-    type Msg = JobMsg;
-    type State = ExportState;
-    type Arguments = (JobEnv, JobRecord);
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<JobMsg>,
-        (env, job): (JobEnv, JobRecord),
-    ) -> Result<ExportState, ActorProcessingErr> {
+impl JobStep for ExportState {
+    fn start(env: JobEnv, job: JobRecord) -> Result<ExportState, JobError> {
         let spec = job
             .export
             .clone()
@@ -154,26 +145,6 @@ impl Actor for ExportActor {
         })
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<JobMsg>,
-        _state: &mut ExportState,
-    ) -> Result<(), ActorProcessingErr> {
-        let _ = myself.send_message(JobMsg::Step);
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<JobMsg>,
-        msg: JobMsg,
-        state: &mut ExportState,
-    ) -> Result<(), ActorProcessingErr> {
-        handle_job_msg(&myself, msg, state).await
-    }
-}
-
-impl JobStep for ExportState {
     fn run(&mut self) -> &mut JobRun {
         &mut self.run
     }

@@ -315,13 +315,64 @@ pub enum JobMsg {
 }
 
 /// A job actor's batch logic.
-pub trait JobStep: Send {
+pub trait JobStep: Send + Sized + 'static {
+    /// The state of a job actor about to run `job` (its `pre_start`).
+    fn start(env: JobEnv, job: JobRecord) -> Result<Self, JobError>;
     /// The shared run state.
     fn run(&mut self) -> &mut JobRun;
     /// Drops connections that may be broken (cursors) after a failed step.
     fn reset(&mut self);
     /// Processes one batch. `Ok(true)` = more to do.
     fn step(&mut self) -> impl Future<Output = Result<bool, JobError>> + Send;
+}
+
+/// A job actor: `S` holds its state and batch logic; the message loop, the
+/// first `Step` and the failure path are the same for every kind of job.
+pub struct JobActor<S>(std::marker::PhantomData<fn() -> S>);
+
+impl<S> JobActor<S> {
+    /// The actor, to spawn.
+    pub fn new() -> Self {
+        JobActor(std::marker::PhantomData)
+    }
+}
+
+impl<S> Default for JobActor<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S: JobStep> ractor::Actor for JobActor<S> {
+    type Msg = JobMsg;
+    type State = S;
+    type Arguments = (JobEnv, JobRecord);
+
+    async fn pre_start(
+        &self,
+        _myself: ractor::ActorRef<JobMsg>,
+        (env, job): (JobEnv, JobRecord),
+    ) -> Result<S, ractor::ActorProcessingErr> {
+        Ok(S::start(env, job)?)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ractor::ActorRef<JobMsg>,
+        _state: &mut S,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        let _ = myself.send_message(JobMsg::Step);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ractor::ActorRef<JobMsg>,
+        msg: JobMsg,
+        state: &mut S,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        handle_job_msg(&myself, msg, state).await
+    }
 }
 
 /// The message loop both job actors share: one batch per `Step`, retries with

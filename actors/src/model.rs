@@ -120,15 +120,15 @@ pub struct ExportFile {
     pub sha256: String,
 }
 
-/// The batch a delete job is in the middle of: its claimed contacts and the
-/// children counted before they were deleted, so a resumed batch neither
-/// recounts nor loses counts.
+/// A delete batch recorded on its job: the contacts decided on (its audit
+/// entries) and their children, counted before they were deleted, so a resumed
+/// batch neither recounts nor loses counts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeleteInflight {
     /// Highest candidate `_id` of the batch (the next checkpoint).
     pub upto: ObjectId,
-    /// Contacts claimed by the batch.
+    /// Contacts decided on by the batch (its audit entries).
     pub contacts: u64,
     /// Conversations counted for them.
     pub conversations: u64,

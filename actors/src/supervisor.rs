@@ -325,12 +325,12 @@ async fn start_record(
     let args = (env.clone(), job);
     let actor = match kind {
         JobKind::Export => {
-            Actor::spawn_linked(None, ExportActor, args, myself.get_cell())
+            Actor::spawn_linked(None, ExportActor::new(), args, myself.get_cell())
                 .await?
                 .0
         }
         JobKind::Delete => {
-            Actor::spawn_linked(None, DeleteActor, args, myself.get_cell())
+            Actor::spawn_linked(None, DeleteActor::new(), args, myself.get_cell())
                 .await?
                 .0
         }

@@ -36,7 +36,6 @@ use std::sync::Arc;
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use futures::TryStreamExt;
 use mongodb::{Collection, Cursor, Database};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -45,13 +44,13 @@ pub use dry_run::dry_run;
 
 use crate::error::JobError;
 use crate::filter::Filter;
-use crate::job::{handle_job_msg, JobEnv, JobMsg, JobRun, JobStep};
+use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::model::{DeleteInflight, JobRecord, JobStatus};
 use crate::snapshot;
 use crate::store::names;
 
 /// The delete actor.
-pub struct DeleteActor;
+pub type DeleteActor = JobActor<DeleteState>;
 
 /// Its state, built in `pre_start`.
 pub struct DeleteState {
@@ -101,16 +100,8 @@ const DEPTH: usize = 2;
 /// The most contact ids a notification lists; `count` stays exact.
 pub const NOTIFICATION_SAMPLE: i32 = 1000;
 
-impl Actor for DeleteActor {
-    type Msg = JobMsg;
-    type State = DeleteState;
-    type Arguments = (JobEnv, JobRecord);
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<JobMsg>,
-        (env, job): (JobEnv, JobRecord),
-    ) -> Result<DeleteState, ActorProcessingErr> {
+impl JobStep for DeleteState {
+    fn start(env: JobEnv, job: JobRecord) -> Result<DeleteState, JobError> {
         Ok(DeleteState {
             run: JobRun::new(env, job),
             candidates: None,
@@ -120,26 +111,6 @@ impl Actor for DeleteActor {
         })
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<JobMsg>,
-        _state: &mut DeleteState,
-    ) -> Result<(), ActorProcessingErr> {
-        let _ = myself.send_message(JobMsg::Step);
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<JobMsg>,
-        msg: JobMsg,
-        state: &mut DeleteState,
-    ) -> Result<(), ActorProcessingErr> {
-        handle_job_msg(&myself, msg, state).await
-    }
-}
-
-impl JobStep for DeleteState {
     fn run(&mut self) -> &mut JobRun {
         &mut self.run
     }
@@ -180,7 +151,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
             })
             .await?;
             let next = run.job.inflight_next.clone();
-            record(run, Some(&inflight), &[next.as_ref()]).await?;
+            record(run, Some(&inflight), next.iter()).await?;
             return Ok(true);
         }
     }
@@ -223,16 +194,13 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let (next, done) = futures::try_join!(next, previous)?;
     let Some(next) = next else {
         if let Some(done) = done {
-            let remaining: Vec<_> = s.applying.iter().map(|a| Some(&a.inflight)).collect();
-            record(run, Some(&done), &remaining).await?;
+            record(run, Some(&done), in_flight(&s.applying)).await?;
         }
         settle(s).await?;
         return complete(s).await;
     };
-    let mut recorded: Vec<Option<&DeleteInflight>> =
-        s.applying.iter().map(|a| Some(&a.inflight)).collect();
-    recorded.push(Some(&next.inflight));
-    record(run, done.as_ref(), &recorded).await?;
+    let recorded = in_flight(&s.applying).chain(std::iter::once(&next.inflight));
+    record(run, done.as_ref(), recorded).await?;
     tracing::debug!(job_id = %run.job.job_id, contacts = next.inflight.contacts, prepare_ms = started.elapsed().as_millis() as u64, "delete batch recorded");
     let (tell, applied) = oneshot::channel();
     let task = tokio::spawn(cascade::apply(cascade::Batch {
@@ -253,30 +221,35 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     Ok(true)
 }
 
+/// The batches being applied, oldest first, as the record lists them.
+fn in_flight(applying: &VecDeque<Applying>) -> impl Iterator<Item = &DeleteInflight> {
+    applying.iter().map(|a| &a.inflight)
+}
+
 /// Waits for every batch being applied, oldest first, checkpointing each.
 async fn settle(s: &mut DeleteState) -> Result<(), JobError> {
     while let Some(oldest) = s.applying.pop_front() {
         let done = oldest.done().await?;
-        let remaining: Vec<_> = s.applying.iter().map(|a| Some(&a.inflight)).collect();
-        record(&mut s.run, Some(&done), &remaining).await?;
+        record(&mut s.run, Some(&done), in_flight(&s.applying)).await?;
     }
     Ok(())
 }
 
 /// One write to the job: `done` (a batch applied) checkpointed, and the
 /// batches recorded as in flight (`inflight`, then `inflightNext`).
-async fn record(
+async fn record<'a>(
     run: &mut JobRun,
     done: Option<&DeleteInflight>,
-    in_flight: &[Option<&DeleteInflight>],
+    in_flight: impl Iterator<Item = &'a DeleteInflight>,
 ) -> Result<(), JobError> {
-    let slot = |i: usize| -> Result<bson::Bson, JobError> {
-        Ok(match in_flight.get(i).copied().flatten() {
-            Some(b) => bson::to_bson(b)?,
-            None => bson::Bson::Null,
-        })
+    let mut slots = in_flight.map(bson::to_bson);
+    let mut slot = || {
+        slots
+            .next()
+            .transpose()
+            .map(|b| b.unwrap_or(bson::Bson::Null))
     };
-    let mut set = doc! {"inflight": slot(0)?, "inflightNext": slot(1)?};
+    let mut set = doc! {"inflight": slot()?, "inflightNext": slot()?};
     let mut update = Document::new();
     if let Some(done) = done {
         set.insert("checkpoint.lastId", done.upto);
@@ -333,40 +306,34 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
 pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), JobError> {
     let after = job.checkpoint.last_id;
     let entries = db.collection::<Document>(names::EVENT_LOGS);
-    let mut decided = entries
+    let decided = entries
         .find(cascade::own_entries(job, after, None))
         .projection(doc! {"contactId": 1})
         .batch_size(1000)
         .await?;
     let coll = contacts(db, &job.filter);
-    let mut ids = Vec::with_capacity(1000);
-    loop {
-        let next = decided.try_next().await?;
-        let done = next.is_none();
-        if let Some(id) = next.and_then(|d| d.get_object_id("contactId").ok()) {
-            ids.push(id);
-        }
-        if ids.len() == 1000 || (done && !ids.is_empty()) {
-            let present: Vec<ObjectId> = coll
-                .find(doc! {"_id": {"$in": &ids}, "orgId": job.org_id})
-                .projection(doc! {"_id": 1})
-                .await?
-                .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
-                .try_collect()
+    let mut chunks = decided.try_chunks(1000);
+    while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+        let ids: Vec<ObjectId> = chunk
+            .iter()
+            .filter_map(|d| d.get_object_id("contactId").ok())
+            .collect();
+        let present: Vec<ObjectId> = coll
+            .find(doc! {"_id": {"$in": &ids}, "orgId": job.org_id})
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
+            .try_collect()
+            .await?;
+        if !present.is_empty() {
+            tracing::info!(job_id = %job.job_id, contacts = present.len(), "releasing undeleted contacts");
+            let keys: Vec<String> = present.iter().map(|c| audit_key(job.org_id, *c)).collect();
+            entries
+                .delete_many(doc! {"bulkKey": {"$in": keys}, "jobId": &job.job_id})
                 .await?;
-            if !present.is_empty() {
-                tracing::info!(job_id = %job.job_id, contacts = present.len(), "releasing undeleted contacts");
-                let keys: Vec<String> = present.iter().map(|c| audit_key(job.org_id, *c)).collect();
-                entries
-                    .delete_many(doc! {"bulkKey": {"$in": keys}, "jobId": &job.job_id})
-                    .await?;
-            }
-            ids.clear();
-        }
-        if done {
-            return Ok(());
         }
     }
+    Ok(())
 }
 
 async fn complete(s: &mut DeleteState) -> Result<bool, JobError> {
