@@ -16,6 +16,7 @@ use ractor::ActorRef;
 use serde_json::{Map, Value};
 
 use crate::auth::Keys;
+use crate::quota::Admission;
 
 /// Handles every entry point shares.
 #[derive(Clone)]
@@ -38,6 +39,10 @@ pub struct App {
     pub hub: crate::ws::Hub,
     /// Job events (the `pending` status of a new job).
     pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
+    /// Per-organisation rate and pending-job limits.
+    pub quota: crate::quota::Quota,
+    /// How long export files and ended job records are kept.
+    pub retention: crate::retention::Retention,
 }
 
 /// What a delete command produced.
@@ -52,6 +57,14 @@ pub enum DeleteOutcome {
 impl App {
     /// The snapshot with a fresh signed link for completed exports.
     pub fn snapshot(&self, job: &JobRecord) -> JobSnapshot {
+        if self.retention.export_expired(job) && job.result.as_ref().is_some_and(|r| !r.expired) {
+            // Past its retention but not swept yet: already expired to callers.
+            let mut job = job.clone();
+            if let Some(r) = job.result.as_mut() {
+                r.expired = true;
+            }
+            return decorate(&self.keys, &job);
+        }
         decorate(&self.keys, job)
     }
 
@@ -161,6 +174,7 @@ impl App {
             Some(_) => return Err(ValidationError::new("dryRun", "must be a boolean").into()),
         };
         if dry {
+            self.quota.admit(org, Admission::Check).await?;
             return Ok(DeleteOutcome::DryRun(
                 dry_run(&self.db, org, &filter).await?,
             ));
@@ -172,7 +186,26 @@ impl App {
     /// Records the job (idempotent by `commandId`) and, if new, asks the supervisor to start it.
     pub async fn submit(&self, job: JobRecord) -> Result<JobRecord, JobError> {
         let kind = job.kind;
-        let (job, created) = self.store.create(job).await?;
+        let org = job.org_id;
+        // A replay is answered before the quota is consulted: it starts nothing.
+        let replay = match &job.command_id {
+            Some(c) => match self.store.get_by_command(org, c).await {
+                Ok(existing) => Some(existing),
+                Err(JobError::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let (job, created) = match replay {
+            Some(existing) => {
+                self.quota.peek(org).await;
+                (existing, false)
+            }
+            None => {
+                self.quota.admit(org, Admission::Job).await?;
+                self.store.create(job).await?
+            }
+        };
         if job.kind != kind {
             // The key names a job of the other kind: answering with it would tell
             // a caller asking for a delete that its delete was accepted.
@@ -183,6 +216,7 @@ impl App {
             )));
         }
         if created {
+            contact_bulk_actors::metrics::job_started();
             tracing::info!(job_id = %job.job_id, kind = job.kind.as_str(), org_id = %job.org_id, "job accepted");
             // Announced before the supervisor can start it, so watchers of the
             // organisation see a job waiting behind the caps, in order.
@@ -198,6 +232,7 @@ impl App {
 
     /// `bulk.v1.count` / `POST /api/contacts/query-count`.
     pub async fn count(&self, org: ObjectId, filter: &Filter) -> Result<u64, JobError> {
+        self.quota.admit(org, Admission::Check).await?;
         let collection = filter.pipeline_type.collection();
         let n =
             snapshot::count(&self.db, collection, &filter.query(org), None, filter.limit).await?;
@@ -212,6 +247,7 @@ impl App {
             // A pending job no actor holds: its terminal status is announced here,
             // so the job's last event is its terminal snapshot.
             tracing::info!(job_id, "pending job cancelled");
+            contact_bulk_actors::metrics::job_finished(job.kind.as_str(), job.status.as_str());
             if let Err(e) = self.sink.job_event(JobEventKind::Status, &job).await {
                 tracing::warn!(job_id, error = %e, "cancelled status event not published");
             }
@@ -256,10 +292,11 @@ impl App {
     }
 }
 
-/// The snapshot with a fresh signed link when the export is complete.
+/// The snapshot with a fresh signed link when the export is complete (and
+/// its file not expired: no link is minted for data that is gone).
 pub fn decorate(keys: &Keys, job: &JobRecord) -> JobSnapshot {
     let mut snap = job.snapshot();
-    if let Some(result) = snap.result.as_mut() {
+    if let Some(result) = snap.result.as_mut().filter(|r| !r.expired) {
         let (url, expires) = keys.download_link(&job.job_id);
         result.download_url = Some(url);
         result.expires_at = chrono::DateTime::from_timestamp(expires, 0)

@@ -60,6 +60,22 @@ pub struct Config {
     /// Actor starts before a job is marked failed.
     #[arg(long, env = "BULK_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: i32,
+    /// Job-starting requests (exports, deletes, restores, dry runs, counts) one
+    /// organisation may make a minute, across all instances; 0 turns it off.
+    #[arg(long, env = "BULK_RATE_PER_MIN", default_value_t = 30)]
+    pub rate_per_min: u32,
+    /// Jobs of one organisation that may wait to start; 0 turns it off.
+    #[arg(long, env = "BULK_MAX_PENDING_PER_ORG", default_value_t = 100)]
+    pub max_pending_per_org: u64,
+    /// How long an export file is kept after its job ended (`30s`, `15m`, `168h`, `7d`).
+    #[arg(long, env = "BULK_EXPORT_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub export_retention: Duration,
+    /// How long an ended job record is kept.
+    #[arg(long, env = "BULK_JOB_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub job_retention: Duration,
+    /// How often each instance sweeps expired exports and jobs.
+    #[arg(long, env = "BULK_RETENTION_SWEEP", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub retention_sweep: Duration,
 }
 
 impl Config {
@@ -109,6 +125,14 @@ impl Config {
             max_running: self.max_running.max(1),
             max_per_org: self.max_per_org.max(1),
             scan_interval: Duration::from_millis(self.scan_ms.max(100)),
+        }
+    }
+
+    /// Retention of export files and job records.
+    pub fn retention(&self) -> crate::retention::Retention {
+        crate::retention::Retention {
+            exports: self.export_retention,
+            jobs: self.job_retention,
         }
     }
 

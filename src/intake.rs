@@ -1,11 +1,16 @@
-//! NATS intake: the request/reply commands (queue group `contact-bulk`), the
+//! NATS intake: the request/reply commands (the NATS micro service
+//! `contact-bulk`, queue group `contact-bulk`), the
 //! durable `submit` work queue, and the cross-instance cancel broadcast.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
+use async_nats::service::{Service, ServiceExt};
 use bytes::Bytes;
 use contact_bulk_actors::filter::{Filter, ParseOptions};
+use contact_bulk_actors::metrics;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
 use futures::StreamExt;
@@ -21,6 +26,9 @@ pub const QUEUE: &str = "contact-bulk";
 /// The contract's error reply.
 pub fn error_reply(e: &JobError) -> Value {
     let mut err = json!({"code": e.code(), "message": e.to_string()});
+    if let Some(ms) = e.retry_after_ms() {
+        err["retryAfterMs"] = json!(ms);
+    }
     if let Some(field) = e.field() {
         err["field"] = json!(field);
         if let JobError::Validation(v) = e {
@@ -39,34 +47,65 @@ enum Command {
     Count,
 }
 
-/// Subscribes to every command subject. Returns once the subscriptions are live;
-/// the handlers run in `tasks`.
-pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> anyhow::Result<()> {
+/// Name of the NATS micro service every instance registers (`$SRV.PING.contact-bulk`).
+pub const SERVICE_NAME: &str = "contact-bulk";
+
+/// Serves every command subject as an endpoint of the NATS micro service
+/// `contact-bulk` (queue group `contact-bulk`, so instances share the load,
+/// while `$SRV.PING/INFO/STATS` are answered by each). Returns once the
+/// subscriptions are live; the handlers run in `tasks`. The returned service
+/// answers the `$SRV` verbs until it is stopped.
+pub async fn start(
+    app: Arc<App>,
+    config: &Config,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Service> {
     let client = app.nats.clone();
-    for (tail, cmd) in [
-        ("v1.export", Command::Export),
-        ("v1.delete", Command::Delete),
-        ("v1.cancel", Command::Cancel),
-        ("v1.job", Command::Job),
-        ("v1.count", Command::Count),
+    let service = client
+        .service_builder()
+        .description("bulk export, delete and restore jobs of contacts")
+        .metadata(HashMap::from([(
+            "subjectPrefix".to_string(),
+            config.subject_prefix.clone(),
+        )]))
+        .queue_group(QUEUE)
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the nats micro service: {e}"))?;
+    for (name, cmd) in [
+        ("export", Command::Export),
+        ("delete", Command::Delete),
+        ("cancel", Command::Cancel),
+        ("job", Command::Job),
+        ("count", Command::Count),
     ] {
-        let mut sub = client
-            .queue_subscribe(config.subject(tail), QUEUE.into())
-            .await?;
+        let subject = config.subject(&format!("v1.{name}"));
+        let mut endpoint = service
+            .endpoint_builder()
+            .name(name)
+            .queue_group(QUEUE)
+            .add(subject.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("adding endpoint {subject}: {e}"))?;
+        metrics::command_subject(&subject);
         let app = app.clone();
+        let subject: Arc<str> = subject.into();
         tasks.spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Some(reply) = msg.reply.clone() else {
+            while let Some(request) = endpoint.next().await {
+                if request.message.reply.is_none() {
                     continue;
-                };
+                }
                 let app = app.clone();
+                let subject = subject.clone();
                 // Each request on its own task: a slow count never holds up a cancel.
                 tokio::spawn(async move {
-                    let body = handle(&app, cmd, &msg.payload).await;
+                    let started = Instant::now();
+                    let body = handle(&app, cmd, &request.message.payload).await;
                     let payload = serde_json::to_vec(&body).unwrap_or_default();
-                    if let Err(e) = app.nats.publish(reply, payload.into()).await {
+                    if let Err(e) = request.respond(Ok(payload.into())).await {
                         tracing::warn!(error = %e, "reply not sent");
                     }
+                    metrics::command_duration(&subject, started.elapsed());
                 });
             }
         });
@@ -82,7 +121,8 @@ pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> a
         }
     });
 
-    start_durable(app, config, tasks).await
+    start_durable(app, config, tasks).await?;
+    Ok(service)
 }
 
 /// Parses and runs one command; never panics on bad input.
@@ -113,7 +153,10 @@ async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
     match result {
         Ok(v) => v,
         Err(e) => {
-            if !matches!(e, JobError::Validation(_) | JobError::NotFound(_)) {
+            if !matches!(
+                e,
+                JobError::Validation(_) | JobError::NotFound(_) | JobError::RateLimited { .. }
+            ) {
                 tracing::warn!(command = ?cmd, error = %e, "command failed");
             }
             error_reply(&e)
@@ -207,10 +250,12 @@ async fn start_durable(
                     }
                 }
                 Err(e) => {
-                    // Database trouble: the command stays in the stream and comes back.
-                    tracing::warn!(error = %e, "durable command will be redelivered");
+                    // Database trouble or a used-up quota: the command stays in
+                    // the stream and comes back (after the quota's window).
+                    let delay = e.retry_after_ms().unwrap_or(2_000);
+                    tracing::warn!(error = %e, delay_ms = delay, "durable command will be redelivered");
                     let _ = msg
-                        .ack_with(AckKind::Nak(Some(std::time::Duration::from_secs(2))))
+                        .ack_with(AckKind::Nak(Some(std::time::Duration::from_millis(delay))))
                         .await;
                 }
             }
@@ -245,7 +290,9 @@ async fn submit(app: &App, export: bool, payload: &Bytes) -> Result<Value, JobEr
     };
     match result {
         Ok(v) => Ok(v),
-        Err(e @ (JobError::Mongo(_) | JobError::Internal(_))) => Err(e),
+        Err(e @ (JobError::Mongo(_) | JobError::Internal(_) | JobError::RateLimited { .. })) => {
+            Err(e)
+        }
         Err(e) => Ok(error_reply(&e)),
     }
 }

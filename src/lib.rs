@@ -11,9 +11,14 @@ pub mod config;
 pub mod events;
 pub mod http;
 pub mod intake;
+pub mod quota;
+pub mod retention;
 pub mod seed;
 pub mod servers;
 pub mod ws;
+
+/// Process-wide Prometheus metrics (`crate::metrics::webhook_delivery(..)` etc.).
+pub use contact_bulk_actors::metrics;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,6 +46,7 @@ pub struct Service {
     pub app: Arc<App>,
     supervisor_handle: tokio::task::JoinHandle<()>,
     tasks: JoinSet<()>,
+    discovery: Option<async_nats::service::Service>,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http: tokio::task::JoinHandle<()>,
 }
@@ -108,6 +114,7 @@ impl Service {
 
         let mut tasks = JoinSet::new();
         let hub = ws::Hub::start(js.clone(), &config, &mut tasks).await?;
+        let quota = quota::Quota::new(&db, config.rate_per_min, config.max_pending_per_org);
         let app = Arc::new(App {
             db,
             store,
@@ -118,8 +125,11 @@ impl Service {
             cancel_subject: config.subject("v1.internal.cancel"),
             hub,
             sink,
+            quota,
+            retention: config.retention(),
         });
-        intake::start(app.clone(), &config, &mut tasks).await?;
+        let discovery = intake::start(app.clone(), &config, &mut tasks).await?;
+        retention::start(app.clone(), config.retention_sweep, &mut tasks);
         let router = http::router(app.clone(), &config).await?;
         let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {
@@ -138,6 +148,7 @@ impl Service {
             app,
             supervisor_handle,
             tasks,
+            discovery: Some(discovery),
             http_stop: Some(http_stop),
             http,
         })
@@ -157,6 +168,10 @@ impl Service {
     /// intake and HTTP stop.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.tasks.abort_all();
+        if let Some(discovery) = self.discovery.take() {
+            // This instance stops answering `$SRV.PING/INFO/STATS`.
+            let _ = discovery.stop().await;
+        }
         let drained = ractor::call_t!(self.app.supervisor, SupervisorMsg::Drain, 15_000);
         if let Err(e) = drained {
             tracing::warn!(error = %e, "jobs did not drain in time");

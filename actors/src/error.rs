@@ -37,6 +37,14 @@ pub enum JobError {
     /// The request conflicts with the job's state.
     #[error("{0}")]
     Conflict(String),
+    /// A quota of the organisation is used up; maps to `rate_limited`.
+    #[error("{message}")]
+    RateLimited {
+        /// Lowercase, human readable reason.
+        message: String,
+        /// How long to wait before retrying.
+        retry_after_ms: u64,
+    },
     /// MongoDB failed.
     #[error("database error: {0}")]
     Mongo(#[from] mongodb::error::Error),
@@ -52,7 +60,16 @@ impl JobError {
             JobError::Validation(_) => "validation_error",
             JobError::NotFound(_) => "not_found",
             JobError::Conflict(_) => "conflict",
+            JobError::RateLimited { .. } => "rate_limited",
             JobError::Mongo(_) | JobError::Internal(_) => "internal",
+        }
+    }
+
+    /// How long to wait before retrying, for `rate_limited`.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            JobError::RateLimited { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
         }
     }
 

@@ -132,6 +132,7 @@ impl JobRun {
         if job.cancel_requested {
             self.cancel = true;
         }
+        crate::metrics::job_progressed(job.kind.as_str(), job.processed - self.job.processed);
         self.job = job;
         self.counters.checkpoints += 1;
         Ok(())
@@ -169,6 +170,8 @@ impl JobRun {
             .store
             .finish(&self.job.job_id, &self.env.instance, status, set)
             .await?;
+        crate::metrics::job_progressed(job.kind.as_str(), job.processed - self.job.processed);
+        crate::metrics::job_finished(job.kind.as_str(), status.as_str());
         self.job = job;
         tracing::info!(job_id = %self.job.job_id, status = status.as_str(), processed = self.job.processed, "job finished");
         self.status_event().await;

@@ -13,6 +13,7 @@ pub mod export;
 pub mod filter;
 pub mod job;
 pub mod lookup;
+pub mod metrics;
 pub mod model;
 mod pending_chunk;
 pub mod snapshot;

@@ -118,6 +118,9 @@ pub struct ExportFile {
     pub bytes: i64,
     /// Hex SHA-256 of the file.
     pub sha256: String,
+    /// The file's retention has passed and its data is gone.
+    #[serde(default)]
+    pub expired: bool,
 }
 
 /// A delete batch recorded on its job: the contacts decided on (its audit
@@ -275,6 +278,7 @@ impl JobRecord {
                 rows: r.rows,
                 bytes: r.bytes,
                 sha256: r.sha256.clone(),
+                expired: r.expired,
                 download_url: None,
                 expires_at: None,
             }),
@@ -303,6 +307,9 @@ pub struct ResultSnapshot {
     pub bytes: i64,
     /// Hex SHA-256 of the file.
     pub sha256: String,
+    /// The file's retention has passed: its data is gone and it cannot be downloaded.
+    #[serde(default)]
+    pub expired: bool,
     /// Signed link, valid 15 minutes.
     pub download_url: Option<String>,
     /// When the link expires.

@@ -157,6 +157,7 @@ impl Actor for Supervisor {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(r) = state.running.remove(&cell.get_id()) {
+                    crate::metrics::job_running_stopped();
                     state.counters.ended += 1;
                     tracing::debug!(job_id = r.job_id, reason = ?reason, "job actor ended");
                 }
@@ -164,6 +165,7 @@ impl Actor for Supervisor {
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(r) = state.running.remove(&cell.get_id()) {
+                    crate::metrics::job_running_stopped();
                     on_failure(&myself, state, r, err.to_string()).await;
                 }
                 after_exit(&myself, state);
@@ -215,6 +217,7 @@ async fn on_failure(
         let message = format!("gave up after {} attempts: {error}", record.attempts);
         match env.store.fail_unheld(&r.job_id, &message).await {
             Ok(Some(job)) => {
+                crate::metrics::job_finished(job.kind.as_str(), job.status.as_str());
                 let _ = env
                     .sink
                     .job_event(crate::events::JobEventKind::Status, &job)
@@ -298,6 +301,7 @@ async fn start_record(
     if job.attempts >= env.settings.max_attempts {
         let message = format!("gave up after {} attempts", job.attempts);
         if let Some(failed) = env.store.fail_unheld(&job.job_id, &message).await? {
+            crate::metrics::job_finished(failed.kind.as_str(), failed.status.as_str());
             state.counters.failed += 1;
             let _ = env
                 .sink
@@ -336,6 +340,7 @@ async fn start_record(
         }
     };
     state.counters.spawned += 1;
+    crate::metrics::job_running_started();
     state
         .running
         .insert(actor.get_id(), Running { job_id, org, actor });

@@ -1,6 +1,8 @@
 //! The HTTP API (contract section 7), the web page and the WebSocket bridge, on one port.
 
 mod api;
+mod metrics;
+mod ratelimit;
 mod stream;
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route("/app.js", get(page_js))
         .route("/app.css", get(page_css))
         .route("/healthz", get(api::healthz))
+        .route("/metrics", get(metrics::scrape))
         .route(
             "/api/contacts/query-bulk-export",
             get(stream::query_bulk_export),
@@ -48,6 +51,7 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route("/api/jobs", get(api::list_jobs))
         .route("/api/pipelines", get(api::pipelines))
         .route("/ws", get(crate::ws::upgrade))
+        .layer(axum::middleware::from_fn(ratelimit::headers))
         .with_state(app))
 }
 
@@ -79,6 +83,7 @@ pub struct ApiError {
     error: &'static str,
     message: String,
     field: Option<String>,
+    retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -89,6 +94,7 @@ impl ApiError {
             error,
             message: message.into(),
             field: None,
+            retry_after_ms: None,
         }
     }
 
@@ -127,6 +133,7 @@ impl ApiError {
             JobError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            JobError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             JobError::Mongo(_) | JobError::Internal(_) => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -149,6 +156,7 @@ impl ApiError {
             error,
             message,
             field,
+            retry_after_ms: e.retry_after_ms(),
         }
     }
 }
@@ -164,6 +172,9 @@ impl IntoResponse for ApiError {
         let mut body = json!({"error": self.error, "message": self.message});
         if let Some(f) = self.field {
             body["field"] = json!(f);
+        }
+        if let Some(ms) = self.retry_after_ms {
+            body["retryAfterMs"] = json!(ms);
         }
         (self.status, Json(body)).into_response()
     }

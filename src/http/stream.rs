@@ -32,6 +32,9 @@ pub async fn query_bulk_export(
 ) -> Result<Response, ApiError> {
     let caller = auth.require(SCOPE_EXPORT)?.clone();
     let filter = filter_from_query_params(&params).map_err(|e| ApiError::from_job(e.into()))?;
+    app.quota
+        .admit(caller.org, crate::quota::Admission::Check)
+        .await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
         if let Err(e) = produce_csv(&app, caller.org, filter, &tx).await {
@@ -165,6 +168,13 @@ pub async fn download(
             format!("export is {}, not completed", job.status.as_str()),
         ));
     };
+    if app.retention.export_expired(&job) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "gone",
+            "export file has expired and its data was removed",
+        ));
+    }
     let content_type = if result.gzip {
         "application/gzip"
     } else {

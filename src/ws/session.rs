@@ -80,6 +80,7 @@ struct Session {
 
 /// Runs a connection until the client leaves, falls silent or too far behind.
 pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId) {
+    let _counted = contact_bulk_actors::metrics::ws_connection();
     let rx = app.hub.subscribe();
     let session = Arc::new(Session {
         app,

@@ -1,0 +1,351 @@
+//! Process-wide Prometheus metrics (contract section 13): typed handles in one
+//! registry, bumped through the small functions below from the job core, the
+//! intake, the WebSocket bridge and the webhook worker; `GET /metrics` renders them.
+//!
+//! Every bump is an atomic add on a handle (labelled families: one read-locked
+//! map lookup), made once per batch or per request, never per row.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Finished {
+    kind: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Delivery {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Subject {
+    subject: String,
+}
+
+type Durations = Family<Subject, Histogram, fn() -> Histogram>;
+
+struct Metrics {
+    registry: Registry,
+    started: Counter,
+    finished: Family<Finished, Counter>,
+    running: Gauge,
+    pending: Gauge,
+    rows_exported: Counter,
+    contacts_deleted: Counter,
+    contacts_restored: Counter,
+    ws_connections: Gauge,
+    webhook_deliveries: Family<Delivery, Counter>,
+    command_duration: Durations,
+    quota_rejections: Counter,
+    exports_expired: Counter,
+    jobs_removed: Counter,
+}
+
+fn command_histogram() -> Histogram {
+    // 1 ms .. ~33 s: counts answer in milliseconds, a dry run over a large
+    // organisation in seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let m = Metrics {
+        started: Counter::default(),
+        finished: Family::default(),
+        running: Gauge::default(),
+        pending: Gauge::default(),
+        rows_exported: Counter::default(),
+        contacts_deleted: Counter::default(),
+        contacts_restored: Counter::default(),
+        ws_connections: Gauge::default(),
+        webhook_deliveries: Family::default(),
+        command_duration: Family::new_with_constructor(command_histogram as fn() -> Histogram),
+        quota_rejections: Counter::default(),
+        exports_expired: Counter::default(),
+        jobs_removed: Counter::default(),
+        registry: Registry::default(),
+    };
+    // Counters get their `_total` suffix from the encoder.
+    registry.register(
+        "bulk_jobs_started",
+        "Jobs created by this process (exports, deletes, restores; replays not counted)",
+        m.started.clone(),
+    );
+    registry.register(
+        "bulk_jobs_finished",
+        "Jobs this process moved to a terminal status, by kind and status",
+        m.finished.clone(),
+    );
+    registry.register(
+        "bulk_jobs_running",
+        "Job actors running in this process",
+        m.running.clone(),
+    );
+    registry.register(
+        "bulk_jobs_pending",
+        "Jobs waiting to start, across all instances (read from MongoDB at scrape time)",
+        m.pending.clone(),
+    );
+    registry.register(
+        "bulk_rows_exported",
+        "Rows written to export files by this process",
+        m.rows_exported.clone(),
+    );
+    registry.register(
+        "bulk_contacts_deleted",
+        "Contacts deleted by delete jobs in this process",
+        m.contacts_deleted.clone(),
+    );
+    registry.register(
+        "bulk_contacts_restored",
+        "Contacts put back by restore jobs in this process",
+        m.contacts_restored.clone(),
+    );
+    registry.register(
+        "bulk_ws_connections",
+        "WebSocket clients connected to this process",
+        m.ws_connections.clone(),
+    );
+    registry.register(
+        "bulk_webhook_deliveries",
+        "Webhook delivery attempts by result",
+        m.webhook_deliveries.clone(),
+    );
+    registry.register(
+        "bulk_command_duration_seconds",
+        "Time to answer a NATS command, by subject",
+        m.command_duration.clone(),
+    );
+    registry.register(
+        "bulk_quota_rejections",
+        "Job-starting requests refused with rate_limited",
+        m.quota_rejections.clone(),
+    );
+    registry.register(
+        "bulk_exports_expired",
+        "Export files removed after BULK_EXPORT_RETENTION",
+        m.exports_expired.clone(),
+    );
+    registry.register(
+        "bulk_jobs_removed",
+        "Ended job records removed after BULK_JOB_RETENTION",
+        m.jobs_removed.clone(),
+    );
+    Metrics { registry, ..m }
+});
+
+/// A job was created (not a `commandId` replay).
+pub fn job_started() {
+    METRICS.started.inc();
+}
+
+/// A job reached `status` (`completed`, `failed`, `cancelled`); `kind` is
+/// `export`, `delete` or `restore`.
+pub fn job_finished(kind: &str, status: &str) {
+    METRICS
+        .finished
+        .get_or_create(&Finished {
+            kind: kind.to_string(),
+            status: status.to_string(),
+        })
+        .inc();
+}
+
+/// A job actor started running here.
+pub fn job_running_started() {
+    METRICS.running.inc();
+}
+
+/// A job actor stopped running here (ended, failed, drained).
+pub fn job_running_stopped() {
+    METRICS.running.dec();
+}
+
+/// Jobs waiting to start (set from a database count when scraped).
+pub fn set_jobs_pending(n: i64) {
+    METRICS.pending.set(n);
+}
+
+/// `n` more rows are in export files.
+pub fn rows_exported(n: u64) {
+    METRICS.rows_exported.inc_by(n);
+}
+
+/// `n` more contacts deleted.
+pub fn contacts_deleted(n: u64) {
+    METRICS.contacts_deleted.inc_by(n);
+}
+
+/// `n` more contacts restored.
+pub fn contacts_restored(n: u64) {
+    METRICS.contacts_restored.inc_by(n);
+}
+
+/// Counts a WebSocket connection for as long as the guard lives.
+#[must_use = "the connection is counted while the guard lives"]
+pub fn ws_connection() -> WsConnection {
+    METRICS.ws_connections.inc();
+    WsConnection(())
+}
+
+/// Held by a WebSocket session; dropping it uncounts the connection.
+#[derive(Debug)]
+pub struct WsConnection(());
+
+impl Drop for WsConnection {
+    fn drop(&mut self) {
+        METRICS.ws_connections.dec();
+    }
+}
+
+/// One webhook delivery attempt ended with `result`: `success` (a 2xx) or
+/// `failure` (any other answer, a timeout, a refused connection); other
+/// values (e.g. `gave_up` after 24 hours) make their own series.
+pub fn webhook_delivery(result: &str) {
+    METRICS
+        .webhook_deliveries
+        .get_or_create(&Delivery {
+            result: result.to_string(),
+        })
+        .inc();
+}
+
+/// A command on `subject` (e.g. `bulk.v1.export`) was answered after `took`.
+pub fn command_duration(subject: &str, took: Duration) {
+    METRICS
+        .command_duration
+        .get_or_create(&Subject {
+            subject: subject.to_string(),
+        })
+        .observe(took.as_secs_f64());
+}
+
+/// Makes the duration series of `subject` exist (at zero) before its first command.
+pub fn command_subject(subject: &str) {
+    let _ = METRICS.command_duration.get_or_create(&Subject {
+        subject: subject.to_string(),
+    });
+}
+
+/// A request was refused with `rate_limited`.
+pub fn quota_rejected() {
+    METRICS.quota_rejections.inc();
+}
+
+/// `n` export files expired.
+pub fn exports_expired(n: u64) {
+    METRICS.exports_expired.inc_by(n);
+}
+
+/// `n` ended job records removed.
+pub fn jobs_removed(n: u64) {
+    METRICS.jobs_removed.inc_by(n);
+}
+
+/// `processed` of a held job moved by `delta` in a checkpoint: counted as rows
+/// exported, contacts deleted or restored according to the job's kind.
+pub fn job_progressed(kind: &str, delta: i64) {
+    let Ok(n) = u64::try_from(delta) else {
+        // A reset (a job starting over) is not work undone.
+        return;
+    };
+    if n == 0 {
+        return;
+    }
+    match kind {
+        "export" => rows_exported(n),
+        "delete" => contacts_deleted(n),
+        "restore" => contacts_restored(n),
+        _ => {}
+    }
+}
+
+/// Every metric in the text exposition format (OpenMetrics 1.0, which the
+/// Prometheus text parser also reads).
+pub fn render() -> String {
+    let m = &*METRICS;
+    // Series that exist from the start, so dashboards see zeros, not gaps.
+    for kind in ["export", "delete"] {
+        for status in ["completed", "failed", "cancelled"] {
+            let _ = m.finished.get_or_create(&Finished {
+                kind: kind.to_string(),
+                status: status.to_string(),
+            });
+        }
+    }
+    for result in ["success", "failure"] {
+        let _ = m.webhook_deliveries.get_or_create(&Delivery {
+            result: result.to_string(),
+        });
+    }
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &m.registry) {
+        tracing::warn!(error = %e, "metrics not encoded");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+    }
+
+    #[test]
+    fn series_are_named_as_the_contract_says_and_move() {
+        let before = render();
+        job_started();
+        job_finished("export", "completed");
+        job_progressed("export", 7);
+        job_progressed("delete", -3);
+        command_duration("bulk.v1.count", Duration::from_millis(3));
+        webhook_delivery("success");
+        let g = ws_connection();
+        let after = render();
+        assert_eq!(
+            value(&after, "bulk_jobs_started_total") - value(&before, "bulk_jobs_started_total"),
+            1.0
+        );
+        let done = "bulk_jobs_finished_total{kind=\"export\",status=\"completed\"}";
+        assert_eq!(value(&after, done) - value(&before, done), 1.0);
+        assert_eq!(
+            value(&after, "bulk_rows_exported_total") - value(&before, "bulk_rows_exported_total"),
+            7.0
+        );
+        assert_eq!(
+            value(&after, "bulk_contacts_deleted_total"),
+            value(&before, "bulk_contacts_deleted_total")
+        );
+        assert!(value(&after, "bulk_ws_connections") >= 1.0);
+        assert!(
+            after.contains(
+                "bulk_command_duration_seconds_bucket{le=\"0.004\",subject=\"bulk.v1.count\"}"
+            ) || after.contains(
+                "bulk_command_duration_seconds_bucket{subject=\"bulk.v1.count\",le=\"0.004\"}"
+            )
+        );
+        assert!(after.contains("bulk_webhook_deliveries_total{result=\"success\"}"));
+        for name in [
+            "bulk_jobs_running",
+            "bulk_jobs_pending",
+            "bulk_contacts_restored_total",
+        ] {
+            value(&after, name);
+        }
+        drop(g);
+    }
+}
