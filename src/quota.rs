@@ -104,9 +104,8 @@ impl Quota {
             contact_bulk_actors::metrics::quota_rejected();
             return Err(JobError::RateLimited {
                 message: format!(
-                    "at most {} job-starting requests a minute per organisation; retry in {} s",
-                    self.per_minute,
-                    retry.div_ceil(1000)
+                    "the organisation has used its {} job-starting requests of this minute",
+                    self.per_minute
                 ),
                 retry_after_ms: retry,
             });
@@ -124,7 +123,7 @@ impl Quota {
                 contact_bulk_actors::metrics::quota_rejected();
                 return Err(JobError::RateLimited {
                     message: format!(
-                        "{waiting} jobs of this organisation are already waiting (at most {}); retry once some have started",
+                        "{waiting} jobs of this organisation are already waiting to start (at most {})",
                         self.max_pending
                     ),
                     retry_after_ms: PENDING_RETRY_MS,

@@ -18,12 +18,18 @@ const jobs = new Map(); // jobId -> { snap, row, rate, last }
 // ---------- HTTP ----------
 
 class ApiError extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter) {
     const b = body && typeof body.error === 'object' ? body.error : body || {};
     const field = b.field || null;
     let msg = b.message || (typeof b.error === 'string' ? b.error : '') || b.code || `HTTP ${status}`;
     if (status === 401) msg = `401 Unauthorized: ${msg}. Paste a valid, unexpired token.`;
     else if (status === 403) msg = `403 Forbidden: ${msg}`;
+    else if (status === 429) {
+      // The organisation's quota: say when the same request will be accepted.
+      const ms = b.retryAfterMs ?? (Number(retryAfter) * 1000 || 0);
+      const at = new Date(Date.now() + ms).toLocaleTimeString();
+      msg = `Too many requests (429): ${msg}. You can retry in ${Math.max(1, Math.ceil(ms / 1000))} s (at ${at}).`;
+    }
     super(msg);
     this.status = status;
     this.field = field;
@@ -38,7 +44,7 @@ async function api(method, path, body) {
   try { data = await res.json(); } catch { /* empty or non-JSON body */ }
   if (!res.ok) {
     if (res.status === 401) { authFailed = true; showMsg('#token-msg', new ApiError(401, data)); }
-    throw new ApiError(res.status, data);
+    throw new ApiError(res.status, data, res.headers.get('Retry-After'));
   }
   return data;
 }
@@ -194,7 +200,8 @@ function renderRow(entry) {
   const c = s.counts || {};
   const counts = s.kind === 'delete'
     ? `${c.contacts || 0} contacts, ${c.conversations || 0} conversations, ${c.messages || 0} messages`
-    : s.result ? `${s.result.rows} rows, ${fmtBytes(s.result.bytes || 0)}, ${s.result.format}${s.result.gzip ? '.gz' : ''}` : '';
+    : s.result ? `${s.result.rows} rows, ${fmtBytes(s.result.bytes || 0)}, ${s.result.format}${s.result.gzip ? '.gz' : ''}`
+      + (s.result.expired ? ' · file expired' : '') : '';
   const cells = [
     el('td', { className: 'kind', textContent: s.kind }),
     el('td', {}, el('span', { className: `status badge ${s.status}`, textContent: s.status }),
@@ -204,14 +211,19 @@ function renderRow(entry) {
     el('td', { className: 'created' }, fmtTime(s.createdAt)),
   ];
   // Keep the action buttons (and their focus) unless the set of actions changes.
-  const actions = [ACTIVE.includes(s.status) && 'cancel', s.kind === 'export' && s.status === 'completed' && 'download']
-    .filter(Boolean).join(' ');
+  const expired = s.kind === 'export' && s.result && s.result.expired;
+  const actions = [ACTIVE.includes(s.status) && 'cancel', s.kind === 'export' && s.status === 'completed' && !expired && 'download',
+    expired && 'expired'].filter(Boolean).join(' ');
   let act = entry.row.querySelector('td.actions');
   if (!act || act.dataset.actions !== actions) {
     act = el('td', { className: 'actions' });
     act.dataset.actions = actions;
     if (actions.includes('cancel')) act.append(button('Cancel', 'cancel', () => cancelJob(s.jobId)));
     if (actions.includes('download')) act.append(button('Download', 'download', () => download(s.jobId)));
+    if (expired) {
+      act.append(el('span', { className: 'expired badge', textContent: 'expired',
+        title: 'the export file was removed after its retention period; start a new export' }));
+    }
   }
   entry.row.dataset.status = s.status;
   entry.row.replaceChildren(...cells, act);

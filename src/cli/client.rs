@@ -15,16 +15,31 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Without an event for this long, the job is polled.
 const POLL_EVERY: Duration = Duration::from_secs(2);
 
-/// An error reply of the service: `{"error": {code, message, field?}}`.
+/// An error reply of the service: `{"error": {code, message, field?, retryAfterMs?}}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}{}: {message}", field.as_deref().map(|f| format!(" in field {f}")).unwrap_or_default())]
+#[error("{code}{}: {message}{}", field.as_deref().map(|f| format!(" in field {f}")).unwrap_or_default(), retry_hint(*retry_after_ms))]
 pub struct ReplyError {
-    /// `validation_error`, `not_found`, `conflict` or `internal`.
+    /// `validation_error`, `not_found`, `conflict`, `gone`, `rate_limited` or `internal`.
     pub code: String,
     /// The offending field, for validation errors.
     pub field: Option<String>,
     /// What went wrong.
     pub message: String,
+    /// For `rate_limited`: how long to wait before the same command is accepted.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// `" (retry in 12 s, at 10:41:07 UTC)"` for a limited command, else nothing.
+fn retry_hint(retry_after_ms: Option<u64>) -> String {
+    let Some(ms) = retry_after_ms else {
+        return String::new();
+    };
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(ms as i64);
+    format!(
+        " (retry in {} s, at {} UTC)",
+        ms.div_ceil(1000).max(1),
+        at.format("%H:%M:%S")
+    )
 }
 
 /// A NATS connection plus the subject prefix of the service (`bulk`).
@@ -92,6 +107,7 @@ impl Nats {
                 code: text("code").unwrap_or_else(|| "internal".into()),
                 field: text("field"),
                 message: text("message").unwrap_or_else(|| err.to_string()),
+                retry_after_ms: err.get("retryAfterMs").and_then(Value::as_u64),
             }
             .into());
         }
@@ -269,11 +285,28 @@ mod tests {
             code: "validation_error".into(),
             field: Some("filter.stageIds[0]".into()),
             message: "must be a 24-hex ObjectId string".into(),
+            retry_after_ms: None,
         };
         assert_eq!(
             e.to_string(),
             "validation_error in field filter.stageIds[0]: must be a 24-hex ObjectId string"
         );
+    }
+
+    #[test]
+    fn a_limited_command_says_when_to_retry() {
+        let e = ReplyError {
+            code: "rate_limited".into(),
+            field: None,
+            message: "at most 30 job-starting requests a minute per organisation".into(),
+            retry_after_ms: Some(11_200),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("rate_limited: at most 30 job-starting requests a minute per organisation (retry in 12 s, at "),
+            "{text}"
+        );
+        assert!(text.ends_with(" UTC)"), "{text}");
     }
 
     #[test]
