@@ -38,6 +38,8 @@ pub struct App {
     pub hub: crate::ws::Hub,
     /// Job events (the `pending` status of a new job).
     pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
+    /// Webhook registrations and deliveries.
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 /// What a delete command produced.

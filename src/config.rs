@@ -60,6 +60,9 @@ pub struct Config {
     /// Actor starts before a job is marked failed.
     #[arg(long, env = "BULK_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: i32,
+    /// Webhook deliveries.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Config {

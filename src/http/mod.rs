@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::auth::{AuthError, Caller};
 use crate::commands::App;
 use crate::config::Config;
+use crate::webhooks;
 
 /// Builds the router.
 pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
@@ -47,6 +48,18 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route("/api/exports/{job_id}/download", get(stream::download))
         .route("/api/jobs", get(api::list_jobs))
         .route("/api/pipelines", get(api::pipelines))
+        .route(
+            "/api/webhooks",
+            get(webhooks::api::list).post(webhooks::api::create),
+        )
+        .route(
+            "/api/webhooks/{id}",
+            get(webhooks::api::show).delete(webhooks::api::remove),
+        )
+        .route(
+            "/api/webhooks/{id}/deliveries",
+            get(webhooks::api::deliveries),
+        )
         .route("/ws", get(crate::ws::upgrade))
         .with_state(app))
 }
