@@ -6,8 +6,7 @@ use contact_bulk_actors::delete::dry_run;
 use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::{
-    check_list_len, check_string_len, field_path, parse_object_id, Filter, ParseOptions,
-    MAX_STRING,
+    check_list_len, check_string_len, field_path, parse_object_id, Filter, ParseOptions, MAX_STRING,
 };
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
 use contact_bulk_actors::snapshot;

@@ -66,7 +66,11 @@ fn js(v: Value) -> Vec<u8> {
 fn common_cases() -> Vec<Case> {
     vec![
         (b"not json".to_vec(), "validation_error", Some("body")),
-        (vec![0xff, 0xfe, b'{', 0x80], "validation_error", Some("body")),
+        (
+            vec![0xff, 0xfe, b'{', 0x80],
+            "validation_error",
+            Some("body"),
+        ),
         (b"[]".to_vec(), "validation_error", Some("body")),
         (b"null".to_vec(), "validation_error", Some("body")),
         (b"\"x\"".to_vec(), "validation_error", Some("body")),
@@ -229,7 +233,9 @@ async fn every_command_refuses_hostile_payloads_and_creates_nothing() {
             Some("fields"),
         ),
         (
-            js(json!({"orgId": o, "filter": whole, "fields": ["id", "customFields.".to_string() + &"k".repeat(300)]})),
+            js(
+                json!({"orgId": o, "filter": whole, "fields": ["id", "customFields.".to_string() + &"k".repeat(300)]}),
+            ),
             "validation_error",
             Some("fields[1]"),
         ),
@@ -290,7 +296,10 @@ async fn every_command_refuses_hostile_payloads_and_creates_nothing() {
         assert_eq!(reply["error"]["code"], *code, "{what}: {reply}");
         let message = reply["error"]["message"].as_str().unwrap_or_default();
         assert!(!message.is_empty(), "{what}: no message in {reply}");
-        assert!(message.len() < 2_000, "{what}: the message echoes the input");
+        assert!(
+            message.len() < 2_000,
+            "{what}: the message echoes the input"
+        );
         if let Some(field) = field {
             assert_eq!(reply["error"]["field"], *field, "{what}: {reply}");
         }
@@ -352,7 +361,9 @@ impl Api {
         body: Option<Vec<u8>>,
         content_type: &str,
     ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
         if let Some(a) = auth {
             req = req.header("Authorization", a);
         }
@@ -398,7 +409,9 @@ fn unsigned_token(org: &str, scope: &str) -> String {
     format!(
         "{}.{}.",
         b64(json!({"alg": "none", "typ": "JWT"})),
-        b64(json!({"sub": ObjectId::new().to_hex(), "org": org, "exp": chrono::Utc::now().timestamp() + 3600, "scope": scope}))
+        b64(
+            json!({"sub": ObjectId::new().to_hex(), "org": org, "exp": chrono::Utc::now().timestamp() + 3600, "scope": scope})
+        )
     )
 }
 
@@ -436,7 +449,10 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
             (Method::POST, format!("/api/contacts/bulk-job/{job}/cancel")),
             (Method::GET, format!("/api/exports/{job}")),
             (Method::GET, format!("/api/exports/{job}/download")),
-            (Method::GET, "/api/contacts/query-bulk-export?orgWide=true".into()),
+            (
+                Method::GET,
+                "/api/contacts/query-bulk-export?orgWide=true".into(),
+            ),
             (Method::GET, "/api/jobs".into()),
         ])
         .collect();
@@ -452,7 +468,13 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
     for (method, path) in &paths {
         for auth in &forged {
             let got = api
-                .send(method.clone(), path, Some(auth), Some(body.clone()), "application/json")
+                .send(
+                    method.clone(),
+                    path,
+                    Some(auth),
+                    Some(body.clone()),
+                    "application/json",
+                )
                 .await;
             let what = format!("{method} {path} with {auth}");
             assert_error(&what, &got, StatusCode::UNAUTHORIZED, "unauthorized");
@@ -460,7 +482,10 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
     }
 
     // Malformed bodies on every body endpoint: 400 naming the field.
-    let nested_body = format!("{{\"orgWide\": true, \"advancedParams\": {}}}", nested(5_000));
+    let nested_body = format!(
+        "{{\"orgWide\": true, \"advancedParams\": {}}}",
+        nested(5_000)
+    );
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"not json".to_vec(), "body"),
         (vec![0xff, 0xfe, 0x80], "body"),
@@ -470,7 +495,13 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
     for (method, path) in &BODY_ENDPOINTS {
         for (body, field) in &cases {
             let got = api
-                .send(method.clone(), path, Some(&good), Some(body.clone()), "application/json")
+                .send(
+                    method.clone(),
+                    path,
+                    Some(&good),
+                    Some(body.clone()),
+                    "application/json",
+                )
                 .await;
             let what = format!("{method} {path}");
             assert_error(&what, &got, StatusCode::BAD_REQUEST, "validation_error");
@@ -498,7 +529,13 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
     for (method, path) in &BODY_ENDPOINTS[..3] {
         for (body, field) in &filter_cases {
             let got = api
-                .send(method.clone(), path, Some(&good), Some(js(body.clone())), "application/json")
+                .send(
+                    method.clone(),
+                    path,
+                    Some(&good),
+                    Some(js(body.clone())),
+                    "application/json",
+                )
                 .await;
             let what = format!("{method} {path} with {field}");
             assert_error(&what, &got, StatusCode::BAD_REQUEST, "validation_error");
@@ -510,12 +547,21 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
         (json!({"tagIds": vec!["t"; 1_001]}), "tagIds"),
         (json!({"tagIds": ["ok", "t".repeat(257)]}), "tagIds[1]"),
         (json!({"fields": vec!["id"; 1_001]}), "fields"),
-        (json!({"filter": {"stageIds": ids(1_001)}}), "filter.stageIds"),
+        (
+            json!({"filter": {"stageIds": ids(1_001)}}),
+            "filter.stageIds",
+        ),
         (json!({"format": {"$ne": "csv"}}), "format"),
     ];
     for (body, field) in &export_cases {
         let got = api
-            .send(Method::POST, "/api/exports", Some(&good), Some(js(body.clone())), "application/json")
+            .send(
+                Method::POST,
+                "/api/exports",
+                Some(&good),
+                Some(js(body.clone())),
+                "application/json",
+            )
             .await;
         let what = format!("POST /api/exports with {field}");
         assert_error(&what, &got, StatusCode::BAD_REQUEST, "validation_error");
@@ -537,30 +583,63 @@ async fn every_endpoint_refuses_hostile_input_as_json_and_changes_nothing() {
             "",
         )
         .await;
-    assert_error("query-bulk-export with 1001 stageIds", &got, StatusCode::BAD_REQUEST, "validation_error");
+    assert_error(
+        "query-bulk-export with 1001 stageIds",
+        &got,
+        StatusCode::BAD_REQUEST,
+        "validation_error",
+    );
     assert_eq!(got.1["field"], "stageIds");
 
     // A body over 1 MiB: JSON 413 naming the body and the limit.
     let huge = js(json!({"orgWide": true, "pad": "x".repeat(1024 * 1024)}));
     for (method, path) in &BODY_ENDPOINTS {
         let got = api
-            .send(method.clone(), path, Some(&good), Some(huge.clone()), "application/json")
+            .send(
+                method.clone(),
+                path,
+                Some(&good),
+                Some(huge.clone()),
+                "application/json",
+            )
             .await;
         let what = format!("{method} {path} with 1 MiB");
-        assert_error(&what, &got, StatusCode::PAYLOAD_TOO_LARGE, "validation_error");
+        assert_error(
+            &what,
+            &got,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "validation_error",
+        );
         assert_eq!(got.1["field"], "body", "{what}: {}", got.1);
-        assert!(got.1["message"].as_str().unwrap().contains("1048576"), "{}", got.1);
+        assert!(
+            got.1["message"].as_str().unwrap().contains("1048576"),
+            "{}",
+            got.1
+        );
     }
 
     // Framework answers are JSON too: unknown path, wrong method, bad path parameter.
-    let got = api.send(Method::GET, "/api/nope", Some(&good), None, "").await;
+    let got = api
+        .send(Method::GET, "/api/nope", Some(&good), None, "")
+        .await;
     assert_error("unknown path", &got, StatusCode::NOT_FOUND, "not_found");
     let got = api.send(Method::GET, "/no/such/page", None, None, "").await;
     assert_error("unknown page", &got, StatusCode::NOT_FOUND, "not_found");
     let got = api
-        .send(Method::PUT, "/api/contacts/query-count", Some(&good), None, "")
+        .send(
+            Method::PUT,
+            "/api/contacts/query-count",
+            Some(&good),
+            None,
+            "",
+        )
         .await;
-    assert_error("wrong method", &got, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    assert_error(
+        "wrong method",
+        &got,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
     let got = api
         .send(Method::GET, "/api/jobs?limit=%ff", Some(&good), None, "")
         .await;
@@ -608,15 +687,30 @@ async fn tampered_download_links_and_foreign_tokens_get_nothing() {
     let other_job = uuid::Uuid::new_v4();
     let later = expires.parse::<i64>().unwrap() + 3600;
     for (what, query) in [
-        ("flipped signature", format!("expires={expires}&signature={flipped}")),
+        (
+            "flipped signature",
+            format!("expires={expires}&signature={flipped}"),
+        ),
         ("later expiry", format!("expires={later}&signature={sig}")),
         ("no signature", format!("expires={expires}")),
-        ("signature not hex", format!("expires={expires}&signature=zz")),
-        ("expires not a number", format!("expires=soon&signature={sig}")),
+        (
+            "signature not hex",
+            format!("expires={expires}&signature=zz"),
+        ),
+        (
+            "expires not a number",
+            format!("expires=soon&signature={sig}"),
+        ),
         ("operator", format!("expires[$gt]=0&signature={sig}")),
     ] {
         let got = api
-            .send(Method::GET, &format!("/api/exports/{job}/download?{query}"), None, None, "")
+            .send(
+                Method::GET,
+                &format!("/api/exports/{job}/download?{query}"),
+                None,
+                None,
+                "",
+            )
             .await;
         assert!(
             got.0 == StatusCode::UNAUTHORIZED || got.0 == StatusCode::BAD_REQUEST,
@@ -646,12 +740,21 @@ async fn tampered_download_links_and_foreign_tokens_get_nothing() {
         assert_error(&path, &got, StatusCode::NOT_FOUND, "not_found");
     }
     let got = api
-        .send(Method::POST, &format!("/api/contacts/bulk-job/{job}/cancel"), Some(&foreign), None, "")
+        .send(
+            Method::POST,
+            &format!("/api/contacts/bulk-job/{job}/cancel"),
+            Some(&foreign),
+            None,
+            "",
+        )
         .await;
     assert_error("foreign cancel", &got, StatusCode::NOT_FOUND, "not_found");
     assert_eq!(count(&db, "bulk_jobs").await, 1);
     // The genuine link still works.
-    assert_eq!(download(&snap).await.len() as i64, snap["result"]["bytes"].as_i64().unwrap());
+    assert_eq!(
+        download(&snap).await.len() as i64,
+        snap["result"]["bytes"].as_i64().unwrap()
+    );
 }
 
 // ---------- WebSocket ----------
@@ -702,25 +805,50 @@ async fn a_websocket_ends_at_its_tokens_expiry_unless_renewed() {
     let mut ws = connect(svc.addr, &short(2)).await;
     send(&mut ws, json!({"op": "subscribe", "topic": "jobs"})).await;
     assert_eq!(ping(&mut ws).await["type"], "pong");
-    let frame = next_frame(&mut ws, 10).await.expect("an error frame before the close");
+    let frame = next_frame(&mut ws, 10)
+        .await
+        .expect("an error frame before the close");
     assert_eq!(frame["type"], "error", "{frame}");
     assert_eq!(frame["code"], "token_expired", "{frame}");
-    assert!(next_frame(&mut ws, 10).await.is_none(), "closed after token_expired");
+    assert!(
+        next_frame(&mut ws, 10).await.is_none(),
+        "closed after token_expired"
+    );
 
     // Renewed by an `auth` frame: alive past the first token's expiry.
     let mut ws = connect(svc.addr, &short(2)).await;
     // Bad and foreign tokens are refused and change nothing.
-    send(&mut ws, json!({"op": "auth", "token": unsigned_token(&o, "jobs:read")})).await;
+    send(
+        &mut ws,
+        json!({"op": "auth", "token": unsigned_token(&o, "jobs:read")}),
+    )
+    .await;
     let f = next_frame(&mut ws, 10).await.unwrap();
-    assert_eq!((f["type"].as_str(), f["code"].as_str()), (Some("error"), Some("unauthorized")), "{f}");
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str()),
+        (Some("error"), Some("unauthorized")),
+        "{f}"
+    );
     send(&mut ws, json!({"op": "auth", "token": token_with(&ObjectId::new().to_hex(), "jobs:read", 3600, SECRET)})).await;
     let f = next_frame(&mut ws, 10).await.unwrap();
-    assert_eq!((f["type"].as_str(), f["code"].as_str()), (Some("error"), Some("forbidden")), "{f}");
-    send(&mut ws, json!({"op": "auth", "token": token_with(&o, "contacts:export", 3600, SECRET)})).await;
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{f}"
+    );
+    send(
+        &mut ws,
+        json!({"op": "auth", "token": token_with(&o, "contacts:export", 3600, SECRET)}),
+    )
+    .await;
     let f = next_frame(&mut ws, 10).await.unwrap();
     assert_eq!(f["code"], "forbidden", "{f}");
     send(&mut ws, json!({"op": "auth", "token": short(3600)})).await;
-    assert_eq!(ping(&mut ws).await["type"], "pong", "no frame answers a good auth");
+    assert_eq!(
+        ping(&mut ws).await["type"],
+        "pong",
+        "no frame answers a good auth"
+    );
     // Past the first token's expiry the connection still answers.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(ping(&mut ws).await["type"], "pong");
@@ -793,7 +921,11 @@ async fn resubscribing_never_exceeds_the_subscription_cap() {
     send(&mut ws, json!({"op": "subscribe", "topic": "contacts"})).await;
     let f = next_frame(&mut ws, 10).await.unwrap();
     assert_eq!(f["code"], "too_many_subscriptions", "{f}");
-    send(&mut ws, json!({"op": "subscribe", "jobId": uuid::Uuid::new_v4().to_string()})).await;
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "jobId": uuid::Uuid::new_v4().to_string()}),
+    )
+    .await;
     let f = next_frame(&mut ws, 10).await.unwrap();
     assert_eq!(f["code"], "too_many_subscriptions", "{f}");
     // Unsubscribing frees a place.

@@ -65,10 +65,7 @@ fn is_json(resp: &Response) -> bool {
 fn describe(status: StatusCode, text: String) -> (&'static str, Option<&'static str>, String) {
     let or_reason = |text: String| {
         if text.is_empty() {
-            status
-                .canonical_reason()
-                .unwrap_or("error")
-                .to_lowercase()
+            status.canonical_reason().unwrap_or("error").to_lowercase()
         } else {
             text
         }
@@ -82,9 +79,7 @@ fn describe(status: StatusCode, text: String) -> (&'static str, Option<&'static 
         StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
             ("validation_error", None, or_reason(text))
         }
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-            ("unsupported_media_type", None, or_reason(text))
-        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", None, or_reason(text)),
         StatusCode::METHOD_NOT_ALLOWED => (
             "method_not_allowed",
             None,
@@ -100,4 +95,3 @@ fn describe(status: StatusCode, text: String) -> (&'static str, Option<&'static 
         _ => ("bad_request", None, or_reason(text)),
     }
 }
-

@@ -248,7 +248,10 @@ mod tests {
         );
         assert_eq!(code(r#"{"op":"auth"}"#), "validation_error");
         assert_eq!(code(r#"{"op":"auth","token":5}"#), "validation_error");
-        assert_eq!(code(r#"{"op":"auth","token":"t","x":1}"#), "validation_error");
+        assert_eq!(
+            code(r#"{"op":"auth","token":"t","x":1}"#),
+            "validation_error"
+        );
         let e = parse_op(r#"{"op":"ping","x":1}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("x"));
         let frame: Value = serde_json::from_str(e.frame().as_str()).unwrap();

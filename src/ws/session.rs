@@ -115,7 +115,10 @@ pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId, exp: i6
         _ = session.outbox.overflowed() => "client too slow",
     };
     if reason == "token expired" {
-        let frame = protocol::error("token_expired", "the token has expired; reconnect with a fresh one");
+        let frame = protocol::error(
+            "token_expired",
+            "the token has expired; reconnect with a fresh one",
+        );
         *session.goodbye() = Some((frame, 1008, "token expired"));
     }
     if !send.is_finished() && reason != "client too slow" {
@@ -135,9 +138,7 @@ impl Session {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn goodbye(
-        &self,
-    ) -> MutexGuard<'_, Option<(axum::extract::ws::Utf8Bytes, u16, &'static str)>> {
+    fn goodbye(&self) -> MutexGuard<'_, Option<(axum::extract::ws::Utf8Bytes, u16, &'static str)>> {
         self.goodbye.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -856,8 +856,20 @@ fn collects_custom_keys() {
 #[test]
 fn formula_detection_sees_through_spaces_and_full_width_signs() {
     for v in [
-        "=1+2", "+x", "-x", "@x", "\tx", "\rx", "  =1+2", " @SUM(A1)", "\u{3000}=x",
-        "＝1+2", "＋x", "－x", "＠x", "  ＝x",
+        "=1+2",
+        "+x",
+        "-x",
+        "@x",
+        "\tx",
+        "\rx",
+        "  =1+2",
+        " @SUM(A1)",
+        "\u{3000}=x",
+        "＝1+2",
+        "＋x",
+        "－x",
+        "＠x",
+        "  ＝x",
     ] {
         assert!(cells::is_formula(v), "{v:?} is a formula");
     }
@@ -868,10 +880,24 @@ fn formula_detection_sees_through_spaces_and_full_width_signs() {
 
 #[test]
 fn phone_numbers_are_digits_spaces_and_plus_minus_parens_dots() {
-    for v in ["+14165550100", "+1 (416) 555-0100", "-416.555.0100", "416 555 0100"] {
+    for v in [
+        "+14165550100",
+        "+1 (416) 555-0100",
+        "-416.555.0100",
+        "416 555 0100",
+    ] {
         assert!(cells::is_phone_number(v), "{v:?} is a phone number");
     }
-    for v in ["=cmd", "+1 HYPERLINK", "-", "+", "+1,2", "", "+1\t2", "=1+2"] {
+    for v in [
+        "=cmd",
+        "+1 HYPERLINK",
+        "-",
+        "+",
+        "+1,2",
+        "",
+        "+1\t2",
+        "=1+2",
+    ] {
         assert!(!cells::is_phone_number(v), "{v:?} is not a phone number");
     }
 }
