@@ -1,7 +1,10 @@
 //! The HTTP API (contract section 7), the web page and the WebSocket bridge, on one port.
 
 mod api;
+mod rejections;
 mod stream;
+
+pub use rejections::MAX_BODY;
 
 use std::sync::Arc;
 
@@ -61,6 +64,9 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
             get(webhooks::api::deliveries),
         )
         .route("/ws", get(crate::ws::upgrade))
+        .fallback(rejections::unknown_path)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(rejections::json_errors))
         .with_state(app))
 }
 
