@@ -251,14 +251,14 @@ pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
 }
 
 /// What one delivery attempt came to, as counted by
-/// `bulk_webhook_deliveries_total{result}`.
+/// `bulk_webhook_deliveries_total{result}` (one count per attempt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptResult {
     /// A 2xx answer: delivered.
     Succeeded,
     /// Non-2xx, timeout or connection error: retried later.
     Failed,
-    /// Failed, and the retry window is over: no further attempt.
+    /// Failed, and the retry window is over: the delivery's last attempt.
     GaveUp,
 }
 
@@ -266,8 +266,8 @@ impl AttemptResult {
     /// The `result` label.
     pub fn as_str(self) -> &'static str {
         match self {
-            AttemptResult::Succeeded => "succeeded",
-            AttemptResult::Failed => "failed",
+            AttemptResult::Succeeded => "success",
+            AttemptResult::Failed => "failure",
             AttemptResult::GaveUp => "gave_up",
         }
     }
