@@ -81,6 +81,9 @@ pub struct Config {
     /// How often each instance sweeps expired exports and jobs.
     #[arg(long, env = "BULK_RETENTION_SWEEP", default_value = "1m", value_parser = humantime::parse_duration)]
     pub retention_sweep: Duration,
+    /// Webhook deliveries.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Config {

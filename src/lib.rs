@@ -15,6 +15,7 @@ pub mod quota;
 pub mod retention;
 pub mod seed;
 pub mod servers;
+pub mod webhooks;
 pub mod ws;
 
 /// Process-wide Prometheus metrics (`crate::metrics::webhook_delivery(..)` etc.).
@@ -97,6 +98,11 @@ impl Service {
         let store = JobStore::new(db.clone());
         store.ensure_indexes().await.context("ensuring indexes")?;
         let artifacts = Artifacts::new(&db);
+        let webhooks = webhooks::Webhooks::new(&db, &config.webhooks, keys.clone());
+        webhooks
+            .ensure_indexes()
+            .await
+            .context("ensuring webhook indexes")?;
         let sink: Arc<dyn contact_bulk_actors::events::EventSink> = Arc::new(NatsSink::new(
             js.clone(),
             keys.clone(),
@@ -130,9 +136,11 @@ impl Service {
             sink,
             quota,
             retention: config.retention(),
+            webhooks: webhooks.clone(),
         });
         let discovery = intake::start(app.clone(), &config, &mut tasks).await?;
         retention::start(app.clone(), config.retention_sweep, &mut tasks);
+        webhooks.start(&js, &config, &mut tasks).await?;
         let router = http::router(app.clone(), &config).await?;
         let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {

@@ -207,9 +207,9 @@ impl Drop for WsConnection {
     }
 }
 
-/// One webhook delivery attempt ended with `result`: `success` (a 2xx) or
-/// `failure` (any other answer, a timeout, a refused connection); other
-/// values (e.g. `gave_up` after 24 hours) make their own series.
+/// One webhook delivery attempt ended with `result`: `success` (a 2xx),
+/// `failure` (any other answer, a timeout, a refused connection; retried) or
+/// `gave_up` (failed, and the 24-hour retry window is over).
 pub fn webhook_delivery(result: &str) {
     METRICS
         .webhook_deliveries
@@ -282,7 +282,7 @@ pub fn render() -> String {
             });
         }
     }
-    for result in ["success", "failure"] {
+    for result in ["success", "failure", "gave_up"] {
         let _ = m.webhook_deliveries.get_or_create(&Delivery {
             result: result.to_string(),
         });
