@@ -131,15 +131,35 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         .filter(|id| restored.contains(id))
         .collect();
 
-    // 3. The delete's audit entries of these contacts give up their unique key,
-    // so a later delete of the restored contact writes its own.
+    // 3. The delete's audit entries of these contacts give up their unique key
+    // (`<orgId>:<contactId>`, held while the contact is deleted), so a later
+    // delete of the restored contact writes its own entry: each is moved to a
+    // key of its own (`released_key`), a copy first, then the original
+    // removed; a crash in between leaves the copy, and the redo finds it.
+    // (Moved, not updated in place: some servers keep a unique key claimed
+    // after an update changes it.)
     let delete_keys: Vec<String> = restored_ids.iter().map(|c| audit_key(org, *c)).collect();
-    event_logs
-        .update_many(
-            doc! {"bulkKey": {"$in": delete_keys}, "jobId": source, "type": "CONTACT_DELETE"},
-            doc! {"$unset": {"bulkKey": ""}, "$set": {"restoredBy": &job.job_id}},
-        )
-        .await?;
+    let held = doc! {"bulkKey": {"$in": &delete_keys}, "jobId": source, "type": "CONTACT_DELETE"};
+    let originals: Vec<Document> = event_logs.find(held.clone()).await?.try_collect().await?;
+    if !originals.is_empty() {
+        let copies: Vec<Document> = originals
+            .into_iter()
+            .filter_map(|mut e| {
+                let contact = e.get_object_id("contactId").ok()?;
+                e.remove("_id");
+                e.insert("bulkKey", released_key(org, contact, source));
+                e.insert("restoredBy", &job.job_id);
+                Some(e)
+            })
+            .collect();
+        let opts = InsertManyOptions::builder().ordered(false).build();
+        match event_logs.insert_many(&copies).with_options(opts).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        event_logs.delete_many(held).await?;
+    }
 
     // 4. Contacts first, then their children.
     let originals = contacts
@@ -239,4 +259,11 @@ async fn announce(
 
 fn raw_err(e: impl std::fmt::Display) -> JobError {
     JobError::Internal(format!("kept document: {e}"))
+}
+
+/// The key a restored contact's CONTACT_DELETE entry keeps: unique (one entry
+/// per delete and contact) and outside every delete's key range of the
+/// organisation (`<orgId>:` … `<orgId>;`).
+pub fn released_key(org: ObjectId, contact: ObjectId, source: &str) -> String {
+    format!("released:{}:{}:{source}", org.to_hex(), contact.to_hex())
 }
