@@ -77,7 +77,7 @@ impl Service {
         let nats = async_nats::ConnectOptions::new()
             .name("contact-bulk")
             .retry_on_initial_connect()
-            .connect(&config.nats_url)
+            .connect(config.nats_servers()?)
             .await
             .context("connecting to nats")?;
         let js = async_nats::jetstream::new(nats.clone());
@@ -103,6 +103,9 @@ impl Service {
             settings: config.job_settings(),
             instance: uuid::Uuid::new_v4().to_string(),
         };
+        // The lease owner id of this process: operators (and the chaos test)
+        // find which instance holds a job from its record's `leaseOwner`.
+        tracing::info!(instance = %env.instance, pid = std::process::id(), "instance id");
         let (supervisor, supervisor_handle) =
             Actor::spawn(None, Supervisor, (env, config.caps())).await?;
 
