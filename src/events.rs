@@ -149,7 +149,13 @@ impl EventSink for NatsSink {
 
 /// One per-contact event: organisation, type (the subject's last token), job,
 /// contact, body.
-type ContactEvent<'a> = (bson::oid::ObjectId, &'static str, &'a String, bson::oid::ObjectId, serde_json::Value);
+type ContactEvent<'a> = (
+    bson::oid::ObjectId,
+    &'static str,
+    &'a String,
+    bson::oid::ObjectId,
+    serde_json::Value,
+);
 
 impl NatsSink {
     /// Publishes per-contact events back to back with `Nats-Msg-Id:

@@ -28,7 +28,8 @@ pub async fn seed(db: &mongodb::Database, n: usize) -> Org {
     let named: Vec<(ObjectId, &str)> = stages.iter().copied().zip(["A", "B", "C"]).collect();
     let pipe = pipeline(db, id, "Sales", &named).await;
     let owners = vec![ObjectId::new(), ObjectId::new()];
-    let (mut contacts, mut convs, mut msgs, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut contacts, mut convs, mut msgs, mut ids) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         let mut c = contact(id, pipe, stages[i % 3], i);
         match i % 3 {
@@ -42,13 +43,27 @@ pub async fn seed(db: &mongodb::Database, n: usize) -> Org {
         c.insert("rank", i as i32);
         c.insert("vip", i % 2 == 0);
         c.insert("notes", Bson::Null);
-        c.insert("blob", Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![0, 1, 2, i as u8] }));
-        c.insert("address", doc! {"city": "Toronto", "geo": [43.65, -79.38], "extra": {"floor": i as i32}});
-        c.insert("seenAt", DateTime::from_millis(1_700_000_000_000 + i as i64));
+        c.insert(
+            "blob",
+            Bson::Binary(bson::Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: vec![0, 1, 2, i as u8],
+            }),
+        );
+        c.insert(
+            "address",
+            doc! {"city": "Toronto", "geo": [43.65, -79.38], "extra": {"floor": i as i32}},
+        );
+        c.insert(
+            "seenAt",
+            DateTime::from_millis(1_700_000_000_000 + i as i64),
+        );
         let cid = c.get_object_id("_id").unwrap();
         for j in 0..(i % 3) {
             let conv = ObjectId::new();
-            convs.push(doc! {"_id": conv, "orgId": id, "contactId": cid, "channel": "sms", "n": j as i32});
+            convs.push(
+                doc! {"_id": conv, "orgId": id, "contactId": cid, "channel": "sms", "n": j as i32},
+            );
             for k in 0..(i % 4) {
                 msgs.push(doc! {"_id": ObjectId::new(), "orgId": id, "conversationId": conv, "contactId": cid, "body": format!("hi {k} ✓"), "at": DateTime::now()});
             }
@@ -59,11 +74,19 @@ pub async fn seed(db: &mongodb::Database, n: usize) -> Org {
     insert(db, "contacts", contacts).await;
     insert(db, "conversations", convs).await;
     insert(db, "messages", msgs).await;
-    Org { id, stages, owners, contacts: ids }
+    Org {
+        id,
+        stages,
+        owners,
+        contacts: ids,
+    }
 }
 
 /// Every document of `org` in the three collections, as raw bytes by `_id`.
-pub async fn raw_state(db: &mongodb::Database, org: ObjectId) -> BTreeMap<(String, String), Vec<u8>> {
+pub async fn raw_state(
+    db: &mongodb::Database,
+    org: ObjectId,
+) -> BTreeMap<(String, String), Vec<u8>> {
     let mut out = BTreeMap::new();
     for coll in ["contacts", "conversations", "messages"] {
         let docs: Vec<RawDocumentBuf> = db
@@ -83,7 +106,10 @@ pub async fn raw_state(db: &mongodb::Database, org: ObjectId) -> BTreeMap<(Strin
 }
 
 async fn count(db: &mongodb::Database, coll: &str, filter: Document) -> u64 {
-    db.collection::<Document>(coll).count_documents(filter).await.unwrap()
+    db.collection::<Document>(coll)
+        .count_documents(filter)
+        .await
+        .unwrap()
 }
 
 /// Every event of `org` of this `kind` in the BULK_EVENTS stream, with its `Nats-Msg-Id` as `_msgId`.
@@ -110,7 +136,11 @@ pub async fn contact_events(client: &async_nats::Client, org: ObjectId, kind: &s
             .expect("stream read deadline")
             .unwrap()
             .unwrap();
-        let id = m.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.to_string());
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string());
         let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
         v["_msgId"] = json!(id);
         out.push(v);
@@ -124,7 +154,10 @@ async fn delete_all(client: &async_nats::Client, org: ObjectId, extra: Value) ->
         b.extend(e.clone());
     }
     let reply = request(client, "bulk.v1.delete", body).await;
-    let job = reply["jobId"].as_str().unwrap_or_else(|| panic!("{reply}")).to_string();
+    let job = reply["jobId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .to_string();
     let snap = wait_terminal(client, org, &job).await;
     assert_eq!(snap["status"], "completed", "{snap}");
     snap
@@ -140,7 +173,13 @@ async fn restore(client: &async_nats::Client, org: ObjectId, job: &str, extra: V
 
 /// The checks every complete restore of `org` passes: one CONTACT_RESTORE
 /// entry and one `contact_restored` per restored contact, assignees notified once.
-async fn check_restore_side_effects(stack: &Stack, org: &Org, job: &str, source: &str, restored: &BTreeSet<ObjectId>) {
+async fn check_restore_side_effects(
+    stack: &Stack,
+    org: &Org,
+    job: &str,
+    source: &str,
+    restored: &BTreeSet<ObjectId>,
+) {
     let db = stack.db().await;
     let entries: Vec<Document> = db
         .collection::<Document>("event_logs")
@@ -150,8 +189,15 @@ async fn check_restore_side_effects(stack: &Stack, org: &Org, job: &str, source:
         .try_collect()
         .await
         .unwrap();
-    let audited: Vec<ObjectId> = entries.iter().map(|e| e.get_object_id("contactId").unwrap()).collect();
-    assert_eq!(audited.len(), restored.len(), "one CONTACT_RESTORE entry per restored contact");
+    let audited: Vec<ObjectId> = entries
+        .iter()
+        .map(|e| e.get_object_id("contactId").unwrap())
+        .collect();
+    assert_eq!(
+        audited.len(),
+        restored.len(),
+        "one CONTACT_RESTORE entry per restored contact"
+    );
     assert_eq!(&audited.iter().copied().collect::<BTreeSet<_>>(), restored);
     for e in &entries {
         assert_eq!(e.get_str("type").unwrap(), "CONTACT_RESTORE");
@@ -165,14 +211,21 @@ async fn check_restore_side_effects(stack: &Stack, org: &Org, job: &str, source:
         .into_iter()
         .filter(|e| e["jobId"] == job)
         .collect();
-    assert_eq!(events.len(), restored.len(), "one contact_restored per restored contact");
+    assert_eq!(
+        events.len(),
+        restored.len(),
+        "one contact_restored per restored contact"
+    );
     let announced: BTreeSet<ObjectId> = events
         .iter()
         .map(|e| ObjectId::parse_str(e["contactId"].as_str().unwrap()).unwrap())
         .collect();
     assert_eq!(&announced, restored);
     for e in &events {
-        assert_eq!(e["_msgId"], format!("{job}:{}", e["contactId"].as_str().unwrap()));
+        assert_eq!(
+            e["_msgId"],
+            format!("{job}:{}", e["contactId"].as_str().unwrap())
+        );
         assert_eq!(e["sourceJobId"], source);
         assert_eq!(e["type"], "contact_restored");
     }
@@ -194,12 +247,17 @@ async fn check_restore_side_effects(stack: &Stack, org: &Org, job: &str, source:
         .await
         .unwrap();
     for c in owned {
-        *by_owner.entry(c.get_object_id("ownerId").unwrap()).or_default() += 1;
+        *by_owner
+            .entry(c.get_object_id("ownerId").unwrap())
+            .or_default() += 1;
     }
     assert_eq!(notes.len(), by_owner.len(), "one notification per assignee");
     for n in notes {
         assert_eq!(n.get_str("type").unwrap(), "contacts_restored");
-        assert_eq!(n.get_i64("count").unwrap() as usize, by_owner[&n.get_object_id("userId").unwrap()]);
+        assert_eq!(
+            n.get_i64("count").unwrap() as usize,
+            by_owner[&n.get_object_id("userId").unwrap()]
+        );
     }
 }
 
@@ -254,8 +312,24 @@ async fn a_delete_and_its_restore_leave_every_document_as_it_was() {
     check_restore_side_effects(&stack, &a, &job, &source, &restored).await;
 
     // The delete's entries gave up their unique keys to the restored contacts.
-    assert_eq!(count(&db, "event_logs", doc! {"jobId": &source, "bulkKey": {"$regex": "^released:"}}).await, 700);
-    assert_eq!(count(&db, "event_logs", doc! {"jobId": &source, "restoredBy": &job}).await, 700);
+    assert_eq!(
+        count(
+            &db,
+            "event_logs",
+            doc! {"jobId": &source, "bulkKey": {"$regex": "^released:"}}
+        )
+        .await,
+        700
+    );
+    assert_eq!(
+        count(
+            &db,
+            "event_logs",
+            doc! {"jobId": &source, "restoredBy": &job}
+        )
+        .await,
+        700
+    );
 
     // Asking again returns the same restore job.
     let again = restore(&client, a.id, &source, json!({})).await;
@@ -267,15 +341,41 @@ async fn a_delete_and_its_restore_leave_every_document_as_it_was() {
     let second = del2["jobId"].as_str().unwrap().to_string();
     assert_eq!(del2["counts"], del["counts"], "{del2}");
     assert_eq!(count(&db, "contacts", doc! {"orgId": a.id}).await, 0);
-    assert_eq!(count(&db, "event_logs", doc! {"jobId": &second, "type": "CONTACT_DELETE"}).await, 700);
-    assert_eq!(count(&db, "event_logs", doc! {"jobId": &source, "type": "CONTACT_DELETE"}).await, 700);
+    assert_eq!(
+        count(
+            &db,
+            "event_logs",
+            doc! {"jobId": &second, "type": "CONTACT_DELETE"}
+        )
+        .await,
+        700
+    );
+    assert_eq!(
+        count(
+            &db,
+            "event_logs",
+            doc! {"jobId": &source, "type": "CONTACT_DELETE"}
+        )
+        .await,
+        700
+    );
     let removed = contact_events(&client, a.id, "contact_removed").await;
-    assert_eq!(removed.iter().filter(|e| e["jobId"] == second.as_str()).count(), 700);
+    assert_eq!(
+        removed
+            .iter()
+            .filter(|e| e["jobId"] == second.as_str())
+            .count(),
+        700
+    );
     // And the second delete can be undone too.
     let r2 = restore(&client, a.id, &second, json!({})).await;
     let r2 = r2["jobId"].as_str().unwrap().to_string();
     let snap2 = wait_terminal(&client, a.id, &r2).await;
-    assert_eq!(snap2["result"], json!({"restored": 700, "skipped": 0}), "{snap2}");
+    assert_eq!(
+        snap2["result"],
+        json!({"restored": 700, "skipped": 0}),
+        "{snap2}"
+    );
     assert_eq!(raw_state(&db, a.id).await, before);
 }
 
@@ -298,15 +398,41 @@ async fn a_contact_created_again_is_skipped_and_never_overwritten() {
     let dry = restore(&client, a.id, &source, json!({"dryRun": true})).await;
     let deleted = &del["counts"];
     assert_eq!(dry["counts"]["contacts"], 59, "{dry}");
-    assert_eq!(dry["counts"]["conversations"].as_u64().unwrap(), deleted["conversations"].as_u64().unwrap() - 2);
-    assert_eq!(dry["counts"]["messages"].as_u64().unwrap(), deleted["messages"].as_u64().unwrap() - 2);
-    let job = restore(&client, a.id, &source, json!({})).await["jobId"].as_str().unwrap().to_string();
+    assert_eq!(
+        dry["counts"]["conversations"].as_u64().unwrap(),
+        deleted["conversations"].as_u64().unwrap() - 2
+    );
+    assert_eq!(
+        dry["counts"]["messages"].as_u64().unwrap(),
+        deleted["messages"].as_u64().unwrap() - 2
+    );
+    let job = restore(&client, a.id, &source, json!({})).await["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let snap = wait_terminal(&client, a.id, &job).await;
-    assert_eq!(snap["result"], json!({"restored": 59, "skipped": 1}), "{snap}");
+    assert_eq!(
+        snap["result"],
+        json!({"restored": 59, "skipped": 1}),
+        "{snap}"
+    );
     assert_eq!(snap["counts"], dry["counts"]);
-    let kept = db.collection::<Document>("contacts").find_one(doc! {"_id": again}).await.unwrap().unwrap();
-    assert_eq!(kept, doc! {"_id": again, "orgId": a.id, "firstName": "Recreated"}, "not overwritten");
-    assert_eq!(count(&db, "conversations", doc! {"contactId": again}).await, 0, "skipped with its children");
+    let kept = db
+        .collection::<Document>("contacts")
+        .find_one(doc! {"_id": again})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        kept,
+        doc! {"_id": again, "orgId": a.id, "firstName": "Recreated"},
+        "not overwritten"
+    );
+    assert_eq!(
+        count(&db, "conversations", doc! {"contactId": again}).await,
+        0,
+        "skipped with its children"
+    );
     let after = raw_state(&db, a.id).await;
     for (k, v) in &before {
         if k.0 == "contacts" && k.1 == again.to_hex() {
@@ -315,7 +441,11 @@ async fn a_contact_created_again_is_skipped_and_never_overwritten() {
         if after.get(k) != Some(v) {
             // Only the skipped contact's children may be missing.
             let d = bson::RawDocument::from_bytes(v).unwrap();
-            assert_eq!(d.get_object_id("contactId").unwrap(), again, "{k:?} not restored");
+            assert_eq!(
+                d.get_object_id("contactId").unwrap(),
+                again,
+                "{k:?} not restored"
+            );
         }
     }
     let restored: BTreeSet<ObjectId> = a.contacts.iter().copied().filter(|c| *c != again).collect();
@@ -336,7 +466,11 @@ async fn restores_refuse_what_cannot_be_restored() {
     let hard = delete_all(&client, a.id, json!({"hardDelete": true})).await;
     assert_eq!(hard["hardDelete"], true);
     assert!(hard["restorableUntil"].is_null(), "{hard}");
-    assert_eq!(count(&db, "bulk_kept", doc! {"orgId": a.id}).await, 0, "a hard delete keeps nothing");
+    assert_eq!(
+        count(&db, "bulk_kept", doc! {"orgId": a.id}).await,
+        0,
+        "a hard delete keeps nothing"
+    );
     let r = restore(&client, a.id, hard["jobId"].as_str().unwrap(), json!({})).await;
     assert_eq!(r["error"]["code"], "gone", "{r}");
     // Another organisation's delete: not found, even for a dry run.
@@ -352,7 +486,8 @@ async fn restores_refuse_what_cannot_be_restored() {
     let r = restore(&client, b.id, source, json!({"dryRun": "yes"})).await;
     assert_eq!(r["error"]["field"], "dryRun", "{r}");
     // Past the retention: gone.
-    let until = chrono::DateTime::parse_from_rfc3339(del["restorableUntil"].as_str().unwrap()).unwrap();
+    let until =
+        chrono::DateTime::parse_from_rfc3339(del["restorableUntil"].as_str().unwrap()).unwrap();
     while chrono::Utc::now() <= until {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -367,7 +502,12 @@ async fn a_restore_of_a_running_delete_is_a_conflict() {
     let a = seed(&db, 3000).await;
     let _svc = stack.service_with(|c| c.delete_batch = 50).await;
     let client = stack.client().await;
-    let reply = request(&client, "bulk.v1.delete", json!({"orgId": a.id.to_hex(), "filter": {"orgWide": true}})).await;
+    let reply = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": a.id.to_hex(), "filter": {"orgWide": true}}),
+    )
+    .await;
     let job = reply["jobId"].as_str().unwrap().to_string();
     let r = restore(&client, a.id, &job, json!({})).await;
     assert_eq!(r["error"]["code"], "conflict", "{r}");
@@ -389,24 +529,61 @@ async fn a_cancelled_restore_is_finished_by_a_second_one() {
     let client = stack.client().await;
     let del = delete_all(&client, a.id, json!({})).await;
     let source = del["jobId"].as_str().unwrap().to_string();
-    let first = restore(&client, a.id, &source, json!({})).await["jobId"].as_str().unwrap().to_string();
-    wait_job(&client, a.id, &first, 60, |s| s["processed"].as_i64().unwrap_or(0) >= 200).await;
-    let cancelled = request(&client, "bulk.v1.cancel", json!({"orgId": a.id.to_hex(), "jobId": &first})).await;
-    let cancelled = wait_terminal(&client, a.id, &first).await.as_object().cloned().map(Value::Object).unwrap_or(cancelled);
+    let first = restore(&client, a.id, &source, json!({})).await["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_job(&client, a.id, &first, 60, |s| {
+        s["processed"].as_i64().unwrap_or(0) >= 200
+    })
+    .await;
+    let cancelled = request(
+        &client,
+        "bulk.v1.cancel",
+        json!({"orgId": a.id.to_hex(), "jobId": &first}),
+    )
+    .await;
+    let cancelled = wait_terminal(&client, a.id, &first)
+        .await
+        .as_object()
+        .cloned()
+        .map(Value::Object)
+        .unwrap_or(cancelled);
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     let done1 = cancelled["result"]["restored"].as_u64().unwrap();
     assert!(done1 < 2000, "{cancelled}");
     // What the snapshot says is what is in the database.
     assert_eq!(count(&db, "contacts", doc! {"orgId": a.id}).await, done1);
-    assert_eq!(count(&db, "conversations", doc! {"orgId": a.id}).await, cancelled["counts"]["conversations"].as_u64().unwrap());
-    assert_eq!(count(&db, "messages", doc! {"orgId": a.id}).await, cancelled["counts"]["messages"].as_u64().unwrap());
-    let second = restore(&client, a.id, &source, json!({})).await["jobId"].as_str().unwrap().to_string();
+    assert_eq!(
+        count(&db, "conversations", doc! {"orgId": a.id}).await,
+        cancelled["counts"]["conversations"].as_u64().unwrap()
+    );
+    assert_eq!(
+        count(&db, "messages", doc! {"orgId": a.id}).await,
+        cancelled["counts"]["messages"].as_u64().unwrap()
+    );
+    let second = restore(&client, a.id, &source, json!({})).await["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(second, first);
     let snap = wait_terminal(&client, a.id, &second).await;
-    assert_eq!(snap["result"], json!({"restored": 2000 - done1, "skipped": done1}), "{snap}");
+    assert_eq!(
+        snap["result"],
+        json!({"restored": 2000 - done1, "skipped": done1}),
+        "{snap}"
+    );
     assert_eq!(raw_state(&db, a.id).await, before);
     // Each contact has exactly one CONTACT_RESTORE entry across both jobs.
-    assert_eq!(count(&db, "event_logs", doc! {"orgId": a.id, "type": "CONTACT_RESTORE"}).await, 2000);
+    assert_eq!(
+        count(
+            &db,
+            "event_logs",
+            doc! {"orgId": a.id, "type": "CONTACT_RESTORE"}
+        )
+        .await,
+        2000
+    );
 }
 
 #[tokio::test]
@@ -420,7 +597,9 @@ async fn restores_over_http() {
     let deleter = token(a.id, "contacts:delete jobs:read");
     // A hard delete needs contacts:purge.
     let r = http
-        .delete(format!("{base}/api/contacts/query-bulk-delete?hardDelete=true"))
+        .delete(format!(
+            "{base}/api/contacts/query-bulk-delete?hardDelete=true"
+        ))
         .bearer_auth(&deleter)
         .json(&json!({"orgWide": true}))
         .send()
@@ -435,18 +614,37 @@ async fn restores_over_http() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let job = r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
+    let job = r.json::<Value>().await.unwrap()["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let url = format!("{base}/api/contacts/bulk-job/{job}/restore");
     // 409 while it runs (or it is already done); poll to the end.
     let client = stack.client().await;
     wait_terminal(&client, a.id, &job).await;
-    let r = http.post(&url).bearer_auth(&deleter).json(&json!({"dryRun": true})).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(&deleter)
+        .json(&json!({"dryRun": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let dry: Value = r.json().await.unwrap();
     assert_eq!(dry["counts"]["contacts"], 40, "{dry}");
-    let r = http.post(&url).bearer_auth(token(a.id, "jobs:read")).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(token(a.id, "jobs:read"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    let r = http.post(&url).bearer_auth(token(ObjectId::new(), "contacts:delete")).send().await.unwrap();
+    let r = http
+        .post(&url)
+        .bearer_auth(token(ObjectId::new(), "contacts:delete"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let r = http.post(&url).bearer_auth(&deleter).send().await.unwrap();
     assert_eq!(r.status(), 202);
@@ -458,14 +656,19 @@ async fn restores_over_http() {
     // A hard delete with the purge scope, then its restore: 410.
     let purger = token(a.id, "contacts:delete contacts:purge");
     let r = http
-        .delete(format!("{base}/api/contacts/query-bulk-delete?hardDelete=true"))
+        .delete(format!(
+            "{base}/api/contacts/query-bulk-delete?hardDelete=true"
+        ))
         .bearer_auth(&purger)
         .json(&json!({"orgWide": true}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let hard = r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
+    let hard = r.json::<Value>().await.unwrap()["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     wait_terminal(&client, a.id, &hard).await;
     let r = http
         .post(format!("{base}/api/contacts/bulk-job/{hard}/restore"))

@@ -136,7 +136,8 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     } else if !run.job.hard_delete && run.job.restorable_until.is_none() {
         // A job recorded before deletes kept anything: it keeps from now on.
         let until = restorable_until(DateTime::now(), run.env.settings.restore_retention);
-        run.update(doc! {"$set": {"restorableUntil": until}}).await?;
+        run.update(doc! {"$set": {"restorableUntil": until}})
+            .await?;
     }
     if s.applying.is_empty() {
         if let Some(inflight) = run.job.inflight.clone() {
@@ -300,7 +301,10 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     if !run.job.hard_delete {
         // Everything the job removes is kept until then (one date for the
         // whole job, so its restore is all or nothing in time).
-        set.insert("restorableUntil", restorable_until(now, run.env.settings.restore_retention));
+        set.insert(
+            "restorableUntil",
+            restorable_until(now, run.env.settings.restore_retention),
+        );
     }
     run.update(doc! {"$set": set}).await?;
     run.status_event().await;

@@ -170,8 +170,24 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         .collect::<Result<Vec<_>, _>>()?;
     kept::insert_raw(&db.collection(target), originals).await?;
     let (conversations, messages) = futures::try_join!(
-        put_back(db, source, Kind::Conversation, names::CONVERSATIONS, after, upto, &restored),
-        put_back(db, source, Kind::Message, names::MESSAGES, after, upto, &restored),
+        put_back(
+            db,
+            source,
+            Kind::Conversation,
+            names::CONVERSATIONS,
+            after,
+            upto,
+            &restored
+        ),
+        put_back(
+            db,
+            source,
+            Kind::Message,
+            names::MESSAGES,
+            after,
+            upto,
+            &restored
+        ),
     )?;
 
     // 5. Notifications and events, to different servers, together.
@@ -224,7 +240,9 @@ async fn put_back(
 
 /// The original document inside a kept one, as it was.
 fn original(k: &RawDocumentBuf) -> Result<RawDocumentBuf, JobError> {
-    Ok(k.get_document("doc").map_err(raw_err)?.to_raw_document_buf())
+    Ok(k.get_document("doc")
+        .map_err(raw_err)?
+        .to_raw_document_buf())
 }
 
 /// Publishes `contact_restored` for the batch's entries.

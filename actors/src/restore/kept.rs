@@ -212,7 +212,10 @@ mod tests {
         let key = child_key(job, Kind::Message, b, RawBsonRef::ObjectId(msg));
         assert!(in_range(&key, &range(job, Kind::Message, Some(a), Some(b))));
         assert!(in_range(&key, &range(job, Kind::Message, None, None)));
-        assert!(!in_range(&key, &range(job, Kind::Message, Some(b), Some(c))));
+        assert!(!in_range(
+            &key,
+            &range(job, Kind::Message, Some(b), Some(c))
+        ));
         assert!(!in_range(&key, &range(job, Kind::Conversation, None, None)));
         let ck = contact_key(job, b);
         assert!(in_range(&ck, &range(job, Kind::Contact, Some(a), Some(b))));

@@ -147,7 +147,9 @@ pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts,
                 .batch_size(10_000)
                 .await?;
             while let Some(c) = children.try_next().await? {
-                if c.get_object_id("contactId").is_ok_and(|c| free.contains(&c)) {
+                if c.get_object_id("contactId")
+                    .is_ok_and(|c| free.contains(&c))
+                {
                     *slot += 1;
                 }
             }
