@@ -680,3 +680,184 @@ async fn restores_over_http() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "gone");
 }
+
+/// The real binary, its output drained.
+async fn start_binary(stack: &Stack, env: &[(&str, &str)]) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"));
+    cmd.arg("serve")
+        .env("NATS_URL", stack.nats.url())
+        .env("MONGODB_URI", stack.mongo.uri())
+        .env("MONGODB_DB", &stack.db_name)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("JWT_SECRET", SECRET)
+        .env("BULK_DELETE_BATCH", "40")
+        .env("BULK_RESTORE_BATCH", "30")
+        .env("BULK_LEASE_MS", "1000")
+        .env("BULK_SCAN_MS", "200")
+        // Every start after a crash counts as an attempt; these tests crash often.
+        .env("BULK_MAX_ATTEMPTS", "50")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("binary starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("listening on http://") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("binary ready within 60 s");
+    assert!(ready, "binary exited before listening");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// Waits for the binary to end by itself (a failpoint), with a deadline.
+async fn wait_exit(child: &mut tokio::process::Child, point: &str) {
+    let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the binary never reached failpoint {point}"))
+        .unwrap();
+    assert!(!status.success(), "aborted at {point}: {status}");
+}
+
+#[tokio::test]
+async fn a_crash_at_each_point_of_the_delete_loses_nothing() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let client = stack.client().await;
+    let mut orgs = Vec::new();
+    for point in [
+        "delete.keep",
+        "delete.kept",
+        "delete.children",
+        "delete.contacts",
+    ] {
+        let org = seed(&db, 300).await;
+        let before = raw_state(&db, org.id).await;
+        let mut bin = start_binary(&stack, &[("BULK_FAILPOINT", point)]).await;
+        let reply = request(
+            &client,
+            "bulk.v1.delete",
+            json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}}),
+        )
+        .await;
+        let job = reply["jobId"].as_str().unwrap().to_string();
+        wait_exit(&mut bin, point).await;
+        orgs.push((point, org, before, job));
+    }
+    // Every delete, crashed at one point or several, resumes and completes.
+    let _bin = start_binary(&stack, &[]).await;
+    for (point, org, before, job) in &orgs {
+        let snap = wait_terminal(&client, org.id, job).await;
+        assert_eq!(snap["status"], "completed", "{point}: {snap}");
+        assert_eq!(snap["counts"]["contacts"], 300, "{point}: {snap}");
+        assert_eq!(
+            count(&db, "contacts", doc! {"orgId": org.id}).await,
+            0,
+            "{point}"
+        );
+        for coll in ["conversations", "messages"] {
+            assert_eq!(
+                count(&db, coll, doc! {"orgId": org.id}).await,
+                0,
+                "{point}: {coll} left"
+            );
+        }
+        // Everything it removed was kept: the restore gives back every byte.
+        let r = restore(&client, org.id, job, json!({})).await;
+        let rjob = r["jobId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"))
+            .to_string();
+        let done = wait_terminal(&client, org.id, &rjob).await;
+        assert_eq!(
+            done["result"],
+            json!({"restored": 300, "skipped": 0}),
+            "{point}: {done}"
+        );
+        assert_eq!(
+            &raw_state(&db, org.id).await,
+            before,
+            "{point}: not everything came back"
+        );
+    }
+}
+
+/// Restore batches of ten: many batches to crash in.
+const SMALL: &[(&str, &str)] = &[("BULK_RESTORE_BATCH", "10")];
+
+#[tokio::test]
+async fn sigkill_mid_restore_then_completion_is_exact() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let a = seed(&db, 1500).await;
+    let before = raw_state(&db, a.id).await;
+    let client = stack.client().await;
+    let mut bin = start_binary(&stack, SMALL).await;
+    let reply = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": a.id.to_hex(), "filter": {"orgWide": true}}),
+    )
+    .await;
+    let source = reply["jobId"].as_str().unwrap().to_string();
+    let del = wait_terminal(&client, a.id, &source).await;
+    assert_eq!(del["status"], "completed");
+    let job = restore(&client, a.id, &source, json!({})).await["jobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for threshold in [60, 300] {
+        wait_job(&client, a.id, &job, 90, |s| {
+            s["processed"].as_i64().unwrap_or(0) >= threshold
+        })
+        .await;
+        bin.kill().await.unwrap(); // SIGKILL
+        let mid = db
+            .collection::<Document>("bulk_jobs")
+            .find_one(doc! {"_id": &job})
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            mid.get_str("status").unwrap(),
+            "completed",
+            "killed mid-way: {mid}"
+        );
+        bin = start_binary(&stack, SMALL).await;
+    }
+    // And a crash at each point of a restore batch.
+    for point in ["restore.decided", "restore.contacts", "restore.children"] {
+        bin.kill().await.unwrap();
+        bin = start_binary(
+            &stack,
+            &[("BULK_RESTORE_BATCH", "10"), ("BULK_FAILPOINT", point)],
+        )
+        .await;
+        wait_exit(&mut bin, point).await;
+    }
+    bin = start_binary(&stack, SMALL).await;
+    let snap = wait_terminal(&client, a.id, &job).await;
+    assert_eq!(snap["status"], "completed", "{snap}");
+    assert_eq!(
+        snap["result"],
+        json!({"restored": 1500, "skipped": 0}),
+        "{snap}"
+    );
+    assert_eq!(snap["counts"], del["counts"]);
+    assert_eq!(snap["processed"], 1500);
+    assert_eq!(raw_state(&db, a.id).await, before);
+    let restored: BTreeSet<ObjectId> = a.contacts.iter().copied().collect();
+    check_restore_side_effects(&stack, &a, &job, &source, &restored).await;
+    drop(bin);
+}

@@ -10,6 +10,7 @@ pub mod encode;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod failpoint;
 pub mod filter;
 pub mod job;
 pub mod lookup;

@@ -73,7 +73,9 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
             // Kept first, then exactly what was kept is deleted: a crash
             // anywhere after the keep leaves it kept, and a batch redone keeps
             // what is left (the rest is kept already).
+            crate::failpoint::hit("delete.keep");
             let kept = crate::restore::kept::keep(&db, &job, &ids).await?;
+            crate::failpoint::hit("delete.kept");
             laps.lap("keep");
             (
                 doc! {"_id": {"$in": kept.messages}, "orgId": org},
@@ -84,12 +86,14 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
             messages.delete_many(message_filter).into_future(),
             conversations.delete_many(conversation_filter).into_future(),
         )?;
+        crate::failpoint::hit("delete.children");
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
         // filter since (its children already may have).
         contacts(&db, &job.filter)
             .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
             .await?;
+        crate::failpoint::hit("delete.contacts");
     }
     laps.lap("contacts");
     if let Some(previous) = after_previous {

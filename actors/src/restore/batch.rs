@@ -104,6 +104,7 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
             Err(e) => return Err(e.into()),
         }
     }
+    crate::failpoint::hit("restore.decided");
     let keys: Vec<String> = ids.iter().map(|id| restore_key(source, *id)).collect();
     let mine: Vec<Document> = event_logs
         .find(doc! {"bulkKey": {"$in": &keys}, "jobId": &job.job_id})
@@ -169,6 +170,7 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         .map(|(k, _)| original(k))
         .collect::<Result<Vec<_>, _>>()?;
     kept::insert_raw(&db.collection(target), originals).await?;
+    crate::failpoint::hit("restore.contacts");
     let (conversations, messages) = futures::try_join!(
         put_back(
             db,
@@ -190,6 +192,7 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         ),
     )?;
 
+    crate::failpoint::hit("restore.children");
     // 5. Notifications and events, to different servers, together.
     futures::try_join!(
         notify(db, job, "contacts_restored", upto, &mine, sampled),
