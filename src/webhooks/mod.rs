@@ -58,7 +58,8 @@ pub struct WebhookConfig {
         long = "webhook-allow-private",
         env = "BULK_WEBHOOK_ALLOW_PRIVATE",
         default_value_t = false,
-        action = clap::ArgAction::Set
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub allow_private: bool,
     /// Delay before the first retry of a failed delivery, in milliseconds;
