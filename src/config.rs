@@ -72,6 +72,9 @@ pub struct Config {
     /// Contacts put back per restore batch.
     #[arg(long, env = "BULK_RESTORE_BATCH", default_value_t = 1000)]
     pub restore_batch: u32,
+    /// Webhook deliveries.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Config {
