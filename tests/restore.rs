@@ -735,6 +735,7 @@ async fn a_crash_at_each_point_of_the_delete_loses_nothing() {
     let stack = Stack::start().await;
     let db = stack.db().await;
     let client = stack.client().await;
+    let js = async_nats::jetstream::new(client.clone());
     let mut orgs = Vec::new();
     for point in [
         "delete.keep",
@@ -745,17 +746,39 @@ async fn a_crash_at_each_point_of_the_delete_loses_nothing() {
         let org = seed(&db, 300).await;
         let before = raw_state(&db, org.id).await;
         let mut bin = start_binary(&stack, &[("BULK_FAILPOINT", point)]).await;
-        let reply = request(
+        // Durable intake: the command is stored whatever becomes of the binary.
+        let body =
+            json!({"orgId": org.id.to_hex(), "commandId": point, "filter": {"orgWide": true}});
+        js.publish(
+            "bulk.v1.submit.delete",
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("stored by JetStream");
+        wait_exit(&mut bin, point).await;
+        // The crashed delete resumes and completes.
+        let mut bin = start_binary(&stack, &[]).await;
+        let found = request(
             &client,
-            "bulk.v1.delete",
-            json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}}),
+            "bulk.v1.job",
+            json!({"orgId": org.id.to_hex(), "commandId": point}),
         )
         .await;
-        let job = reply["jobId"].as_str().unwrap().to_string();
-        wait_exit(&mut bin, point).await;
+        let job = found["jobId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{point}: {found}"))
+            .to_string();
+        let snap = wait_terminal(&client, org.id, &job).await;
+        assert_eq!(snap["status"], "completed", "{point}: {snap}");
+        assert!(
+            snap["attempts"].as_i64().unwrap() >= 2,
+            "{point} was never reached: {snap}"
+        );
+        bin.kill().await.unwrap();
         orgs.push((point, org, before, job));
     }
-    // Every delete, crashed at one point or several, resumes and completes.
     let _bin = start_binary(&stack, &[]).await;
     for (point, org, before, job) in &orgs {
         let snap = wait_terminal(&client, org.id, job).await;
