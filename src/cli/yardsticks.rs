@@ -19,7 +19,10 @@ use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
 const FILES: [(&str, &str); 4] = [
-    ("package.json", include_str!("../../yardsticks/package.json")),
+    (
+        "package.json",
+        include_str!("../../yardsticks/package.json"),
+    ),
     ("export.js", include_str!("../../yardsticks/export.js")),
     ("delete.js", include_str!("../../yardsticks/delete.js")),
     ("README.md", include_str!("../../yardsticks/README.md")),
@@ -170,7 +173,9 @@ fn tool(var: &str, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 async fn install_into(dir: &Path, npm: &Path) -> anyhow::Result<()> {
-    let parent = dir.parent().context("yardsticks directory without parent")?;
+    let parent = dir
+        .parent()
+        .context("yardsticks directory without parent")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let scratch = parent.join(format!(".install-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&scratch)?;
@@ -178,7 +183,10 @@ async fn install_into(dir: &Path, npm: &Path) -> anyhow::Result<()> {
         for (name, text) in FILES {
             std::fs::write(scratch.join(name), text)?;
         }
-        eprintln!("installing the Node yardsticks' npm packages into {}", dir.display());
+        eprintln!(
+            "installing the Node yardsticks' npm packages into {}",
+            dir.display()
+        );
         let out = Command::new(npm)
             .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(&scratch)
