@@ -1,10 +1,10 @@
-//! Event publishing to JetStream: the `BULK_EVENTS` stream, job events and `contact_removed`.
+//! Event publishing to JetStream: the `BULK_EVENTS` stream, job events, `contact_removed` and `contact_restored`.
 
 use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
-use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact};
+use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact, RestoredContact};
 use contact_bulk_actors::model::{rfc3339, JobRecord};
 use contact_bulk_actors::JobError;
 use futures::future::BoxFuture;
@@ -111,34 +111,69 @@ impl EventSink for NatsSink {
         &'a self,
         removed: &'a [RemovedContact],
     ) -> BoxFuture<'a, Result<(), JobError>> {
-        Box::pin(async move {
-            let mut acks = Vec::with_capacity(removed.len());
-            for r in removed {
-                let subject = format!(
-                    "{}.v1.events.{}.contact_removed",
-                    self.prefix,
-                    r.org_id.to_hex()
-                );
-                let body = json!({
-                    "type": "contact_removed",
-                    "orgId": r.org_id.to_hex(),
-                    "contactId": r.contact_id.to_hex(),
-                    "jobId": r.job_id,
-                    "pipelineType": r.pipeline_type.as_str(),
-                    "ownerId": r.owner_id.map(|o| o.to_hex()),
-                    "at": rfc3339(r.at),
-                });
-                let payload = serde_json::to_vec(&body).map_err(nats_err)?;
-                let msg = PublishMessage::build()
-                    .payload(payload.into())
-                    .message_id(format!("{}:{}", r.job_id, r.contact_id.to_hex()));
-                // Sent back to back; acks are awaited together below.
-                acks.push(self.js.send_publish(subject, msg).await.map_err(nats_err)?);
-            }
-            for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
-                ack.map_err(nats_err)?;
-            }
-            Ok(())
-        })
+        let events = removed.iter().map(|r| {
+            let body = json!({
+                "type": "contact_removed",
+                "orgId": r.org_id.to_hex(),
+                "contactId": r.contact_id.to_hex(),
+                "jobId": r.job_id,
+                "pipelineType": r.pipeline_type.as_str(),
+                "ownerId": r.owner_id.map(|o| o.to_hex()),
+                "at": rfc3339(r.at),
+            });
+            (r.org_id, "contact_removed", &r.job_id, r.contact_id, body)
+        });
+        Box::pin(self.contact_events(events.collect()))
+    }
+
+    fn contacts_restored<'a>(
+        &'a self,
+        restored: &'a [RestoredContact],
+    ) -> BoxFuture<'a, Result<(), JobError>> {
+        let events = restored.iter().map(|r| {
+            let body = json!({
+                "type": "contact_restored",
+                "orgId": r.org_id.to_hex(),
+                "contactId": r.contact_id.to_hex(),
+                "jobId": r.job_id,
+                "sourceJobId": r.source_job_id,
+                "pipelineType": r.pipeline_type.as_str(),
+                "ownerId": r.owner_id.map(|o| o.to_hex()),
+                "at": rfc3339(r.at),
+            });
+            (r.org_id, "contact_restored", &r.job_id, r.contact_id, body)
+        });
+        Box::pin(self.contact_events(events.collect()))
+    }
+}
+
+/// One per-contact event: organisation, type (the subject's last token), job,
+/// contact, body.
+type ContactEvent<'a> = (
+    bson::oid::ObjectId,
+    &'static str,
+    &'a String,
+    bson::oid::ObjectId,
+    serde_json::Value,
+);
+
+impl NatsSink {
+    /// Publishes per-contact events back to back with `Nats-Msg-Id:
+    /// <jobId>:<contactId>` (a repeat after a crash is dropped by the stream),
+    /// then waits for every ack.
+    async fn contact_events(&self, events: Vec<ContactEvent<'_>>) -> Result<(), JobError> {
+        let mut acks = Vec::with_capacity(events.len());
+        for (org, kind, job_id, contact, body) in events {
+            let subject = format!("{}.v1.events.{}.{kind}", self.prefix, org.to_hex());
+            let payload = serde_json::to_vec(&body).map_err(nats_err)?;
+            let msg = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(format!("{job_id}:{}", contact.to_hex()));
+            acks.push(self.js.send_publish(subject, msg).await.map_err(nats_err)?);
+        }
+        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+            ack.map_err(nats_err)?;
+        }
+        Ok(())
     }
 }

@@ -507,6 +507,20 @@ async fn a_500_then_a_200_gives_two_signed_deliveries_with_one_id() {
     assert_eq!(d["log"][1]["statusCode"], 500, "{d}");
     assert!(d["log"][1]["durationMs"].as_i64().is_some(), "{d}");
     assert!(d["deliveredAt"].is_string());
+    let manage = token(org, "webhooks:manage");
+    let retry = format!("/api/webhooks/{hook_id}/deliveries/{id}/retry");
+    let (s, e) = call(reqwest::Method::POST, base, &retry, Some(&manage), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("conflict")), "{e}");
+    let other_token = token(other, "webhooks:manage");
+    let (s, _) = call(
+        reqwest::Method::POST,
+        base,
+        &retry,
+        Some(&other_token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404, "another organisation's delivery");
 
     // A second job is the fence: once its delivery is in, the first one's is
     // long settled, and a succeeded delivery was not sent again.
@@ -711,7 +725,39 @@ async fn timeouts_and_refused_connections_are_retried_until_the_window_ends() {
             "no attempt after the window: {d}"
         );
         assert!(d["deliveredAt"].is_null());
+        // Tried once more by hand, then given up again.
+        let path = format!(
+            "/api/webhooks/{}/deliveries/{}/retry",
+            hook["id"].as_str().unwrap(),
+            d["id"].as_str().unwrap()
+        );
+        let manage = token(org, "webhooks:manage");
+        let (s, r) = call(reqwest::Method::POST, svc.addr, &path, Some(&manage), None).await;
+        assert_eq!((s, r["status"].as_str()), (202, Some("pending")), "{r}");
+        let log = wait_log(svc.addr, org, hook["id"].as_str().unwrap(), 60, |l| {
+            l["deliveries"][0]["attempts"].as_i64() == Some(attempts + 1)
+                && l["deliveries"][0]["status"] == "failed"
+        })
+        .await;
+        assert!(log["deliveries"][0]["log"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains(words));
     }
+    let bogus = format!(
+        "/api/webhooks/{}/deliveries/{}/retry",
+        slow["id"].as_str().unwrap(),
+        ObjectId::new()
+    );
+    let (s, _) = call(
+        reqwest::Method::POST,
+        svc.addr,
+        &bogus,
+        Some(&token(org, "webhooks:manage")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
     // Each timed-out attempt reached the receiver: the timeout cut it short.
     assert!(!receiver.hits("/slow").is_empty());
     svc.stop().await.unwrap();

@@ -45,6 +45,10 @@ pub enum JobError {
         /// How long to wait before retrying.
         retry_after_ms: u64,
     },
+    /// What was asked for existed but is no longer there (a restore of a hard
+    /// delete, or past the retention); maps to `gone`.
+    #[error("{0}")]
+    Gone(String),
     /// MongoDB failed.
     #[error("database error: {0}")]
     Mongo(#[from] mongodb::error::Error),
@@ -61,6 +65,7 @@ impl JobError {
             JobError::NotFound(_) => "not_found",
             JobError::Conflict(_) => "conflict",
             JobError::RateLimited { .. } => "rate_limited",
+            JobError::Gone(_) => "gone",
             JobError::Mongo(_) | JobError::Internal(_) => "internal",
         }
     }

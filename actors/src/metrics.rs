@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::model::{JobKind, JobRecord};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Finished {
     kind: String,
@@ -251,21 +253,26 @@ pub fn jobs_removed(n: u64) {
     METRICS.jobs_removed.inc_by(n);
 }
 
-/// `processed` of a held job moved by `delta` in a checkpoint: counted as rows
-/// exported, contacts deleted or restored according to the job's kind.
-pub fn job_progressed(kind: &str, delta: i64) {
-    let Ok(n) = u64::try_from(delta) else {
-        // A reset (a job starting over) is not work undone.
+/// A held job's record went from `before` to `after` in a checkpoint: the
+/// work done in between is counted as rows exported (an export's `processed`),
+/// contacts deleted or restored (the job's `counts.contacts`, which leaves out
+/// the contacts a restore skipped).
+pub fn checkpointed(before: &JobRecord, after: &JobRecord) {
+    let (was, now) = match after.kind {
+        JobKind::Export => (
+            before.processed.max(0) as u64,
+            after.processed.max(0) as u64,
+        ),
+        _ => (before.counts.contacts, after.counts.contacts),
+    };
+    // A reset (a job starting over) is not work undone.
+    let Some(n) = now.checked_sub(was).filter(|n| *n > 0) else {
         return;
     };
-    if n == 0 {
-        return;
-    }
-    match kind {
-        "export" => rows_exported(n),
-        "delete" => contacts_deleted(n),
-        "restore" => contacts_restored(n),
-        _ => {}
+    match after.kind {
+        JobKind::Export => rows_exported(n),
+        JobKind::Delete => contacts_deleted(n),
+        JobKind::Restore => contacts_restored(n),
     }
 }
 
@@ -274,7 +281,7 @@ pub fn job_progressed(kind: &str, delta: i64) {
 pub fn render() -> String {
     let m = &*METRICS;
     // Series that exist from the start, so dashboards see zeros, not gaps.
-    for kind in ["export", "delete"] {
+    for kind in ["export", "delete", "restore"] {
         for status in ["completed", "failed", "cancelled"] {
             let _ = m.finished.get_or_create(&Finished {
                 kind: kind.to_string(),
@@ -310,8 +317,25 @@ mod tests {
         let before = render();
         job_started();
         job_finished("export", "completed");
-        job_progressed("export", 7);
-        job_progressed("delete", -3);
+        let job = |kind, processed, contacts| {
+            let mut j = JobRecord::new(
+                kind,
+                bson::oid::ObjectId::new(),
+                None,
+                None,
+                crate::filter::Filter::default(),
+                None,
+            );
+            j.processed = processed;
+            j.counts.contacts = contacts;
+            j
+        };
+        checkpointed(&job(JobKind::Export, 10, 0), &job(JobKind::Export, 17, 0));
+        // A delete starting over (counts back to zero) counts nothing.
+        checkpointed(&job(JobKind::Delete, 5, 5), &job(JobKind::Delete, 0, 0));
+        // A restore counts what it put back, not what it skipped.
+        let before_restored = value(&render(), "bulk_contacts_restored_total");
+        checkpointed(&job(JobKind::Restore, 0, 0), &job(JobKind::Restore, 9, 4));
         command_duration("bulk.v1.count", Duration::from_millis(3));
         webhook_delivery("success");
         let g = ws_connection();
@@ -331,6 +355,10 @@ mod tests {
             value(&before, "bulk_contacts_deleted_total")
         );
         assert!(value(&after, "bulk_ws_connections") >= 1.0);
+        assert_eq!(
+            value(&after, "bulk_contacts_restored_total") - before_restored,
+            4.0
+        );
         assert!(
             after.contains(
                 "bulk_command_duration_seconds_bucket{le=\"0.004\",subject=\"bulk.v1.count\"}"

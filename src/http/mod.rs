@@ -49,6 +49,10 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
             "/api/contacts/bulk-job/{job_id}/cancel",
             post(api::cancel_job),
         )
+        .route(
+            "/api/contacts/bulk-job/{job_id}/restore",
+            post(api::restore_job),
+        )
         .route("/api/exports", post(api::create_export))
         .route("/api/exports/{job_id}", get(api::get_export))
         .route("/api/exports/{job_id}/download", get(stream::download))
@@ -65,6 +69,10 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route(
             "/api/webhooks/{id}/deliveries",
             get(webhooks::api::deliveries),
+        )
+        .route(
+            "/api/webhooks/{id}/deliveries/{delivery_id}/retry",
+            post(webhooks::api::retry),
         )
         .route("/ws", get(crate::ws::upgrade))
         .layer(axum::middleware::from_fn(ratelimit::headers))
@@ -153,6 +161,7 @@ impl ApiError {
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             JobError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            JobError::Gone(_) => (StatusCode::GONE, "gone"),
             JobError::Mongo(_) | JobError::Internal(_) => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
