@@ -97,6 +97,7 @@ async fn every_instance_answers_srv_ping_and_the_endpoints_keep_the_queue_group(
                 ("delete", "bulk.v1.delete"),
                 ("export", "bulk.v1.export"),
                 ("job", "bulk.v1.job"),
+                ("restore", "bulk.v1.restore"),
             ]
         );
     }
@@ -218,6 +219,26 @@ async fn metrics_series_move_with_a_job() {
             "bulk_jobs_finished_total{kind=\"delete\",status=\"completed\"}"
         ) >= 1.0
     );
+
+    // And a restore of that delete puts them back, counted per batch too.
+    let reply = request(
+        &client,
+        "bulk.v1.restore",
+        json!({"orgId": org.to_hex(), "jobId": &job_id}),
+    )
+    .await;
+    let restore_id = reply["jobId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .to_string();
+    let done = wait_terminal(&client, org, &restore_id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let restored = get_metrics(&base).await;
+    let restored_delta = series(&restored, "bulk_contacts_restored_total")
+        - series(&last, "bulk_contacts_restored_total");
+    assert!(restored_delta >= 1_500.0, "restored {restored_delta}");
+    let finished = "bulk_jobs_finished_total{kind=\"restore\",status=\"completed\"}";
+    assert!(series(&restored, finished) - series(&last, finished) >= 1.0);
     svc.stop().await.unwrap();
 }
 
