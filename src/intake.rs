@@ -245,7 +245,9 @@ async fn submit(app: &App, export: bool, payload: &Bytes) -> Result<Value, JobEr
     };
     match result {
         Ok(v) => Ok(v),
-        Err(e @ (JobError::Mongo(_) | JobError::Internal(_))) => Err(e),
+        Err(e @ (JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. })) => {
+            Err(e)
+        }
         Err(e) => Ok(error_reply(&e)),
     }
 }

@@ -88,7 +88,7 @@ impl Service {
         .await
         .context("nats did not answer within 30 s")??;
 
-        let store = JobStore::new(db.clone());
+        let store = JobStore::new(db.clone()).with_clock_offset(config.test_clock_offset_ms);
         store.ensure_indexes().await.context("ensuring indexes")?;
         let artifacts = Artifacts::new(&db);
         let sink: Arc<dyn contact_bulk_actors::events::EventSink> = Arc::new(NatsSink::new(

@@ -10,6 +10,7 @@ pub mod encode;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod failpoint;
 pub mod filter;
 pub mod job;
 pub mod lookup;
@@ -19,4 +20,4 @@ pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 
-pub use error::{JobError, ValidationError};
+pub use error::{Dependency, JobError, ValidationError};

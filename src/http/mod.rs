@@ -127,7 +127,7 @@ impl ApiError {
             JobError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            JobError::Mongo(_) | JobError::Internal(_) => {
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
