@@ -90,6 +90,10 @@ impl Service {
 
         let store = JobStore::new(db.clone()).with_clock_offset(config.test_clock_offset_ms);
         store.ensure_indexes().await.context("ensuring indexes")?;
+        store
+            .sync_clock()
+            .await
+            .context("reading the database's clock")?;
         let artifacts = Artifacts::new(&db);
         let sink: Arc<dyn contact_bulk_actors::events::EventSink> = Arc::new(NatsSink::new(
             js.clone(),

@@ -216,6 +216,14 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     if s.exhausted && s.buf_rows == 0 {
         return complete(s).await;
     }
+    if s.run.job.processed > 0
+        && crate::failpoint::fires(
+            crate::failpoint::EXPORT_STEP_FAILS,
+            &s.run.job.org_id.to_hex(),
+        )
+    {
+        return Err(JobError::Internal("injected failure".into()));
+    }
     Ok(true)
 }
 

@@ -16,6 +16,8 @@ static ARMED: Mutex<Option<HashMap<(String, String), u32>>> = Mutex::new(None);
 pub const DELETE_RECORD_LOST_REPLY: &str = "delete.record.lost_reply";
 /// After the job's terminal write: its reply is lost.
 pub const FINISH_LOST_REPLY: &str = "job.finish.lost_reply";
+/// An export step that wrote rows then fails on its own work.
+pub const EXPORT_STEP_FAILS: &str = "export.step.fails";
 
 /// Arms `point` for `scope` to fire `times` times (tests only).
 pub fn arm(point: &str, scope: &str, times: u32) {

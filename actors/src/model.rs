@@ -204,13 +204,8 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     /// Instance holding the job.
     pub lease_owner: Option<String>,
-    /// When the lease was last taken or renewed, by the database's clock
-    /// (`$currentDate`); it expires `leaseTtlMs` later, by the same clock.
-    #[serde(default)]
-    pub lease_renewed_at: Option<DateTime>,
-    /// Length of the lease.
-    #[serde(default)]
-    pub lease_ttl_ms: Option<i64>,
+    /// Lease expiry on the database's clock; another instance may take over after it.
+    pub lease_until: Option<DateTime>,
     /// Bumped by every acquisition: the fence of every write the holder
     /// makes, so a holder that lost the lease cannot write any more.
     #[serde(default)]
@@ -265,8 +260,7 @@ impl JobRecord {
             result: None,
             cancel_requested: false,
             lease_owner: None,
-            lease_renewed_at: None,
-            lease_ttl_ms: None,
+            lease_until: None,
             lease_epoch: 0,
             waiting: None,
             inflight: None,

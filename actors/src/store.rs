@@ -1,9 +1,11 @@
 //! MongoDB access for job records (`bulk_jobs`) and the indexes every job query relies on.
 //!
-//! Leases are judged by the database's clock only: taking or renewing one
-//! stamps `leaseRenewedAt` with `$currentDate`, and "expired" is
-//! `leaseRenewedAt + leaseTtlMs < $$NOW`, evaluated by the server. An instance
-//! whose clock is off cannot steal a live job or keep a dead one.
+//! Leases are judged by the database's clock: "expired" is `leaseUntil <
+//! $$NOW`, evaluated by the server, and `leaseUntil` itself is set on the
+//! database's clock too (this instance's clock corrected by the offset to the
+//! server's `hello.localTime`, measured at start and at every scan; the
+//! server cannot add to a date in a query or update itself). An instance
+//! whose clock is off can neither steal a live job nor keep a dead one.
 //!
 //! Every acquisition bumps `leaseEpoch`; every write of the holder names its
 //! epoch in its filter (the fence), so a holder that lost the lease (paused,
@@ -59,6 +61,8 @@ pub struct JobStore {
     db: Database,
     jobs: Collection<JobRecord>,
     clock_offset_ms: i64,
+    /// The database's clock minus this instance's (with its test offset).
+    db_offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A lease held by this instance: who and which acquisition.
@@ -75,7 +79,7 @@ pub struct Lease {
 fn lease_free() -> Document {
     doc! {"$or": [
         {"leaseOwner": null},
-        {"$expr": {"$lt": [{"$add": ["$leaseRenewedAt", "$leaseTtlMs"]}, "$$NOW"]}},
+        {"$expr": {"$lt": ["$leaseUntil", "$$NOW"]}},
     ]}
 }
 
@@ -103,7 +107,41 @@ impl JobStore {
             db,
             jobs,
             clock_offset_ms: 0,
+            db_offset_ms: Default::default(),
         }
+    }
+
+    /// Measures the offset of the database's clock to this instance's
+    /// (`hello.localTime`, corrected by half the round trip).
+    pub async fn sync_clock(&self) -> Result<(), JobError> {
+        use std::sync::atomic::Ordering;
+        let sent = self.now().timestamp_millis();
+        let hello = self.db.run_command(doc! {"hello": 1}).await?;
+        let back = self.now().timestamp_millis();
+        match hello.get_datetime("localTime") {
+            Ok(server) => {
+                let offset = server.timestamp_millis() - (sent + back) / 2;
+                let before = self.db_offset_ms.swap(offset, Ordering::Relaxed);
+                if (offset - before).abs() > 1000 {
+                    tracing::info!(offset_ms = offset, "database clock offset");
+                }
+            }
+            Err(_) => tracing::warn!("hello without localTime: leases use this instance's clock"),
+        }
+        Ok(())
+    }
+
+    /// Now on the database's clock, as well as this instance can tell.
+    pub fn db_now(&self) -> DateTime {
+        let offset = self
+            .db_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        DateTime::from_millis(self.now().timestamp_millis() + offset)
+    }
+
+    /// When a lease taken or renewed now ends, on the database's clock.
+    fn lease_until(&self, ttl: Duration) -> DateTime {
+        DateTime::from_millis(self.db_now().timestamp_millis() + ttl.as_millis() as i64)
     }
 
     /// Shifts this instance's clock (tests of clock skew only): every time the
@@ -322,8 +360,7 @@ impl JobStore {
                     "$or": taken,
                 },
                 doc! {
-                    "$set": {"leaseOwner": owner, "leaseTtlMs": ttl.as_millis() as i64},
-                    "$currentDate": {"leaseRenewedAt": true},
+                    "$set": {"leaseOwner": owner, "leaseUntil": self.lease_until(ttl)},
                     "$inc": {"leaseEpoch": 1i64},
                     "$max": {"attempts": 1},
                 },
@@ -343,7 +380,12 @@ impl JobStore {
         ttl: Duration,
         mut update: Document,
     ) -> Result<JobRecord, JobError> {
-        renew_into(&mut update, ttl);
+        let set = update
+            .entry("$set".to_string())
+            .or_insert_with(|| bson::Bson::Document(Document::new()));
+        if let bson::Bson::Document(set) = set {
+            set.insert("leaseUntil", self.lease_until(ttl));
+        }
         self.jobs
             .find_one_and_update(held(job_id, lease), update)
             .with_options(after())
@@ -363,7 +405,7 @@ impl JobStore {
     ) -> Result<JobRecord, JobError> {
         set.insert("status", status.as_str());
         set.insert("leaseOwner", bson::Bson::Null);
-        set.insert("leaseRenewedAt", bson::Bson::Null);
+        set.insert("leaseUntil", bson::Bson::Null);
         set.insert("inflight", bson::Bson::Null);
         set.insert("inflightNext", bson::Bson::Null);
         set.insert("waiting", bson::Bson::Null);
@@ -400,7 +442,7 @@ impl JobStore {
                 held(job_id, lease),
                 doc! {
                     "$inc": {"attempts": 1},
-                    "$set": {"leaseOwner": null, "leaseRenewedAt": null, "lastError": error, "waiting": null},
+                    "$set": {"leaseOwner": null, "leaseUntil": null, "lastError": error, "waiting": null},
                 },
             )
             .with_options(after())
@@ -440,7 +482,7 @@ impl JobStore {
         self.jobs
             .update_one(
                 doc! {"_id": job_id, "leaseOwner": &lease.owner, "leaseEpoch": lease.epoch},
-                doc! {"$set": {"leaseOwner": null, "leaseRenewedAt": null, "waiting": null}},
+                doc! {"$set": {"leaseOwner": null, "leaseUntil": null, "waiting": null}},
             )
             .await?;
         Ok(())
@@ -485,21 +527,5 @@ impl JobStore {
             Some(job) => Ok((job, false)),
             None => Ok((self.get(org, job_id).await?, false)),
         }
-    }
-}
-
-/// Adds the lease renewal (database clock) to a holder's update.
-fn renew_into(update: &mut Document, ttl: Duration) {
-    let set = update
-        .entry("$set".to_string())
-        .or_insert_with(|| bson::Bson::Document(Document::new()));
-    if let bson::Bson::Document(set) = set {
-        set.insert("leaseTtlMs", ttl.as_millis() as i64);
-    }
-    let current = update
-        .entry("$currentDate".to_string())
-        .or_insert_with(|| bson::Bson::Document(Document::new()));
-    if let bson::Bson::Document(current) = current {
-        current.insert("leaseRenewedAt", true);
     }
 }

@@ -268,6 +268,9 @@ async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
         return;
     }
     state.counters.scans += 1;
+    if let Err(e) = state.env.store.sync_clock().await {
+        tracing::debug!(error = %e, "database clock not read");
+    }
     let orgs = match state.env.store.resumable_orgs(SCAN_ORGS).await {
         Ok(orgs) => orgs,
         Err(e) => {
