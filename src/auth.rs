@@ -39,6 +39,8 @@ pub struct Caller {
     pub org: ObjectId,
     /// Their user id, when it is an ObjectId.
     pub user: Option<ObjectId>,
+    /// When the token expires (seconds since the epoch).
+    pub exp: i64,
     scopes: Vec<String>,
 }
 
@@ -98,6 +100,7 @@ impl Keys {
         Ok(Caller {
             org,
             user: ObjectId::parse_str(&data.claims.sub).ok(),
+            exp: data.claims.exp,
             scopes: data
                 .claims
                 .scope

@@ -5,7 +5,9 @@ use bson::oid::ObjectId;
 use contact_bulk_actors::delete::dry_run;
 use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
-use contact_bulk_actors::filter::{field_path, parse_object_id, Filter, ParseOptions};
+use contact_bulk_actors::filter::{
+    check_list_len, check_string_len, field_path, parse_object_id, Filter, ParseOptions, MAX_STRING,
+};
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
 use contact_bulk_actors::snapshot;
 use contact_bulk_actors::store::JobStore;
@@ -38,6 +40,8 @@ pub struct App {
     pub hub: crate::ws::Hub,
     /// Job events (the `pending` status of a new job).
     pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
+    /// Webhook registrations and deliveries.
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 /// What a delete command produced.
@@ -111,7 +115,10 @@ impl App {
         let columns = ColumnSpec::from_json(obj.get("fields").filter(|v| !v.is_null()), "fields")?;
         let file_name = match obj.get("filename") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.as_str()),
+            Some(Value::String(s)) => {
+                check_string_len(s, "filename")?;
+                Some(s.as_str())
+            }
             Some(_) => return Err(ValidationError::new("filename", "must be a string").into()),
         };
         let spec = ExportSpec {
@@ -314,11 +321,14 @@ fn common(obj: &Map<String, Value>, org: Option<ObjectId>) -> Result<Common, Val
     };
     let command_id = match obj.get("commandId") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 200 => Some(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() => {
+            check_string_len(s, "commandId")?;
+            Some(s.clone())
+        }
         Some(_) => {
             return Err(ValidationError::new(
                 "commandId",
-                "must be a non-empty string of at most 200 characters",
+                format!("must be a non-empty string of at most {MAX_STRING} characters"),
             ))
         }
     };
@@ -329,15 +339,16 @@ fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ValidationError> {
     let arr = v
         .as_array()
         .ok_or_else(|| ValidationError::new(field, "must be an array of strings"))?;
+    check_list_len(arr.len(), field)?;
     arr.iter()
         .enumerate()
         .map(|(i, x)| {
-            x.as_str().map(String::from).ok_or_else(|| {
-                ValidationError::new(
-                    field_path(field, &format!("[{i}]")).replace(".[", "["),
-                    "must be a string",
-                )
-            })
+            let at = field_path(field, &format!("[{i}]"));
+            let s = x
+                .as_str()
+                .ok_or_else(|| ValidationError::new(at.clone(), "must be a string"))?;
+            check_string_len(s, &at)?;
+            Ok(s.to_string())
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use async_nats::ServerAddr;
 use clap::Args;
 use contact_bulk_actors::job::JobSettings;
 use contact_bulk_actors::supervisor::Caps;
@@ -10,9 +11,13 @@ use contact_bulk_actors::supervisor::Caps;
 /// Everything `serve` needs. Each field reads its environment variable, and a flag may override it.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// NATS server (JetStream enabled).
+    /// NATS server (JetStream enabled), or a comma-separated list of a cluster's servers.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// Replicas of the JetStream streams the service creates (3 on a 3-node cluster).
+    #[arg(long, env = "BULK_STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub stream_replicas: u16,
     /// Any MongoDB deployment.
     #[arg(long, env = "MONGODB_URI", default_value = "mongodb://127.0.0.1:27017")]
     pub mongodb_uri: String,
@@ -73,6 +78,9 @@ pub struct Config {
     /// (leases are judged by the database's clock, so they must not care).
     #[arg(long, env = "BULK_TEST_CLOCK_OFFSET_MS", default_value_t = 0, hide = true)]
     pub test_clock_offset_ms: i64,
+    /// Webhook deliveries.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Config {
@@ -85,6 +93,11 @@ impl Config {
         }
         use clap::Parser;
         Only::parse_from(["contact-bulk"]).config
+    }
+
+    /// The NATS servers of `NATS_URL` (one, or a cluster's comma-separated list).
+    pub fn nats_servers(&self) -> anyhow::Result<Vec<ServerAddr>> {
+        nats_servers(&self.nats_url)
     }
 
     /// The JWT secret, required to serve.
@@ -143,6 +156,26 @@ impl Config {
     }
 }
 
+/// Parses a NATS server list as every NATS client takes it: comma-separated
+/// URLs (`nats://a:4222,nats://b:4222`), spaces around commas allowed, the
+/// scheme optional. The client connects to one of them and fails over to the
+/// others (and to servers the cluster announces).
+pub fn nats_servers(list: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let servers = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| anyhow::anyhow!("NATS_URL: invalid server {s:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if servers.is_empty() {
+        anyhow::bail!("NATS_URL: no server given");
+    }
+    Ok(servers)
+}
+
 fn stream_name(prefix: &str, tail: &str) -> String {
     let p: String = prefix
         .chars()
@@ -155,4 +188,34 @@ fn stream_name(prefix: &str, tail: &str) -> String {
         })
         .collect();
     format!("{p}_{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nats_servers;
+
+    #[test]
+    fn nats_url_takes_a_comma_separated_list() {
+        let one = nats_servers("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].port(), 4222);
+        let three =
+            nats_servers("nats://127.0.0.1:4222, nats://127.0.0.1:4223,127.0.0.1:4224").unwrap();
+        let ports: Vec<u16> = three.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+    }
+
+    #[test]
+    fn a_bad_nats_url_names_the_variable_and_the_server() {
+        let e = nats_servers("nats://127.0.0.1:4222,nats://host:port").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("NATS_URL") && msg.contains("nats://host:port"),
+            "{msg}"
+        );
+        assert!(nats_servers(" , ")
+            .unwrap_err()
+            .to_string()
+            .contains("NATS_URL"));
+    }
 }

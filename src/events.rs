@@ -18,14 +18,18 @@ use crate::config::Config;
 /// within this window are dropped by the server.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(20 * 60);
 
-/// Creates (or updates) the events and intake streams.
+/// Creates (or updates) the events and intake streams, each with
+/// `BULK_STREAM_REPLICAS` replicas (an existing stream's replica count is
+/// changed to it: JetStream moves a stream between R1 and R3 in place).
 pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow::Result<()> {
+    let replicas = usize::from(config.stream_replicas.max(1));
     let events = stream::Config {
         name: config.events_stream(),
         subjects: vec![config.subject("v1.events.>")],
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
         duplicate_window: DEDUP_WINDOW,
+        num_replicas: replicas,
         ..Default::default()
     };
     upsert_stream(js, events).await?;
@@ -35,6 +39,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::WorkQueue,
         duplicate_window: Duration::from_secs(3600),
+        num_replicas: replicas,
         ..Default::default()
     };
     upsert_stream(js, submit).await?;

@@ -13,6 +13,7 @@ pub mod http;
 pub mod intake;
 pub mod seed;
 pub mod servers;
+pub mod webhooks;
 pub mod ws;
 
 use std::future::Future;
@@ -77,7 +78,7 @@ impl Service {
         let nats = async_nats::ConnectOptions::new()
             .name("contact-bulk")
             .retry_on_initial_connect()
-            .connect(&config.nats_url)
+            .connect(config.nats_servers()?)
             .await
             .context("connecting to nats")?;
         let js = async_nats::jetstream::new(nats.clone());
@@ -95,6 +96,11 @@ impl Service {
             .await
             .context("reading the database's clock")?;
         let artifacts = Artifacts::new(&db);
+        let webhooks = webhooks::Webhooks::new(&db, &config.webhooks, keys.clone());
+        webhooks
+            .ensure_indexes()
+            .await
+            .context("ensuring webhook indexes")?;
         let sink: Arc<dyn contact_bulk_actors::events::EventSink> = Arc::new(NatsSink::new(
             js.clone(),
             keys.clone(),
@@ -107,6 +113,9 @@ impl Service {
             settings: config.job_settings(),
             instance: uuid::Uuid::new_v4().to_string(),
         };
+        // The lease owner id of this process: operators (and the chaos test)
+        // find which instance holds a job from its record's `leaseOwner`.
+        tracing::info!(instance = %env.instance, pid = std::process::id(), "instance id");
         let (supervisor, supervisor_handle) =
             Actor::spawn(None, Supervisor, (env, config.caps())).await?;
 
@@ -122,8 +131,10 @@ impl Service {
             cancel_subject: config.subject("v1.internal.cancel"),
             hub,
             sink,
+            webhooks: webhooks.clone(),
         });
         intake::start(app.clone(), &config, &mut tasks).await?;
+        webhooks.start(&js, &config, &mut tasks).await?;
         let router = http::router(app.clone(), &config).await?;
         let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {

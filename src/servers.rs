@@ -28,7 +28,9 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+mod cluster;
 mod process;
+pub use cluster::NatsCluster;
 pub(crate) use process::spawn_child;
 use process::*;
 
@@ -166,6 +168,8 @@ pub struct NatsServer {
     conf: PathBuf,
     dir: PathBuf,
     log: PathBuf,
+    /// Arguments after the common ones (a cluster node's name and routes).
+    extra: Vec<OsString>,
 }
 
 impl NatsServer {
@@ -184,7 +188,7 @@ impl NatsServer {
         }
         let dir = prepare_dir(dir)?;
         let log = dir.join("nats-server.log");
-        let (child, port) = launch_nats(&bin, &conf, &dir, &log, port).await?;
+        let (child, port) = launch_nats(&bin, &conf, &dir, &log, port, &[]).await?;
         Ok(NatsServer {
             child,
             port,
@@ -192,6 +196,31 @@ impl NatsServer {
             conf,
             dir,
             log,
+            extra: Vec::new(),
+        })
+    }
+
+    /// Like [`NatsServer::start`], with `extra` arguments after the common ones;
+    /// [`NatsServer::restart`] passes them again.
+    async fn start_with(
+        nats_conf: &Path,
+        dir: &Path,
+        port: Option<u16>,
+        extra: Vec<OsString>,
+    ) -> anyhow::Result<NatsServer> {
+        let bin = find_binary(ServerKind::Nats)?;
+        let conf = std::path::absolute(nats_conf)?;
+        let dir = prepare_dir(dir)?;
+        let log = dir.join("nats-server.log");
+        let (child, port) = launch_nats(&bin, &conf, &dir, &log, port, &extra).await?;
+        Ok(NatsServer {
+            child,
+            port,
+            bin,
+            conf,
+            dir,
+            log,
+            extra,
         })
     }
 
@@ -219,8 +248,15 @@ impl NatsServer {
     /// Kills the server if it runs, then starts it again on the same port and dir.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await?;
-        let (child, _) =
-            launch_nats(&self.bin, &self.conf, &self.dir, &self.log, Some(self.port)).await?;
+        let (child, _) = launch_nats(
+            &self.bin,
+            &self.conf,
+            &self.dir,
+            &self.log,
+            Some(self.port),
+            &self.extra,
+        )
+        .await?;
         self.child = child;
         Ok(())
     }
@@ -334,11 +370,13 @@ async fn launch_nats(
     dir: &Path,
     log: &Path,
     port: Option<u16>,
+    extra: &[OsString],
 ) -> anyhow::Result<(Child, u16)> {
     let mut args: Vec<OsString> = vec!["-c".into(), conf.into(), "-a".into(), "127.0.0.1".into()];
     // -1: nats-server picks a free port and logs it.
     args.extend(["-p".into(), port.map_or(-1, i32::from).to_string().into()]);
     args.extend(["-sd".into(), dir.join("jetstream").into()]);
+    args.extend(extra.iter().cloned());
     let spec = Launch {
         name: "nats-server",
         deadline: NATS_DEADLINE,

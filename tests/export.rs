@@ -233,7 +233,8 @@ async fn tricky_values_survive_csv_and_formulas_are_neutralised() {
         [
             "Zoë 東京",
             "'@SUM(A1)",
-            "=cmd|' /C calc'!A0",
+            // A phone that is not a phone number is neutralised like any cell.
+            "'=cmd|' /C calc'!A0",
             "'-1+1@example.com"
         ]
     );

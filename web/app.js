@@ -174,7 +174,11 @@ function renderRow(entry) {
   bar.setAttribute('aria-label', `${s.kind} progress`);
   if (pct != null) { bar.value = pct; bar.setAttribute('aria-valuenow', pct); }
   let speed = '';
-  if (s.status === 'processing' && entry.rate != null) {
+  // A job waiting out an outage (snapshot `waiting`: "nats", "mongodb") shows it, not a rate.
+  const waiting = ACTIVE.includes(s.status) && s.waiting ? `waiting for ${s.waiting}` : '';
+  if (waiting) {
+    speed = '';
+  } else if (s.status === 'processing' && entry.rate != null) {
     const eta = s.total ? (s.total - s.processed) / entry.rate : NaN;
     speed = `${Math.round(entry.rate)} rows/s${entry.rate > 0 && isFinite(eta) ? ` · ETA ${fmtDuration(eta)}` : ''}`;
   } else if (s.status === 'completed' && s.startedAt && s.finishedAt) {
@@ -193,7 +197,8 @@ function renderRow(entry) {
     : s.result ? `${s.result.rows} rows, ${fmtBytes(s.result.bytes || 0)}, ${s.result.format}${s.result.gzip ? '.gz' : ''}` : '';
   const cells = [
     el('td', { className: 'kind', textContent: s.kind }),
-    el('td', {}, el('span', { className: `status badge ${s.status}`, textContent: s.status })),
+    el('td', {}, el('span', { className: `status badge ${s.status}`, textContent: s.status }),
+      waiting ? el('span', { className: 'waiting badge', textContent: waiting, title: 'the job resumes by itself when the server is back' }) : null),
     progress,
     el('td', { className: 'counts', textContent: counts }),
     el('td', { className: 'created' }, fmtTime(s.createdAt)),

@@ -78,7 +78,7 @@ pub enum Column {
     LastName,
     /// First and last name joined by a space, trimmed.
     FullName,
-    /// `phone`; never formula-neutralised.
+    /// `phone`; formula-neutralised unless it is a phone number.
     Phone,
     /// `email`.
     Email,
@@ -189,6 +189,7 @@ impl ColumnSpec {
         if items.is_empty() {
             return Err(ValidationError::new(field, "must not be empty"));
         }
+        crate::filter::check_list_len(items.len(), field)?;
         let mut seen = HashSet::with_capacity(items.len());
         let mut columns = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
@@ -196,6 +197,7 @@ impl ColumnSpec {
             let Some(name) = item.as_str() else {
                 return Err(ValidationError::new(at(), "must be a string"));
             };
+            crate::filter::check_string_len(name, &at())?;
             let column = Column::parse(name).map_err(|m| ValidationError::new(at(), m))?;
             if !seen.insert(name) {
                 return Err(ValidationError::new(
@@ -403,7 +405,7 @@ impl Encoder {
                 cell.push('\'');
                 render_text(c, doc, custom, names, &mut cell);
                 let value = &cell[1..];
-                if *c != Column::Phone && is_formula(value) {
+                if needs_quote(c, value) {
                     record.push_field(cell.as_bytes());
                 } else {
                     record.push_field(value.as_bytes());

@@ -18,6 +18,34 @@ use crate::error::ValidationError;
 /// The largest accepted `limit`.
 pub const MAX_LIMIT: u64 = 100_000_000;
 
+/// Most items any list of a command or body may hold (contract section 10).
+pub const MAX_LIST: usize = 1_000;
+
+/// Most characters any string of a command or body may hold (contract section 10).
+pub const MAX_STRING: usize = 256;
+
+/// Refuses a list of more than [`MAX_LIST`] items, naming `field` and the limit.
+pub fn check_list_len(len: usize, field: &str) -> Result<(), ValidationError> {
+    if len > MAX_LIST {
+        return Err(ValidationError::new(
+            field,
+            format!("must hold at most {MAX_LIST} items (got {len})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a string of more than [`MAX_STRING`] characters, naming `field` and the limit.
+pub fn check_string_len(value: &str, field: &str) -> Result<(), ValidationError> {
+    if value.chars().nth(MAX_STRING).is_some() {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_STRING} characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Keys allowed at the top level of a filter.
 const FILTER_KEYS: &[&str] = &[
     "stageIds",
@@ -439,6 +467,7 @@ fn object_id_array(value: &Value, field: &str) -> Result<Vec<ObjectId>, Validati
     let items = value
         .as_array()
         .ok_or_else(|| ValidationError::new(field, OBJECT_ID_ARRAY_MSG))?;
+    check_list_len(items.len(), field)?;
     let ids = items
         .iter()
         .enumerate()
@@ -452,13 +481,17 @@ fn string_list(value: &Value, field: &str) -> Result<Vec<String>, ValidationErro
     let items = value
         .as_array()
         .ok_or_else(|| ValidationError::new(field, STRING_ARRAY_MSG))?;
+    check_list_len(items.len(), field)?;
     let strings = items
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            v.as_str().map(str::to_string).ok_or_else(|| {
-                ValidationError::new(field_path(field, &format!("[{i}]")), "must be a string")
-            })
+            let at = || field_path(field, &format!("[{i}]"));
+            let s = v
+                .as_str()
+                .ok_or_else(|| ValidationError::new(at(), "must be a string"))?;
+            check_string_len(s, &at())?;
+            Ok(s.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(dedupe(strings))

@@ -35,14 +35,16 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Connects (giving up after 10 s).
+    /// Connects to `url` (one server or a cluster's comma-separated list),
+    /// giving up after 10 s.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Nats> {
+        let servers = crate::config::nats_servers(url)?;
         let connect = async_nats::ConnectOptions::new()
             .name("contact-bulk-cli")
             .request_timeout(None)
             // Connection trouble surfaces as request errors; no event log lines.
             .event_callback(|_| async {})
-            .connect(url);
+            .connect(servers);
         let client = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| anyhow!("nats at {url} did not answer within 10 s"))?
@@ -152,6 +154,16 @@ pub fn status(snap: &Value) -> &str {
     snap["status"].as_str().unwrap_or("unknown")
 }
 
+/// The status as shown: `processing`, or `processing (waiting for nats)` while
+/// the job waits out an outage (the snapshot's `waiting`).
+pub fn status_label(snap: &Value) -> String {
+    let status = status(snap);
+    match snap["waiting"].as_str().filter(|w| !w.is_empty()) {
+        Some(what) if !is_terminal(snap) => format!("{status} (waiting for {what})"),
+        _ => status.to_string(),
+    }
+}
+
 fn processed(snap: &Value) -> u64 {
     snap["processed"].as_u64().unwrap_or(0)
 }
@@ -199,7 +211,7 @@ impl JobView {
 
     /// Shows a snapshot.
     pub fn update(&mut self, snap: &Value) {
-        let status = status(snap).to_string();
+        let status = status_label(snap);
         if let (Some(total), false) = (snap["total"].as_u64(), self.sized) {
             self.bar.set_length(total);
             self.bar.set_style(bar_style());
@@ -262,6 +274,16 @@ mod tests {
             e.to_string(),
             "validation_error in field filter.stageIds[0]: must be a 24-hex ObjectId string"
         );
+    }
+
+    #[test]
+    fn a_waiting_job_says_what_it_waits_for() {
+        let waiting = json!({"status": "processing", "waiting": "nats"});
+        assert_eq!(status_label(&waiting), "processing (waiting for nats)");
+        let running = json!({"status": "processing", "waiting": null});
+        assert_eq!(status_label(&running), "processing");
+        let done = json!({"status": "completed", "waiting": "mongodb"});
+        assert_eq!(status_label(&done), "completed");
     }
 
     #[test]

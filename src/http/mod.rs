@@ -1,7 +1,10 @@
 //! The HTTP API (contract section 7), the web page and the WebSocket bridge, on one port.
 
 mod api;
+mod rejections;
 mod stream;
+
+pub use rejections::MAX_BODY;
 
 use std::sync::Arc;
 
@@ -16,6 +19,7 @@ use serde_json::json;
 use crate::auth::{AuthError, Caller};
 use crate::commands::App;
 use crate::config::Config;
+use crate::webhooks;
 
 /// Builds the router.
 pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
@@ -47,7 +51,22 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route("/api/exports/{job_id}/download", get(stream::download))
         .route("/api/jobs", get(api::list_jobs))
         .route("/api/pipelines", get(api::pipelines))
+        .route(
+            "/api/webhooks",
+            get(webhooks::api::list).post(webhooks::api::create),
+        )
+        .route(
+            "/api/webhooks/{id}",
+            get(webhooks::api::show).delete(webhooks::api::remove),
+        )
+        .route(
+            "/api/webhooks/{id}/deliveries",
+            get(webhooks::api::deliveries),
+        )
         .route("/ws", get(crate::ws::upgrade))
+        .fallback(rejections::unknown_path)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(rejections::json_errors))
         .with_state(app))
 }
 

@@ -71,7 +71,7 @@ pub async fn bench_latency_with_prefix(
         .map(|c| tokio::spawn(c.measure(base, sent.clone())))
         .collect();
 
-    let nats = async_nats::connect(nats_url)
+    let nats = async_nats::connect(crate::config::nats_servers(nats_url)?)
         .await
         .context("connecting to nats")?;
     let js = async_nats::jetstream::new(nats);

@@ -84,6 +84,7 @@ pub async fn upgrade(
         Err(rejection) => return rejection.into_response(),
     };
     let org = caller.org;
+    let exp = caller.exp;
     ws.max_message_size(MAX_WIRE_MESSAGE)
         .max_frame_size(MAX_WIRE_MESSAGE)
         // Client frames are small JSON ops: tungstenite's 128 KiB default read
@@ -92,5 +93,5 @@ pub async fn upgrade(
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(WS_BUFFER)
         .on_failed_upgrade(move |e| tracing::debug!(org_id = %org, error = %e, "ws upgrade failed"))
-        .on_upgrade(move |socket| session::run(socket, app, org))
+        .on_upgrade(move |socket| session::run(socket, app, org, exp))
 }

@@ -5,7 +5,9 @@
 //! JSON object, or binary), `too_large` (over 16 KiB), `unknown_op`,
 //! `validation_error` (a missing, unknown or invalid key, named in `field`),
 //! `too_many_subscriptions`, `not_found` (with `jobId`), `lagged` (events of a
-//! topic were lost), `internal`.
+//! topic were lost), `unauthorized` (an `auth` frame's token is bad),
+//! `forbidden` (an `auth` token of another organisation or without
+//! `jobs:read`), `token_expired` (then the server closes), `internal`.
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Map, Value};
@@ -30,6 +32,8 @@ pub enum Op {
     Unsubscribe(Target),
     /// `ping`.
     Ping,
+    /// `auth`: replaces the connection's token (same organisation).
+    Auth(String),
 }
 
 /// Why a frame was refused.
@@ -146,9 +150,16 @@ pub fn parse_op(text: &str) -> Result<Op, FrameError> {
             only(obj, &["op", "jobId", "topic"])?;
             Ok(Op::Unsubscribe(target(obj)?))
         }
+        "auth" => {
+            only(obj, &["op", "token"])?;
+            match obj.get("token") {
+                Some(Value::String(t)) if !t.trim().is_empty() => Ok(Op::Auth(t.trim().into())),
+                _ => Err(FrameError::field("token", "must be a non-empty string")),
+            }
+        }
         other => Err(FrameError::new(
             "unknown_op",
-            format!("unknown op {other:?}: use subscribe, unsubscribe or ping"),
+            format!("unknown op {other:?}: use subscribe, unsubscribe, auth or ping"),
         )),
     }
 }
@@ -200,6 +211,10 @@ mod tests {
             parse_op(r#"{"op":"unsubscribe","topic":"jobs"}"#),
             Ok(Op::Unsubscribe(Target::Jobs))
         );
+        assert_eq!(
+            parse_op(r#"{"op":"auth","token":"a.b.c"}"#),
+            Ok(Op::Auth("a.b.c".into()))
+        );
     }
 
     #[test]
@@ -229,6 +244,12 @@ mod tests {
         );
         assert_eq!(
             code(r#"{"op":"subscribe","jobId":"a","topic":"jobs"}"#),
+            "validation_error"
+        );
+        assert_eq!(code(r#"{"op":"auth"}"#), "validation_error");
+        assert_eq!(code(r#"{"op":"auth","token":5}"#), "validation_error");
+        assert_eq!(
+            code(r#"{"op":"auth","token":"t","x":1}"#),
             "validation_error"
         );
         let e = parse_op(r#"{"op":"ping","x":1}"#).unwrap_err();

@@ -9,7 +9,7 @@
 //! nothing is missed and nothing is sent twice.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use super::hub::{Event, EventBody, JobEvent};
 use super::outbox::{Next, Outbox};
 use super::protocol::{self, Op, Target};
 use super::MAX_CLIENT_FRAME;
+use crate::auth::SCOPE_READ;
 use crate::commands::App;
 
 mod open;
@@ -76,10 +77,16 @@ struct Session {
     last_seen_ms: AtomicU64,
     generation: AtomicU64,
     closing: Notify,
+    /// The token's expiry (seconds since the epoch); an `auth` frame moves it.
+    exp: AtomicI64,
+    /// Wakes the expiry timer when `exp` moved.
+    renewed: Notify,
+    /// A last frame sent before the close frame, and the close code.
+    goodbye: Mutex<Option<(axum::extract::ws::Utf8Bytes, u16, &'static str)>>,
 }
 
 /// Runs a connection until the client leaves, falls silent or too far behind.
-pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId) {
+pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId, exp: i64) {
     let rx = app.hub.subscribe();
     let session = Arc::new(Session {
         app,
@@ -90,6 +97,9 @@ pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId) {
         last_seen_ms: AtomicU64::new(0),
         generation: AtomicU64::new(0),
         closing: Notify::new(),
+        exp: AtomicI64::new(exp),
+        renewed: Notify::new(),
+        goodbye: Mutex::new(None),
     });
     tracing::debug!(org_id = %org, "ws connected");
     let (sink, stream) = socket.split();
@@ -101,8 +111,16 @@ pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId) {
         _ = &mut recv => "client closed",
         _ = &mut events => "hub stopped",
         _ = session.clone().watchdog() => "keepalive timeout",
+        _ = session.clone().expiry() => "token expired",
         _ = session.outbox.overflowed() => "client too slow",
     };
+    if reason == "token expired" {
+        let frame = protocol::error(
+            "token_expired",
+            "the token has expired; reconnect with a fresh one",
+        );
+        *session.goodbye() = Some((frame, 1008, "token expired"));
+    }
     if !send.is_finished() && reason != "client too slow" {
         // Let the send task say goodbye, briefly.
         session.closing.notify_one();
@@ -118,6 +136,10 @@ pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId) {
 impl Session {
     fn subs(&self) -> MutexGuard<'_, Subs> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn goodbye(&self) -> MutexGuard<'_, Option<(axum::extract::ws::Utf8Bytes, u16, &'static str)>> {
+        self.goodbye.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn touch(&self) {
@@ -159,7 +181,15 @@ impl Session {
                 },
                 _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
                 _ = self.closing.notified() => {
-                    let _ = sink.send(close(1000, "bye")).await;
+                    let goodbye = self.goodbye().take();
+                    let (code, reason) = match goodbye {
+                        Some((frame, code, reason)) => {
+                            let _ = sink.send(Message::Text(frame)).await;
+                            (code, reason)
+                        }
+                        None => (1000, "bye"),
+                    };
+                    let _ = sink.send(close(code, reason)).await;
                     return;
                 }
             };
@@ -208,6 +238,49 @@ impl Session {
         }
     }
 
+    /// Resolves when the token expires: a connection lives no longer than its
+    /// token, unless an `auth` frame moved the expiry on.
+    async fn expiry(self: Arc<Self>) {
+        loop {
+            let exp_ms = self.exp.load(Ordering::Relaxed).saturating_mul(1000);
+            let left = exp_ms.saturating_sub(chrono::Utc::now().timestamp_millis());
+            if left <= 0 {
+                return;
+            }
+            let left = Duration::from_millis(u64::try_from(left).unwrap_or(u64::MAX));
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {}
+                _ = self.renewed.notified() => {}
+            }
+        }
+    }
+
+    /// `{"op": "auth", "token"}`: a valid token of the same organisation with
+    /// `jobs:read` replaces the connection's; anything else is refused with an
+    /// error frame and changes nothing.
+    fn reauth(&self, token: &str) {
+        let refused = match self.app.keys.verify(token) {
+            Err(e) => Some(protocol::error("unauthorized", e.to_string())),
+            Ok(c) if c.org != self.org => Some(protocol::error(
+                "forbidden",
+                "the token belongs to another organisation",
+            )),
+            Ok(c) if !c.has(SCOPE_READ) => Some(protocol::error(
+                "forbidden",
+                format!("token lacks the {SCOPE_READ} scope"),
+            )),
+            Ok(c) => {
+                self.exp.store(c.exp, Ordering::Relaxed);
+                self.renewed.notify_one();
+                tracing::debug!(org_id = %self.org, exp = c.exp, "ws token renewed");
+                None
+            }
+        };
+        if let Some(frame) = refused {
+            self.outbox.push(frame);
+        }
+    }
+
     /// Hub → outbox.
     async fn event_loop(self: Arc<Self>, mut rx: broadcast::Receiver<Arc<Event>>) {
         loop {
@@ -238,6 +311,7 @@ impl Session {
             Op::Ping => self.outbox.push_pong(),
             Op::Subscribe(target, since) => self.subscribe(target, since),
             Op::Unsubscribe(target) => self.unsubscribe(target),
+            Op::Auth(token) => self.reauth(&token),
         }
     }
 

@@ -36,12 +36,29 @@ pub(super) fn custom_fields(doc: &Document) -> Option<&Document> {
     }
 }
 
-/// Would a spreadsheet read this cell as a formula?
-pub(super) fn is_formula(value: &str) -> bool {
+/// Would a spreadsheet read this cell as a formula? A leading `=`, `+`, `-`,
+/// `@`, tab or CR, also behind leading spaces (spreadsheets trim them) and in
+/// their full-width forms (`＝＋－＠`, which some spreadsheets fold to ASCII).
+pub fn is_formula(value: &str) -> bool {
+    let rest = value.trim_start_matches([' ', '\u{3000}', '\u{a0}']);
     matches!(
-        value.as_bytes().first(),
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
+        rest.chars().next(),
+        Some('=' | '+' | '-' | '@' | '\t' | '\r' | '＝' | '＋' | '－' | '＠')
     )
+}
+
+/// Is this a phone number, which may start with `+` or `-` and is left as it
+/// is: at least one digit, and nothing but digits, spaces and `+ - ( ) .`.
+pub fn is_phone_number(value: &str) -> bool {
+    value.bytes().any(|b| b.is_ascii_digit())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b" +-().".contains(&b))
+}
+
+/// Does the cell of column `c` need the neutralising quote?
+pub(super) fn needs_quote(c: &Column, value: &str) -> bool {
+    is_formula(value) && !(*c == Column::Phone && is_phone_number(value))
 }
 
 /// Appends the name of the id at `key`; false when absent or unknown.

@@ -487,7 +487,7 @@ async fn tricky_values_round_trip_through_csv_parser() {
 }
 
 #[tokio::test]
-async fn formulas_in_names_and_tags_neutralised_phone_exempt() {
+async fn formulas_in_names_and_tags_neutralised_phone_numbers_exempt() {
     let mut n = Names::default();
     n.pipelines.insert(oid(1), "=cmd|' /C calc'!A0".into());
     n.stages.insert(oid(2), "@stage".into());
@@ -514,7 +514,7 @@ async fn formulas_in_names_and_tags_neutralised_phone_exempt() {
         vec![
             "'=1+2",
             "'+3",
-            "=cmd",
+            "'=cmd",
             "'@x",
             "'=cmd|' /C calc'!A0",
             "'@stage",
@@ -851,4 +851,73 @@ fn collects_custom_keys() {
     collect_custom_keys(&doc! {}, &mut keys);
     let keys: Vec<String> = keys.into_iter().collect();
     assert_eq!(keys, ["active", "plan", "seats", "zeta"]);
+}
+
+#[test]
+fn formula_detection_sees_through_spaces_and_full_width_signs() {
+    for v in [
+        "=1+2",
+        "+x",
+        "-x",
+        "@x",
+        "\tx",
+        "\rx",
+        "  =1+2",
+        " @SUM(A1)",
+        "\u{3000}=x",
+        "＝1+2",
+        "＋x",
+        "－x",
+        "＠x",
+        "  ＝x",
+    ] {
+        assert!(cells::is_formula(v), "{v:?} is a formula");
+    }
+    for v in ["", "a=b", "x+", "  x", "Zoë", "1-2", "(416) 555"] {
+        assert!(!cells::is_formula(v), "{v:?} is not a formula");
+    }
+}
+
+#[test]
+fn phone_numbers_are_digits_spaces_and_plus_minus_parens_dots() {
+    for v in [
+        "+14165550100",
+        "+1 (416) 555-0100",
+        "-416.555.0100",
+        "416 555 0100",
+    ] {
+        assert!(cells::is_phone_number(v), "{v:?} is a phone number");
+    }
+    for v in [
+        "=cmd",
+        "+1 HYPERLINK",
+        "-",
+        "+",
+        "+1,2",
+        "",
+        "+1\t2",
+        "=1+2",
+    ] {
+        assert!(!cells::is_phone_number(v), "{v:?} is not a phone number");
+    }
+}
+
+#[tokio::test]
+async fn phone_cells_are_neutralised_unless_they_are_phone_numbers() {
+    let docs = [
+        doc! {"phone": "=HYPERLINK(\"http://x\",\"call\")", "firstName": " =1+2"},
+        doc! {"phone": "+1 (416) 555-0100", "firstName": "＝1+2"},
+        doc! {"phone": " +1 416", "firstName": "－5"},
+        doc! {"phone": "-1+1@x", "firstName": "＠x"},
+    ];
+    let rows = parse_csv(&csv_of(spec(&["phone", "firstName"]), &docs, &Names::default()).await);
+    assert_eq!(
+        rows[1..],
+        [
+            vec!["'=HYPERLINK(\"http://x\",\"call\")", "' =1+2"],
+            vec!["+1 (416) 555-0100", "'＝1+2"],
+            vec![" +1 416", "'－5"],
+            vec!["'-1+1@x", "'＠x"],
+        ]
+    );
 }
