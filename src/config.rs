@@ -76,7 +76,12 @@ pub struct Config {
     pub retry_max_ms: u64,
     /// Tests only: shifts this instance's clock by this many milliseconds
     /// (leases are judged by the database's clock, so they must not care).
-    #[arg(long, env = "BULK_TEST_CLOCK_OFFSET_MS", default_value_t = 0, hide = true)]
+    #[arg(
+        long,
+        env = "BULK_TEST_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        hide = true
+    )]
     pub test_clock_offset_ms: i64,
     /// Webhook deliveries.
     #[command(flatten)]

@@ -163,7 +163,11 @@ async fn a_job_drained_by_sigterm_ten_times_in_a_row_completes_with_no_attempt_s
         let rec = record(&db, &job).await;
         assert_eq!(rec.get_str("status").unwrap(), "processing", "{rec}");
         assert!(rec.get("leaseOwner").unwrap().as_null().is_some(), "{rec}");
-        assert_eq!(rec.get_i32("attempts").unwrap(), 1, "a drain costs no attempt: {rec}");
+        assert_eq!(
+            rec.get_i32("attempts").unwrap(),
+            1,
+            "a drain costs no attempt: {rec}"
+        );
         seen = seen.max(rec.get_i64("processed").unwrap());
         bin = start_binary(&stack, &envs).await;
     }
@@ -219,7 +223,11 @@ async fn an_instance_whose_clock_runs_60_s_ahead_does_not_take_over_a_live_job()
     }
     let rec = record(&db, &job).await;
     if rec.get_str("status").unwrap() == "processing" {
-        assert_eq!(rec.get_i64("leaseEpoch").unwrap(), epoch, "taken over: {rec}");
+        assert_eq!(
+            rec.get_i64("leaseEpoch").unwrap(),
+            epoch,
+            "taken over: {rec}"
+        );
     }
     assert_eq!(ahead.counters().await.unwrap().spawned, 0, "no takeover");
     let snap = wait_terminal(&client, org, &job).await;
@@ -269,37 +277,61 @@ async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
         owner: "a".into(),
         epoch: a.lease_epoch,
     };
-    artifacts.put(&id, 1, a_lease.epoch, b"old".to_vec()).await.unwrap();
+    artifacts
+        .put(&id, 1, a_lease.epoch, b"old".to_vec())
+        .await
+        .unwrap();
     // "a" is paused past its lease; "b" takes over.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let b = loop {
         if let Some(b) = store.acquire(&id, "b", ttl).await.unwrap() {
             break b;
         }
-        assert!(tokio::time::Instant::now() < deadline, "lease never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease never expired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!((b.lease_epoch, b.attempts), (2, 1), "a takeover costs no attempt");
+    assert_eq!(
+        (b.lease_epoch, b.attempts),
+        (2, 1),
+        "a takeover costs no attempt"
+    );
     let b_lease = Lease {
         owner: "b".into(),
         epoch: b.lease_epoch,
     };
-    artifacts.put(&id, 1, b_lease.epoch, b"new".to_vec()).await.unwrap();
+    artifacts
+        .put(&id, 1, b_lease.epoch, b"new".to_vec())
+        .await
+        .unwrap();
     // "a" wakes up: every write it tries is refused and changes nothing.
     let stale = store
         .update_held(&id, &a_lease, ttl, doc! {"$set": {"processed": 99i64}})
         .await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
-    let stale = artifacts.put(&id, 1, a_lease.epoch, b"stale".to_vec()).await;
+    let stale = artifacts
+        .put(&id, 1, a_lease.epoch, b"stale".to_vec())
+        .await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
     let stale = store
-        .finish(&id, &a_lease, contact_bulk_actors::model::JobStatus::Completed, doc! {})
+        .finish(
+            &id,
+            &a_lease,
+            contact_bulk_actors::model::JobStatus::Completed,
+            doc! {},
+        )
         .await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
     store.release(&id, &a_lease).await.unwrap();
     let now = store.get_any(&id).await.unwrap().unwrap();
     assert_eq!(now.processed, 0);
-    assert_eq!(now.lease_owner.as_deref(), Some("b"), "a stale release leaves the lease");
+    assert_eq!(
+        now.lease_owner.as_deref(),
+        Some("b"),
+        "a stale release leaves the lease"
+    );
     // The holder's writes go through and renew its lease.
     store
         .update_held(&id, &b_lease, ttl, doc! {"$set": {"processed": 5i64}})
@@ -312,7 +344,10 @@ async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
     }
     assert_eq!(file, b"new");
     // A stale chunk past the end of the file is never part of it.
-    artifacts.put(&id, 7, a_lease.epoch, b"orphan".to_vec()).await.unwrap();
+    artifacts
+        .put(&id, 7, a_lease.epoch, b"orphan".to_vec())
+        .await
+        .unwrap();
     let (bytes, _) = artifacts.digest(&id, 2).await.unwrap();
     assert_eq!(bytes, 3);
 }
@@ -350,7 +385,10 @@ async fn a_lost_reply_to_a_delete_batch_record_counts_the_batch_once() {
         0,
         "every lost reply happened"
     );
-    assert_eq!(failpoint::remaining(failpoint::FINISH_LOST_REPLY, &org.to_hex()), 0);
+    assert_eq!(
+        failpoint::remaining(failpoint::FINISH_LOST_REPLY, &org.to_hex()),
+        0
+    );
     assert_eq!(snap["processed"], 1500);
     assert_eq!(
         snap["counts"],
@@ -399,14 +437,20 @@ async fn one_organisations_backlog_does_not_hold_back_another_organisations_job(
         })
         .await;
     let client = stack.client().await;
-    let snap = wait_job(&client, b, &b_job.job_id, 30, |s| s["status"] == "completed").await;
+    let snap = wait_job(&client, b, &b_job.job_id, 30, |s| {
+        s["status"] == "completed"
+    })
+    .await;
     assert_eq!(snap["processed"], b_ids.len() as i64);
     let a_left = db
         .collection::<Document>("bulk_jobs")
         .count_documents(doc! {"orgId": a, "status": "pending"})
         .await
         .unwrap();
-    assert!(a_left > 90, "B's job ran before A's backlog drained ({a_left} left)");
+    assert!(
+        a_left > 90,
+        "B's job ran before A's backlog drained ({a_left} left)"
+    );
 }
 
 #[tokio::test]
@@ -424,7 +468,10 @@ async fn an_export_of_very_large_rows_is_written_in_chunks_far_below_the_documen
             d
         })
         .collect();
-    let ids: Vec<ObjectId> = docs.iter().map(|d| d.get_object_id("_id").unwrap()).collect();
+    let ids: Vec<ObjectId> = docs
+        .iter()
+        .map(|d| d.get_object_id("_id").unwrap())
+        .collect();
     for chunk in docs.chunks(50) {
         db.collection::<Document>("contacts")
             .insert_many(chunk.to_vec())
@@ -463,7 +510,11 @@ async fn an_export_of_very_large_rows_is_written_in_chunks_far_below_the_documen
     while let Some(c) = chunks.next().await {
         let c = c.unwrap();
         let len = c.get_binary_generic("data").unwrap().len();
-        assert!(len < 2 << 20, "chunk {} is {len} bytes", c.get_i64("n").unwrap());
+        assert!(
+            len < 2 << 20,
+            "chunk {} is {len} bytes",
+            c.get_i64("n").unwrap()
+        );
         n += 1;
     }
     assert!(n > 20, "{n} chunks");

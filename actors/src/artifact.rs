@@ -37,7 +37,13 @@ impl Artifacts {
     /// Writes chunk `n` of a job's file under lease `epoch`; writing it again
     /// replaces it (idempotent on retry). `Conflict` when a newer lease has
     /// written this chunk: this writer is fenced off.
-    pub async fn put(&self, job_id: &str, n: i64, epoch: i64, data: Vec<u8>) -> Result<(), JobError> {
+    pub async fn put(
+        &self,
+        job_id: &str,
+        n: i64,
+        epoch: i64,
+        data: Vec<u8>,
+    ) -> Result<(), JobError> {
         let chunk = doc! {
             "jobId": job_id,
             "n": n,

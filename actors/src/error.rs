@@ -87,9 +87,7 @@ impl JobError {
             JobError::Validation(_) => "validation_error",
             JobError::NotFound(_) => "not_found",
             JobError::Conflict(_) => "conflict",
-            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => {
-                "internal"
-            }
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => "internal",
         }
     }
 

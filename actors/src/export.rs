@@ -395,8 +395,8 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
             .encode_batch(part, &s.names.names, &mut s.buf)
             .await
             .map_err(io_err)?;
-        if rows > 0 {
-            s.row_bytes = ((s.buf.len() - before) / rows).max(1);
+        if let Some(per_row) = (s.buf.len() - before).checked_div(rows) {
+            s.row_bytes = per_row.max(1);
         }
         s.buf_rows += rows as i64;
         s.read_last = part.last().and_then(|d| d.get_object_id("_id").ok());

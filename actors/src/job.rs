@@ -546,8 +546,7 @@ pub async fn handle_job_msg<S: JobStep>(
                 return Ok(());
             }
             let run = state.run();
-            if let Err(e) = run.env.store.release(&run.job.job_id, &run.lease).await
-            {
+            if let Err(e) = run.env.store.release(&run.job.job_id, &run.lease).await {
                 tracing::warn!(job_id = %run.job.job_id, error = %e, "lease not released on drain");
             }
             myself.stop(Some("drained".into()));

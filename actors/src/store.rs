@@ -133,9 +133,7 @@ impl JobStore {
 
     /// Now on the database's clock, as well as this instance can tell.
     pub fn db_now(&self) -> DateTime {
-        let offset = self
-            .db_offset_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let offset = self.db_offset_ms.load(std::sync::atomic::Ordering::Relaxed);
         DateTime::from_millis(self.now().timestamp_millis() + offset)
     }
 
@@ -326,7 +324,11 @@ impl JobStore {
     }
 
     /// An organisation's jobs nobody holds, oldest first, at most `limit`.
-    pub async fn resumable_of(&self, org: ObjectId, limit: i64) -> Result<Vec<JobRecord>, JobError> {
+    pub async fn resumable_of(
+        &self,
+        org: ObjectId,
+        limit: i64,
+    ) -> Result<Vec<JobRecord>, JobError> {
         let mut filter = doc! {"status": {"$in": ["pending", "processing"]}, "orgId": org};
         filter.extend(lease_free());
         let cursor = self

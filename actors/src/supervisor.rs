@@ -216,12 +216,7 @@ async fn on_failure(
         }
     };
     if record.attempts >= env.settings.max_attempts {
-        tracing::error!(
-            job_id,
-            attempts = record.attempts,
-            error,
-            "job failed"
-        );
+        tracing::error!(job_id, attempts = record.attempts, error, "job failed");
         let message = format!("gave up after {} attempts: {error}", record.attempts);
         match env.store.fail_held(job_id, lease, &message).await {
             Ok(job) => {
@@ -385,4 +380,3 @@ async fn start_record(
     );
     Ok(())
 }
-

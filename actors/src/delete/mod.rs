@@ -204,7 +204,9 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     };
     // One long await (the oldest batch's cascade can take a while): the lease
     // is renewed meanwhile.
-    let (next, done) = run.alive(async { futures::try_join!(next, previous) }).await?;
+    let (next, done) = run
+        .alive(async { futures::try_join!(next, previous) })
+        .await?;
     let Some(next) = next else {
         if let Some(done) = done {
             record(run, Some(&done), in_flight(&s.applying)).await?;
