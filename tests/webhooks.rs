@@ -39,8 +39,8 @@ struct ReceiverState {
     notify: tokio::sync::Notify,
 }
 
-/// A local HTTP receiver: `/redirect` answers 302 to `/landing`, every other
-/// path answers from the plan.
+/// A local HTTP receiver: `/redirect` answers 302 to `/landing`, `/slow`
+/// answers after 3 s, every other path answers from the plan.
 #[derive(Clone)]
 struct Receiver {
     addr: SocketAddr,
@@ -58,6 +58,8 @@ impl Receiver {
                 let path = uri.path().to_string();
                 let (answer, location) = if path == "/redirect" {
                     (302, Some("/landing"))
+                } else if path == "/slow" {
+                    (200, None)
                 } else {
                     let planned = state.plan.lock().unwrap().pop_front();
                     (planned.unwrap_or(*state.fallback.lock().unwrap()), None)
@@ -69,6 +71,9 @@ impl Receiver {
                     answered: answer,
                 });
                 state.notify.notify_waiters();
+                if uri.path() == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
                 let status = StatusCode::from_u16(answer).unwrap();
                 match location {
                     Some(l) => (status, [("location", l)]).into_response(),
@@ -502,6 +507,20 @@ async fn a_500_then_a_200_gives_two_signed_deliveries_with_one_id() {
     assert_eq!(d["log"][1]["statusCode"], 500, "{d}");
     assert!(d["log"][1]["durationMs"].as_i64().is_some(), "{d}");
     assert!(d["deliveredAt"].is_string());
+    let manage = token(org, "webhooks:manage");
+    let retry = format!("/api/webhooks/{hook_id}/deliveries/{id}/retry");
+    let (s, e) = call(reqwest::Method::POST, base, &retry, Some(&manage), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("conflict")), "{e}");
+    let other_token = token(other, "webhooks:manage");
+    let (s, _) = call(
+        reqwest::Method::POST,
+        base,
+        &retry,
+        Some(&other_token),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404, "another organisation's delivery");
 
     // A second job is the fence: once its delivery is in, the first one's is
     // long settled, and a succeeded delivery was not sent again.
@@ -652,6 +671,202 @@ async fn a_lost_terminal_event_is_made_up_for_from_the_job_record() {
             .unwrap(),
         1,
         "one delivery per webhook and job"
+    );
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn timeouts_and_refused_connections_are_retried_until_the_window_ends() {
+    let stack = Stack::start().await;
+    let svc = stack
+        .service_with(|c| {
+            c.webhooks.allow_private = true;
+            c.webhooks.backoff_ms = 100;
+            c.webhooks.backoff_max_ms = 200;
+            c.webhooks.timeout_ms = 500;
+            c.webhooks.retry_for_ms = 2_500;
+            c.webhooks.poll_ms = 50;
+        })
+        .await;
+    let receiver = Receiver::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let org = ObjectId::new();
+    let (s, slow) = register(svc.addr, org, json!({"url": receiver.url("/slow")})).await;
+    assert_eq!(s, 201, "{slow}");
+    let (s, refused) = register(
+        svc.addr,
+        org,
+        json!({"url": format!("http://127.0.0.1:{closed}/hook")}),
+    )
+    .await;
+    assert_eq!(s, 201, "{refused}");
+    finished_export(&stack, svc.addr, org).await;
+    for (hook, words) in [(&slow, "timed out"), (&refused, "connection failed")] {
+        let log = wait_log(svc.addr, org, hook["id"].as_str().unwrap(), 60, |l| {
+            l["deliveries"][0]["status"] == "failed"
+        })
+        .await;
+        let d = &log["deliveries"][0];
+        let attempts = d["attempts"].as_i64().unwrap();
+        assert!(attempts >= 2, "retried before giving up: {d}");
+        assert_eq!(d["log"].as_array().unwrap().len() as i64, attempts.min(20));
+        for entry in d["log"].as_array().unwrap() {
+            assert!(entry["statusCode"].is_null(), "{entry}");
+            assert!(
+                entry["error"].as_str().unwrap().contains(words),
+                "{words}: {entry}"
+            );
+        }
+        assert!(
+            d["nextAttemptAt"].is_null(),
+            "no attempt after the window: {d}"
+        );
+        assert!(d["deliveredAt"].is_null());
+        // Tried once more by hand, then given up again.
+        let path = format!(
+            "/api/webhooks/{}/deliveries/{}/retry",
+            hook["id"].as_str().unwrap(),
+            d["id"].as_str().unwrap()
+        );
+        let manage = token(org, "webhooks:manage");
+        let (s, r) = call(reqwest::Method::POST, svc.addr, &path, Some(&manage), None).await;
+        assert_eq!((s, r["status"].as_str()), (202, Some("pending")), "{r}");
+        let log = wait_log(svc.addr, org, hook["id"].as_str().unwrap(), 60, |l| {
+            l["deliveries"][0]["attempts"].as_i64() == Some(attempts + 1)
+                && l["deliveries"][0]["status"] == "failed"
+        })
+        .await;
+        assert!(log["deliveries"][0]["log"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains(words));
+    }
+    let bogus = format!(
+        "/api/webhooks/{}/deliveries/{}/retry",
+        slow["id"].as_str().unwrap(),
+        ObjectId::new()
+    );
+    let (s, _) = call(
+        reqwest::Method::POST,
+        svc.addr,
+        &bogus,
+        Some(&token(org, "webhooks:manage")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    // Each timed-out attempt reached the receiver: the timeout cut it short.
+    assert!(!receiver.hits("/slow").is_empty());
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_instances_send_each_delivery_once() {
+    let stack = Stack::start().await;
+    let fast = |c: &mut contact_bulk::config::Config| {
+        c.webhooks.allow_private = true;
+        c.webhooks.poll_ms = 20;
+        c.webhooks.sweep_ms = 200;
+        c.webhooks.sweep_grace_ms = 0;
+    };
+    let (a, b) = tokio::join!(stack.service_with(fast), stack.service_with(fast));
+    let receiver = Receiver::start().await;
+    let org = ObjectId::new();
+    let (s, hook) = register(a.addr, org, json!({"url": receiver.url("/hook")})).await;
+    assert_eq!(s, 201, "{hook}");
+    let mut jobs = Vec::new();
+    for i in 0..6 {
+        let base = if i % 2 == 0 { a.addr } else { b.addr };
+        jobs.push(finished_export(&stack, base, org).await["jobId"].clone());
+    }
+    let log = wait_log(a.addr, org, hook["id"].as_str().unwrap(), 60, |l| {
+        let d = l["deliveries"].as_array().unwrap();
+        d.len() == 6 && d.iter().all(|d| d["status"] == "succeeded")
+    })
+    .await;
+    for d in log["deliveries"].as_array().unwrap() {
+        assert_eq!(d["attempts"], 1, "{d}");
+    }
+    let hits = receiver.hits("/hook");
+    assert_eq!(
+        hits.len(),
+        6,
+        "one request per job, whichever instance sent it"
+    );
+    let mut ids: Vec<_> = hits
+        .iter()
+        .map(|h| h.headers["bulk-webhook-id"].to_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6);
+    let mut got: Vec<Value> = hits
+        .iter()
+        .map(|h| serde_json::from_slice::<Value>(&h.body).unwrap()["job"]["jobId"].clone())
+        .collect();
+    got.sort_by_key(|v| v.to_string());
+    jobs.sort_by_key(|v| v.to_string());
+    assert_eq!(got, jobs);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn deliveries_go_on_across_nats_and_mongodb_restarts() {
+    use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsServer};
+    let mut stack = Stack::start().await;
+    let svc = stack
+        .service_with(|c| {
+            c.webhooks.allow_private = true;
+            c.webhooks.backoff_ms = 200;
+            c.webhooks.backoff_max_ms = 500;
+            c.webhooks.poll_ms = 100;
+        })
+        .await;
+    let receiver = Receiver::start().await;
+    let org = ObjectId::new();
+    let (s, hook) = register(svc.addr, org, json!({"url": receiver.url("/hook")})).await;
+    assert_eq!(s, 201, "{hook}");
+
+    // NATS restarted: the durable consumer carries on.
+    let port = stack.nats.port();
+    stack.nats.kill().await.unwrap();
+    stack.nats = NatsServer::start(
+        &repo_nats_conf(),
+        &stack.dir.path().join("nats"),
+        Some(port),
+    )
+    .await
+    .expect("nats restarts on the same port and store");
+    let first = finished_export(&stack, svc.addr, org).await;
+    let hits = receiver.wait("/hook", 90, |h| !h.is_empty()).await;
+    let event: Value = serde_json::from_slice(&hits[0].body).unwrap();
+    assert_eq!(event["job"]["jobId"], first["jobId"]);
+
+    // MongoDB restarted while a delivery waits for its retry.
+    receiver.set_fallback(503);
+    let second = finished_export(&stack, svc.addr, org).await;
+    receiver.wait("/hook", 60, |h| h.len() >= 2).await;
+    let port = stack.mongo.port();
+    stack.mongo.kill().await.unwrap();
+    receiver.set_fallback(200);
+    stack.mongo = MongoServer::start(&stack.dir.path().join("mongo"), Some(port))
+        .await
+        .expect("mongodb restarts on the same port and data");
+    let hits = receiver
+        .wait("/hook", 90, |h| {
+            h.len() >= 3 && h.last().unwrap().answered == 200
+        })
+        .await;
+    let event: Value = serde_json::from_slice(&hits.last().unwrap().body).unwrap();
+    assert_eq!(event["job"]["jobId"], second["jobId"]);
+    assert_eq!(
+        hits.last().unwrap().headers["bulk-webhook-id"],
+        hits[1].headers["bulk-webhook-id"],
+        "the retry of the same delivery"
     );
     svc.stop().await.unwrap();
 }

@@ -63,6 +63,10 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
             "/api/webhooks/{id}/deliveries",
             get(webhooks::api::deliveries),
         )
+        .route(
+            "/api/webhooks/{id}/deliveries/{delivery_id}/retry",
+            post(webhooks::api::retry),
+        )
         .route("/ws", get(crate::ws::upgrade))
         .fallback(rejections::unknown_path)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -250,6 +250,57 @@ pub async fn deliveries(
     Ok(Json(json!({"deliveries": list})).into_response())
 }
 
+/// `POST /api/webhooks/{id}/deliveries/{deliveryId}/retry` → 202 with the
+/// delivery: a pending one is tried now, a given-up one once more. A delivery
+/// that succeeded is not sent again (409), nor one being sent right now.
+pub async fn retry(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path((id, delivery_id)): Path<(String, String)>,
+) -> ApiResult {
+    let org = auth.require(SCOPE_WEBHOOKS)?.org;
+    let hook = own(&app, org, &id).await?;
+    let hook_id = hook
+        .get_object_id("_id")
+        .map_err(|_| ApiError::not_found("webhook"))?;
+    let delivery_id =
+        ObjectId::parse_str(&delivery_id).map_err(|_| ApiError::not_found("delivery"))?;
+    let deliveries = &app.webhooks.inner.deliveries;
+    let mine = doc! {"_id": delivery_id, "webhookId": hook_id, "orgId": org};
+    let mut filter = mine.clone();
+    filter.insert("status", doc! {"$in": ["pending", "failed"]});
+    filter.insert("leaseToken", Bson::Null);
+    let updated = deliveries
+        .find_one_and_update(
+            filter,
+            doc! {"$set": {"status": "pending", "nextAttemptAt": DateTime::now()}},
+        )
+        .projection(doc! {"body": 0, "leaseToken": 0})
+        .return_document(mongodb::options::ReturnDocument::After)
+        .await
+        .map_err(db_error)?;
+    match updated {
+        Some(d) => {
+            app.webhooks.inner.wake.notify_waiters();
+            Ok((StatusCode::ACCEPTED, Json(delivery(&d))).into_response())
+        }
+        None => {
+            let found = deliveries
+                .find_one(mine)
+                .projection(doc! {"status": 1})
+                .await
+                .map_err(db_error)?
+                .ok_or_else(|| ApiError::not_found("delivery"))?;
+            let message = if found.get_str("status") == Ok("succeeded") {
+                "the delivery has succeeded; it is not sent again"
+            } else {
+                "the delivery is being sent right now"
+            };
+            Err(ApiError::new(StatusCode::CONFLICT, "conflict", message))
+        }
+    }
+}
+
 fn time(d: &Document, key: &str) -> Value {
     d.get_datetime(key)
         .map(|t| json!(rfc3339(*t)))

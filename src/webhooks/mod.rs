@@ -58,7 +58,8 @@ pub struct WebhookConfig {
         long = "webhook-allow-private",
         env = "BULK_WEBHOOK_ALLOW_PRIVATE",
         default_value_t = false,
-        action = clap::ArgAction::Set
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub allow_private: bool,
     /// Delay before the first retry of a failed delivery, in milliseconds;
@@ -251,14 +252,14 @@ pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
 }
 
 /// What one delivery attempt came to, as counted by
-/// `bulk_webhook_deliveries_total{result}`.
+/// `bulk_webhook_deliveries_total{result}` (one count per attempt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptResult {
     /// A 2xx answer: delivered.
     Succeeded,
     /// Non-2xx, timeout or connection error: retried later.
     Failed,
-    /// Failed, and the retry window is over: no further attempt.
+    /// Failed, and the retry window is over: the delivery's last attempt.
     GaveUp,
 }
 
@@ -266,8 +267,8 @@ impl AttemptResult {
     /// The `result` label.
     pub fn as_str(self) -> &'static str {
         match self {
-            AttemptResult::Succeeded => "succeeded",
-            AttemptResult::Failed => "failed",
+            AttemptResult::Succeeded => "success",
+            AttemptResult::Failed => "failure",
             AttemptResult::GaveUp => "gave_up",
         }
     }
@@ -291,6 +292,31 @@ mod tests {
         let want = hex::encode(mac.finalize().into_bytes());
         assert_eq!(sign("whsec_abc", 1_700_000_000, b"{\"a\":1}"), want);
         assert_ne!(sign("whsec_abd", 1_700_000_000, b"{\"a\":1}"), want);
+    }
+
+    /// The README's receiver-side check, word for word, against [`sign`].
+    #[test]
+    fn the_readme_verification_accepts_our_signature() {
+        fn verify(secret: &str, header: &str, body: &[u8], now: i64) -> bool {
+            let field = |k| header.split(',').find_map(|p| p.strip_prefix(k));
+            let (Some(t), Some(v1)) = (field("t="), field("v1=")) else {
+                return false;
+            };
+            let Ok(ts) = t.parse::<i64>() else {
+                return false;
+            };
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(body);
+            (now - ts).abs() <= 300
+                && hex::decode(v1).is_ok_and(|sig| mac.verify_slice(&sig).is_ok())
+        }
+        let body = br#"{"id":"x","type":"job.completed"}"#;
+        let header = format!("t=1700000000,v1={}", sign("whsec_k", 1_700_000_000, body));
+        assert!(verify("whsec_k", &header, body, 1_700_000_010));
+        assert!(!verify("whsec_other", &header, body, 1_700_000_010));
+        assert!(!verify("whsec_k", &header, b"{}", 1_700_000_010));
+        assert!(!verify("whsec_k", &header, body, 1_700_001_000), "too old");
     }
 
     #[test]

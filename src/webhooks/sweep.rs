@@ -23,6 +23,9 @@ const WINDOW: Duration = Duration::from_secs(3600);
 /// index range read per organisation).
 const CREATED_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Ended deliveries (succeeded, given up) are kept this long for the log.
+const KEEP_ENDED: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Sweeps every `sweep_ms`, for ever.
 pub(super) async fn run(hooks: Webhooks) {
     let every = Duration::from_millis(hooks.inner.config.sweep_ms.max(100));
@@ -36,6 +39,9 @@ pub(super) async fn run(hooks: Webhooks) {
             ),
             Err(e) => tracing::debug!(error = %e, "webhook sweep failed"),
         }
+        if let Err(e) = hooks.prune().await {
+            tracing::debug!(error = %e, "old webhook deliveries not pruned");
+        }
     }
 }
 
@@ -44,6 +50,26 @@ fn ago(d: Duration) -> DateTime {
 }
 
 impl Webhooks {
+    /// Removes ended deliveries older than [`KEEP_ENDED`], so the outbox does
+    /// not grow for ever.
+    async fn prune(&self) -> anyhow::Result<()> {
+        let gone = self
+            .inner
+            .deliveries
+            .delete_many(doc! {
+                "status": {"$in": ["succeeded", "failed"]},
+                "createdAt": {"$lt": ago(KEEP_ENDED)},
+            })
+            .await?;
+        if gone.deleted_count > 0 {
+            tracing::info!(
+                deliveries = gone.deleted_count,
+                "old webhook deliveries pruned"
+            );
+        }
+        Ok(())
+    }
+
     /// One sweep; returns how many jobs had deliveries missing.
     async fn sweep(&self) -> anyhow::Result<usize> {
         let hooks: Vec<Document> = self
