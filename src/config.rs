@@ -83,6 +83,13 @@ pub struct Config {
         hide = true
     )]
     pub test_clock_offset_ms: i64,
+    /// How long a delete keeps what it removes, so it can be restored
+    /// (`30s`, `15m`, `168h`, `7d`).
+    #[arg(long, env = "BULK_RESTORE_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub restore_retention: Duration,
+    /// Contacts put back per restore batch.
+    #[arg(long, env = "BULK_RESTORE_BATCH", default_value_t = 1000)]
+    pub restore_batch: u32,
     /// Webhook deliveries.
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookConfig,
@@ -127,6 +134,8 @@ impl Config {
         JobSettings {
             export_batch: self.export_batch.max(1),
             delete_batch: self.delete_batch.max(1),
+            restore_batch: self.restore_batch.max(1),
+            restore_retention: self.restore_retention,
             total_wait: Duration::from_millis(self.export_total_wait_ms),
             lease_ttl: Duration::from_millis(self.lease_ms.max(500)),
             max_attempts: self.max_attempts.max(1),

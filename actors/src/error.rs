@@ -37,6 +37,10 @@ pub enum JobError {
     /// The request conflicts with the job's state.
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed but is no longer there (a restore of a hard
+    /// delete, or past the retention); maps to `gone`.
+    #[error("{0}")]
+    Gone(String),
     /// MongoDB failed.
     #[error("database error: {0}")]
     Mongo(#[from] mongodb::error::Error),
@@ -87,6 +91,7 @@ impl JobError {
             JobError::Validation(_) => "validation_error",
             JobError::NotFound(_) => "not_found",
             JobError::Conflict(_) => "conflict",
+            JobError::Gone(_) => "gone",
             JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => "internal",
         }
     }

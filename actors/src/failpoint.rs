@@ -1,13 +1,31 @@
-//! Named failure points for tests: a point armed for a scope (an organisation)
-//! fires a given number of times, making the code at that point fail the way a
-//! fault would (e.g. a write that was applied but whose reply was lost).
-//!
-//! Unarmed, a point costs one relaxed atomic load. Nothing in the service arms
-//! them; tests do, through [`arm`].
+//! Failure points for tests, of two kinds:
+//! - crash points of the real binary ([`hit`]): with `BULK_FAILPOINT=<name>` in
+//!   its environment, the process aborts (as a SIGKILL would end it: no drain,
+//!   no lease release) the first time it reaches the point of that name;
+//!   without the variable a point costs one cached comparison;
+//! - in-process points ([`fires`]): a point armed for a scope (an
+//!   organisation) fires a given number of times, making the code at that
+//!   point fail the way a fault would (e.g. a write that was applied but whose
+//!   reply was lost). Unarmed, it costs one relaxed atomic load. Nothing in the
+//!   service arms them; tests do, through [`arm`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+
+/// Aborts the process if `BULK_FAILPOINT` names this point.
+pub fn hit(name: &str) {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        std::env::var("BULK_FAILPOINT")
+            .ok()
+            .filter(|v| !v.is_empty())
+    });
+    if armed.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
 
 static ANY: AtomicBool = AtomicBool::new(false);
 static ARMED: Mutex<Option<HashMap<(String, String), u32>>> = Mutex::new(None);

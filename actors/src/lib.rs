@@ -16,6 +16,7 @@ pub mod job;
 pub mod lookup;
 pub mod model;
 mod pending_chunk;
+pub mod restore;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;

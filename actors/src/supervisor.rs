@@ -19,6 +19,7 @@ use crate::delete::DeleteActor;
 use crate::export::ExportActor;
 use crate::job::{backoff, JobEnv, JobMsg};
 use crate::model::{JobKind, JobRecord};
+use crate::restore::RestoreActor;
 use crate::store::Lease;
 
 /// Limits on running jobs.
@@ -358,6 +359,9 @@ async fn start_record(
         }
         JobKind::Delete => {
             Actor::spawn_linked(None, DeleteActor::new(), args, myself.get_cell()).await
+        }
+        JobKind::Restore => {
+            Actor::spawn_linked(None, RestoreActor::new(), args, myself.get_cell()).await
         }
     };
     let actor = match spawned {
