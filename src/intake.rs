@@ -313,9 +313,12 @@ async fn submit(app: &App, kind: Durable, payload: &Bytes) -> Result<Value, JobE
     };
     match result {
         Ok(v) => Ok(v),
-        Err(e @ (JobError::Mongo(_) | JobError::Internal(_) | JobError::RateLimited { .. })) => {
-            Err(e)
-        }
+        Err(
+            e @ (JobError::Mongo(_)
+            | JobError::Internal(_)
+            | JobError::Unavailable { .. }
+            | JobError::RateLimited { .. }),
+        ) => Err(e),
         Err(e) => Ok(error_reply(&e)),
     }
 }

@@ -162,7 +162,7 @@ impl ApiError {
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             JobError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             JobError::Gone(_) => (StatusCode::GONE, "gone"),
-            JobError::Mongo(_) | JobError::Internal(_) => {
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
