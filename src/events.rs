@@ -48,16 +48,57 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
 
 async fn upsert_stream(js: &jetstream::Context, cfg: stream::Config) -> anyhow::Result<()> {
     let name = cfg.name.clone();
-    match js.get_stream(&name).await {
-        Ok(_) => {
-            js.update_stream(cfg).await?;
+    let replicas = cfg.num_replicas;
+    let until = tokio::time::Instant::now() + STREAMS_DEADLINE;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let error = match upsert_once(js, cfg.clone()).await {
+            Ok(()) => {
+                tracing::info!(stream = name, replicas, "stream ready");
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        // A cluster that is still forming (no meta leader, peers not current)
+        // times out or has no peers yet; another instance may have created the
+        // stream in between. Only a configuration the servers can never take
+        // (R3 on a single server, say) is final at once.
+        if is_permanent(&error) || tokio::time::Instant::now() + delay >= until {
+            return Err(anyhow::Error::new(error)
+                .context(format!("creating stream {name} with {replicas} replica(s)")));
         }
-        Err(_) => {
-            js.create_stream(cfg).await?;
-        }
+        tracing::warn!(stream = name, replicas, error = %error, retry_in_ms = delay.as_millis() as u64, "stream not ready yet");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    tracing::info!(stream = name, "stream ready");
-    Ok(())
+}
+
+/// How long a start keeps trying to create or update its streams.
+const STREAMS_DEADLINE: Duration = Duration::from_secs(30);
+
+async fn upsert_once(
+    js: &jetstream::Context,
+    cfg: stream::Config,
+) -> Result<(), jetstream::context::CreateStreamError> {
+    match js.get_stream(&cfg.name).await {
+        Ok(_) => js.update_stream(cfg).await.map(|_| ()),
+        Err(_) => js.create_stream(cfg).await.map(|_| ()),
+    }
+}
+
+fn is_permanent(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    use jetstream::ErrorCode;
+    match e.kind() {
+        K::EmptyStreamName | K::InvalidStreamName | K::DomainAndExternalSet => true,
+        K::JetStream(err) => [
+            ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
+            ErrorCode::STREAM_INVALID_CONFIG,
+            ErrorCode::STREAM_REPLICAS_NOT_UPDATABLE,
+        ]
+        .contains(&err.error_code()),
+        _ => false,
+    }
 }
 
 /// Publishes job events and `contact_removed` to JetStream.
