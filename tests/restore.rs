@@ -772,10 +772,9 @@ async fn a_crash_at_each_point_of_the_delete_loses_nothing() {
             .to_string();
         let snap = wait_terminal(&client, org.id, &job).await;
         assert_eq!(snap["status"], "completed", "{point}: {snap}");
-        assert!(
-            snap["attempts"].as_i64().unwrap() >= 2,
-            "{point} was never reached: {snap}"
-        );
+        // `wait_exit` saw the abort at the point; the takeover after it
+        // costs no attempt.
+        assert_eq!(snap["attempts"], 1, "{point}: {snap}");
         bin.kill().await.unwrap();
         orgs.push((point, org, before, job));
     }
