@@ -249,6 +249,7 @@ async fn run(scenario: Scenario) {
                 Fault::RestartNats { node, down } => {
                     println!("chaos: nats node {node} down for {down:?}");
                     nats.restart(node, down).await;
+                    kills.nats_restarts += 1;
                 }
                 Fault::RestartMongo { down } => {
                     println!("chaos: mongodb down for {down:?}");
@@ -258,6 +259,7 @@ async fn run(scenario: Scenario) {
                         .restart()
                         .await
                         .expect("mongodb restarts on its port and data");
+                    kills.mongo_restarts += 1;
                 }
                 Fault::KillHolder { pick } | Fault::KillAny { pick } => {
                     // A job whose holder was just killed names it until its
@@ -301,12 +303,18 @@ async fn run(scenario: Scenario) {
             assert_eq!(snap["status"], "completed", "job {name}: {snap}");
         }
         println!(
-            "chaos figures ({}): {} kill -9 survived ({} of a holder), 1 nats restart, \
-             1 mongodb restart; every job completed {:.1} s after submission",
+            "chaos figures ({}): {} kill -9 survived ({} of a holder), {} nats restart(s), \
+             {} mongodb restart(s); every job completed {:.1} s after submission",
             scenario.name,
             kills.total,
             kills.holders,
+            kills.nats_restarts,
+            kills.mongo_restarts,
             elapsed.as_secs_f64()
+        );
+        assert!(
+            calm || (kills.nats_restarts, kills.mongo_restarts) == (1, 1),
+            "one NATS and one MongoDB restart"
         );
         assert!(
             calm || kills.while_running >= scenario.min_while_running,
@@ -382,6 +390,8 @@ async fn submit(client: &async_nats::Client, w: &World) -> HashMap<&'static str,
 #[derive(Default)]
 struct Kills {
     total: usize,
+    nats_restarts: usize,
+    mongo_restarts: usize,
     holders: usize,
     while_running: usize,
 }
