@@ -363,6 +363,7 @@ mod tests {
                 code: code.into(),
                 field: None,
                 message: "x".into(),
+                retry_after_ms: None,
             })
         };
         assert!(is_outage(&reply("internal")));
