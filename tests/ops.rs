@@ -532,28 +532,30 @@ async fn an_export_past_its_retention_is_gone_and_old_jobs_are_removed() {
         expired["result"]["downloadUrl"].is_null(),
         "no fresh link: {expired}"
     );
-    // The sweep (every 500 ms here) removes the data soon after.
+    // The sweep (every 500 ms here) removes the data soon after, then marks
+    // the record (chunks go first, so a cut-short sweep is finished by the next).
+    let jobs = db.collection::<Document>("bulk_jobs");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while chunks
-        .count_documents(doc! {"jobId": &job_id})
-        .await
-        .unwrap()
-        > 0
-    {
-        assert!(tokio::time::Instant::now() < deadline, "chunks kept");
+    loop {
+        let chunks_left = chunks
+            .count_documents(doc! {"jobId": &job_id})
+            .await
+            .unwrap();
+        let record = jobs.find_one(doc! {"_id": &job_id}).await.unwrap().unwrap();
+        let marked = record
+            .get_document("result")
+            .ok()
+            .and_then(|r| r.get_bool("expired").ok())
+            == Some(true);
+        if chunks_left == 0 && marked {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sweep incomplete: {chunks_left} chunks left, marked {marked}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let record = db
-        .collection::<Document>("bulk_jobs")
-        .find_one(doc! {"_id": &job_id})
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(record
-        .get_document("result")
-        .unwrap()
-        .get_bool("expired")
-        .unwrap());
     let r = reqwest::get(&link).await.unwrap();
     assert_eq!(r.status(), 410);
     let body: Value = r.json().await.unwrap();
