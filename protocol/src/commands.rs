@@ -1,0 +1,182 @@
+//! The NATS commands of contract section 4 (and the HTTP bodies that share
+//! their shape), as they arrive. Unknown keys are refused; nulls mean "not
+//! given". What a command *means* (defaults, the organisation of a token,
+//! the filter's own rules) is decided by the service's use cases.
+
+use std::fmt;
+
+use serde::de;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::filter::{DeleteFilter, ExportFilter, Format};
+use crate::limits::{List, Text};
+use crate::types::Id;
+
+/// A caller's idempotency key: a non-empty string of at most 256 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct CommandId(pub String);
+
+impl<'de> Deserialize<'de> for CommandId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Text::deserialize(d)? {
+            t if t.is_empty() => Err(de::Error::custom("must be a non-empty string")),
+            t => Ok(CommandId(t.into_string())),
+        }
+    }
+}
+
+/// A job id as sent: any non-empty string of at most 256 characters (unknown
+/// ids are simply not found).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct JobId(pub String);
+
+impl<'de> Deserialize<'de> for JobId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Text::deserialize(d)? {
+            t if t.is_empty() => Err(de::Error::custom("must be a non-empty string")),
+            t => Ok(JobId(t.into_string())),
+        }
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `bulk.v1.export`, `bulk.v1.submit.export` and `POST /api/exports`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExportCommand {
+    /// The organisation (NATS; on HTTP it comes from the token).
+    #[serde(default)]
+    pub org_id: Option<Id>,
+    /// The user asking.
+    #[serde(default)]
+    pub requested_by: Option<Id>,
+    /// Idempotency key.
+    #[serde(default)]
+    pub command_id: Option<CommandId>,
+    /// What to export (required on NATS; absent on HTTP = the whole organisation).
+    #[serde(default)]
+    pub filter: Option<ExportFilter>,
+    /// `csv` (default) or `ndjson`.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// Gzip the file.
+    #[serde(default)]
+    pub gzip: Option<bool>,
+    /// Columns (contract section 4).
+    #[serde(default)]
+    pub fields: Option<List<Text>>,
+    /// Download file name (sanitised).
+    #[serde(default)]
+    pub filename: Option<Text>,
+    /// Contacts carrying any of these tags (seed 002).
+    #[serde(default)]
+    pub tag_ids: Option<List<Text>>,
+}
+
+/// `bulk.v1.delete` and `bulk.v1.submit.delete`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeleteCommand {
+    /// The organisation (NATS; on HTTP it comes from the token).
+    #[serde(default)]
+    pub org_id: Option<Id>,
+    /// The user asking.
+    #[serde(default)]
+    pub requested_by: Option<Id>,
+    /// Idempotency key.
+    #[serde(default)]
+    pub command_id: Option<CommandId>,
+    /// What to delete (required).
+    #[serde(default)]
+    pub filter: Option<DeleteFilter>,
+    /// Only count what would go.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+}
+
+/// `bulk.v1.count`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct CountCommand {
+    /// The organisation.
+    #[serde(default)]
+    pub org_id: Option<Id>,
+    /// What to count (required).
+    #[serde(default)]
+    pub filter: Option<ExportFilter>,
+}
+
+/// `bulk.v1.cancel`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct CancelCommand {
+    /// The organisation.
+    #[serde(default)]
+    pub org_id: Option<Id>,
+    /// The job (required).
+    #[serde(default)]
+    pub job_id: Option<JobId>,
+}
+
+/// `bulk.v1.job`: by `jobId`, or by `commandId`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobQuery {
+    /// The organisation.
+    #[serde(default)]
+    pub org_id: Option<Id>,
+    /// The job.
+    #[serde(default)]
+    pub job_id: Option<JobId>,
+    /// Or the command that created it.
+    #[serde(default)]
+    pub command_id: Option<CommandId>,
+}
+
+crate::object_only!(ExportCommand);
+crate::object_only!(DeleteCommand);
+crate::object_only!(CountCommand);
+crate::object_only!(CancelCommand);
+crate::object_only!(JobQuery);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::decode;
+    use crate::ValidationError;
+
+    #[test]
+    fn commands_decode_and_refuse_with_paths() {
+        let ok: ExportCommand = decode(
+            br#"{"orgId": "64b2c3d4e5f60012345678aa", "filter": {"orgWide": true, "limit": 5},
+                 "format": "NDJSON", "gzip": null, "fields": ["id"], "commandId": "c1"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.format, Some(Format::Ndjson));
+        assert_eq!(ok.command_id, Some(CommandId("c1".into())));
+        let e = |b: &str| decode::<DeleteCommand>(b.as_bytes()).unwrap_err();
+        assert_eq!(
+            e(r#"{"filter": {"orgWide": true, "limit": 5}}"#),
+            ValidationError::new("filter.limit", "limit applies only to exports")
+        );
+        assert_eq!(
+            e(r#"{"filter": {"stageIds": [], "advancedParams": {"ownerIds": ["x"]}}}"#).field,
+            "filter.advancedParams.ownerIds[0]"
+        );
+        assert_eq!(e(r#"{"commandId": ""}"#).field, "commandId");
+        assert_eq!(e(r#"{"dryRun": "yes"}"#).field, "dryRun");
+        assert_eq!(
+            e(r#"{"hard": true}"#),
+            ValidationError::new("hard", "unknown key")
+        );
+        let long = format!(r#"{{"commandId": "{}"}}"#, "c".repeat(257));
+        assert!(e(&long).message.contains("256"));
+    }
+}
