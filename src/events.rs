@@ -7,8 +7,9 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact};
 use contact_bulk_actors::model::{rfc3339, JobRecord};
 use contact_bulk_actors::JobError;
+use contact_bulk_protocol::events::{ContactRemoved, ContactRemovedType, JobEvent, JobEventType};
+use contact_bulk_protocol::subjects::Subjects;
 use futures::future::BoxFuture;
-use serde_json::json;
 
 use crate::auth::Keys;
 use crate::commands::decorate;
@@ -25,7 +26,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
     let replicas = usize::from(config.stream_replicas.max(1));
     let events = stream::Config {
         name: config.events_stream(),
-        subjects: vec![config.subject("v1.events.>")],
+        subjects: vec![config.subjects().events_all()],
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
         duplicate_window: DEDUP_WINDOW,
@@ -35,7 +36,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
     upsert_stream(js, events).await?;
     let submit = stream::Config {
         name: config.submit_stream(),
-        subjects: vec![config.subject("v1.submit.>")],
+        subjects: vec![config.subjects().submit_all()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::WorkQueue,
         duplicate_window: Duration::from_secs(3600),
@@ -64,7 +65,7 @@ async fn upsert_stream(js: &jetstream::Context, cfg: stream::Config) -> anyhow::
 pub struct NatsSink {
     js: jetstream::Context,
     keys: Keys,
-    prefix: String,
+    subjects: Subjects,
 }
 
 impl NatsSink {
@@ -73,7 +74,7 @@ impl NatsSink {
         NatsSink {
             js,
             keys,
-            prefix: prefix.to_string(),
+            subjects: Subjects::new(prefix),
         }
     }
 }
@@ -88,13 +89,14 @@ impl EventSink for NatsSink {
         kind: JobEventKind,
         job: &JobRecord,
     ) -> BoxFuture<'_, Result<(), JobError>> {
-        let subject = format!(
-            "{}.v1.events.{}.job.{}",
-            self.prefix,
-            job.org_id.to_hex(),
-            job.job_id
-        );
-        let body = json!({"type": kind.as_str(), "job": decorate(&self.keys, job)});
+        let subject = self.subjects.job_events(&job.org_id.to_hex(), &job.job_id);
+        let body = JobEvent {
+            kind: match kind {
+                JobEventKind::Progress => JobEventType::Progress,
+                JobEventKind::Status => JobEventType::Status,
+            },
+            job: decorate(&self.keys, job),
+        };
         Box::pin(async move {
             let payload = serde_json::to_vec(&body).map_err(nats_err)?;
             self.js
@@ -114,24 +116,20 @@ impl EventSink for NatsSink {
         Box::pin(async move {
             let mut acks = Vec::with_capacity(removed.len());
             for r in removed {
-                let subject = format!(
-                    "{}.v1.events.{}.contact_removed",
-                    self.prefix,
-                    r.org_id.to_hex()
-                );
-                let body = json!({
-                    "type": "contact_removed",
-                    "orgId": r.org_id.to_hex(),
-                    "contactId": r.contact_id.to_hex(),
-                    "jobId": r.job_id,
-                    "pipelineType": r.pipeline_type.as_str(),
-                    "ownerId": r.owner_id.map(|o| o.to_hex()),
-                    "at": rfc3339(r.at),
-                });
+                let subject = self.subjects.contact_removed(&r.org_id.to_hex());
+                let body = ContactRemoved {
+                    kind: ContactRemovedType::ContactRemoved,
+                    org_id: r.org_id.to_hex(),
+                    contact_id: r.contact_id.to_hex(),
+                    job_id: r.job_id.clone(),
+                    pipeline_type: r.pipeline_type,
+                    owner_id: r.owner_id.map(|o| o.to_hex()),
+                    at: rfc3339(r.at),
+                };
                 let payload = serde_json::to_vec(&body).map_err(nats_err)?;
                 let msg = PublishMessage::build()
                     .payload(payload.into())
-                    .message_id(format!("{}:{}", r.job_id, r.contact_id.to_hex()));
+                    .message_id(body.msg_id());
                 // Sent back to back; acks are awaited together below.
                 acks.push(self.js.send_publish(subject, msg).await.map_err(nats_err)?);
             }

@@ -48,103 +48,108 @@ impl fmt::Display for JobId {
 }
 
 /// `bulk.v1.export`, `bulk.v1.submit.export` and `POST /api/exports`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExportCommand {
     /// The organisation (NATS; on HTTP it comes from the token).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_id: Option<Id>,
     /// The user asking.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<Id>,
     /// Idempotency key.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<CommandId>,
     /// What to export (required on NATS; absent on HTTP = the whole organisation).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<ExportFilter>,
     /// `csv` (default) or `ndjson`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<Format>,
     /// Gzip the file.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gzip: Option<bool>,
     /// Columns (contract section 4).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<List<Text>>,
     /// Download file name (sanitised).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filename: Option<Text>,
     /// Contacts carrying any of these tags (seed 002).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag_ids: Option<List<Text>>,
 }
 
 /// `bulk.v1.delete` and `bulk.v1.submit.delete`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeleteCommand {
     /// The organisation (NATS; on HTTP it comes from the token).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_id: Option<Id>,
     /// The user asking.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<Id>,
     /// Idempotency key.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<CommandId>,
     /// What to delete (required).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<DeleteFilter>,
     /// Only count what would go.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
 }
 
 /// `bulk.v1.count`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct CountCommand {
     /// The organisation.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_id: Option<Id>,
     /// What to count (required).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<ExportFilter>,
 }
 
 /// `bulk.v1.cancel`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct CancelCommand {
     /// The organisation.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_id: Option<Id>,
     /// The job (required).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<JobId>,
 }
 
 /// `bulk.v1.job`: by `jobId`, or by `commandId`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobQuery {
     /// The organisation.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_id: Option<Id>,
     /// The job.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<JobId>,
     /// Or the command that created it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<CommandId>,
 }
 
 crate::object_only!(ExportCommand);
+crate::remote_serialize!(ExportCommand);
 crate::object_only!(DeleteCommand);
+crate::remote_serialize!(DeleteCommand);
 crate::object_only!(CountCommand);
+crate::remote_serialize!(CountCommand);
 crate::object_only!(CancelCommand);
+crate::remote_serialize!(CancelCommand);
 crate::object_only!(JobQuery);
+crate::remote_serialize!(JobQuery);
 
 #[cfg(test)]
 mod tests {

@@ -167,31 +167,31 @@ impl Reason for ExportsOnly {
 }
 
 /// The filter as sent. Nulls mean "not given"; unknown keys are refused.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(
     remote = "Self",
     rename_all = "camelCase",
     deny_unknown_fields,
-    bound(deserialize = "L: Deserialize<'de>")
+    bound(deserialize = "L: Deserialize<'de>", serialize = "L: Serialize")
 )]
 pub struct FilterSpec<L> {
     /// Stage ids; only read when `orgWide` is not true (then ignored entirely).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_ids: Option<StageIds>,
     /// Every stage of the organisation.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_wide: Option<bool>,
     /// Contacts (default) or applications.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline_type: Option<PipelineType>,
     /// Owned / unowned.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_filter: Option<OwnerFilter>,
     /// Further restrictions.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advanced_params: Option<AdvancedParamsSpec>,
     /// At most this many rows (exports).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<L>,
 }
 
@@ -209,27 +209,34 @@ impl<L> Default for FilterSpec<L> {
 }
 
 /// `advancedParams`: dates, tags and owners; nothing else.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdvancedParamsSpec {
     /// `createdAt >= createdAfter`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_after: Option<Rfc3339>,
     /// `createdAt < createdBefore`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_before: Option<Rfc3339>,
     /// The contact has all of these tags.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<List<Text>>,
     /// The contact has at least one of these tags.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub any_tags: Option<List<Text>>,
     /// The contact's owner is one of these.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_ids: Option<List<Id>>,
 }
 
 crate::object_only!(AdvancedParamsSpec, "must be an object or null");
+crate::remote_serialize!(AdvancedParamsSpec);
+
+impl<L: Serialize> Serialize for FilterSpec<L> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        FilterSpec::serialize(self, s)
+    }
+}
 
 impl<'de, L: Deserialize<'de>> Deserialize<'de> for FilterSpec<L> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -250,7 +257,8 @@ impl<'de, L: Deserialize<'de>> Deserialize<'de> for FilterSpec<L> {
 /// `stageIds` as sent, decoded as a [`List`] of [`Id`]s only when the filter
 /// is not org-wide (`orgWide: true` ignores it, whatever it holds). A list over
 /// the cap is refused either way.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
 pub struct StageIds(pub Value);
 
 impl StageIds {

@@ -107,6 +107,12 @@ impl<M> RowLimit for Refused<M> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused<M>(std::marker::PhantomData<M>);
 
+impl<M> Serialize for Refused<M> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_none()
+    }
+}
+
 /// The reason a [`Refused`] field gives.
 pub trait Reason {
     /// Lowercase message.
@@ -125,6 +131,12 @@ pub const DATE_MSG: &str = "must be an RFC 3339 date-time string";
 /// An RFC 3339 time with its offset (`2026-01-01T00:00:00.000Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rfc3339(pub DateTime<Utc>);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+    }
+}
 
 impl<'de> Deserialize<'de> for Rfc3339 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -185,6 +197,19 @@ macro_rules! object_only {
                     }
                 }
                 d.deserialize_map(V)
+            }
+        }
+    };
+}
+
+/// Implements `Serialize` for a struct derived with `#[serde(remote = "Self")]`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! remote_serialize {
+    ($t:ident) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                $t::serialize(self, s)
             }
         }
     };

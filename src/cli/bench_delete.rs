@@ -6,6 +6,7 @@
 //! of the job's batch size, per collection), which shows what the job's other work costs.
 //! Documents/s side by side.
 
+use contact_bulk_protocol::subjects::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -126,7 +127,7 @@ async fn delete_job(h: &Harness, org: ObjectId) -> anyhow::Result<Side> {
     let reply = h
         .nats
         .request(
-            "v1.delete",
+            Command::Delete,
             &json!({"orgId": org, "filter": {"orgWide": true}}),
         )
         .await?;

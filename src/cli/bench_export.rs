@@ -3,6 +3,7 @@
 //! drain of the same query with the same driver, plus the service's peak RSS,
 //! at a smaller size and at the asked one so memory growth with N shows.
 
+use contact_bulk_protocol::subjects::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -172,7 +173,7 @@ async fn export_job(h: &Harness, n: u64, org: ObjectId) -> anyhow::Result<(Durat
     let reply = h
         .nats
         .request(
-            "v1.export",
+            Command::Export,
             &json!({"orgId": org, "format": "csv", "filter": {"orgWide": true}}),
         )
         .await?;

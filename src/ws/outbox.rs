@@ -15,7 +15,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use axum::extract::ws::Utf8Bytes;
-use serde_json::json;
 use tokio::sync::Notify;
 
 /// Queued frames beyond which a session is closed as too slow.
@@ -222,8 +221,7 @@ impl Outbox {
                         }
                         s.contacts.remove(&id).map(|c| {
                             let counted: usize = c.ids.iter().map(|i| i.len() + 3).sum();
-                            let frame = json!({"type": "contact_removed", "seq": c.seq, "contactIds": c.ids});
-                            let frame = Utf8Bytes::from(frame.to_string());
+                            let frame = super::protocol::contacts_removed(c.seq, c.ids);
                             // Uncounted below by its own length.
                             s.bytes = (s.bytes + frame.as_str().len()).saturating_sub(counted);
                             frame
@@ -274,6 +272,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn text(n: Option<Next>) -> String {
         match n {
