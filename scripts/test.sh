@@ -4,7 +4,8 @@
 # On a fresh Debian box with the Rust toolchain it installs what the tests need
 # (nats-server and the MongoDB-wire server secantusd-rs via
 # scripts/install-servers.sh, cached under ~/.cache/contact-bulk; Debian's
-# chromium and chromium-driver for the browser test), then checks formatting
+# chromium and chromium-driver for the browser test; nodejs and npm for the
+# benchmarks' Node yardsticks), then checks formatting
 # and lints and runs every test of the workspace against the real servers.
 # TEST_THREADS (default 2, for a 2-core box) sets the test binaries' parallelism.
 set -euo pipefail
@@ -34,6 +35,17 @@ else
 fi
 chromium --version 2>/dev/null || true
 chromedriver --version
+
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  step "node $(node --version) and npm $(npm --version) present"
+else
+  # The benchmarks' Node yardsticks (tests/bench.rs); their npm packages are
+  # installed by the bench itself under ~/.cache/contact-bulk/yardsticks.
+  step "installing nodejs and npm (the benchmarks' Node yardsticks)"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends nodejs npm
+fi
 
 for component in rustfmt clippy; do
   if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then

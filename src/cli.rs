@@ -9,6 +9,7 @@ pub mod bench_ws;
 pub mod client;
 pub mod download;
 pub mod operator;
+pub mod yardsticks;
 
 use std::path::PathBuf;
 

@@ -7,11 +7,12 @@ use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
+use contact_bulk_actors::restore::{self, RestoreCounts};
 use contact_bulk_actors::snapshot;
 use contact_bulk_actors::store::JobStore;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
-use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand, JobQuery};
+use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand, JobQuery, RestoreCommand};
 use contact_bulk_protocol::{Id, Text};
 use mongodb::Database;
 use ractor::ActorRef;
@@ -39,6 +40,18 @@ pub struct App {
     pub hub: crate::ws::Hub,
     /// Job events (the `pending` status of a new job).
     pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
+    /// Webhook registrations and deliveries.
+    pub webhooks: crate::webhooks::Webhooks,
+}
+
+/// What a restore command produced.
+#[derive(Debug)]
+pub enum RestoreOutcome {
+    /// A restore job was created, or the one already pending, running or
+    /// completed for that delete (or for that `commandId`) was found.
+    Job(Box<JobRecord>),
+    /// `dryRun: true`: what would be put back, no job.
+    DryRun(RestoreCounts),
 }
 
 /// What a delete command produced.
@@ -119,7 +132,7 @@ impl App {
                 dry_run(&self.db, org, &filter).await?,
             ));
         }
-        let job = JobRecord::new(
+        let mut job = JobRecord::new(
             JobKind::Delete,
             org,
             cmd.command_id.map(|c| c.0),
@@ -127,7 +140,63 @@ impl App {
             filter,
             None,
         );
+        job.hard_delete = cmd.hard_delete.unwrap_or(false);
         Ok(DeleteOutcome::Job(Box::new(self.submit(job).await?)))
+    }
+
+    /// `bulk.v1.restore` / `POST /api/contacts/bulk-job/{jobId}/restore`:
+    /// undoes an ended delete (contract section 11).
+    pub async fn restore(
+        &self,
+        cmd: RestoreCommand,
+        org: Option<ObjectId>,
+    ) -> Result<RestoreOutcome, JobError> {
+        let org = org_of(cmd.org_id, org)?;
+        let job_id = cmd
+            .job_id
+            .ok_or_else(|| ValidationError::new("jobId", "is required"))?
+            .0;
+        let command_id = cmd.command_id.map(|c| c.0);
+        let requested_by = cmd.requested_by.map(|u| u.0);
+        let dry = cmd.dry_run.unwrap_or(false);
+        if let (Some(command), false) = (&command_id, dry) {
+            // A replay returns its job whatever became of the delete since.
+            match self.store.get_by_command(org, command).await {
+                Ok(job) if job.kind == JobKind::Restore => {
+                    return Ok(RestoreOutcome::Job(Box::new(job)))
+                }
+                Ok(job) => {
+                    return Err(JobError::Conflict(format!(
+                        "commandId is already used by {} job {}",
+                        job.kind.as_str(),
+                        job.job_id
+                    )))
+                }
+                Err(JobError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let source = restore::source(self.store.jobs(), org, &job_id).await?;
+        if dry {
+            return Ok(RestoreOutcome::DryRun(
+                restore::dry_run(&self.db, &source).await?,
+            ));
+        }
+        let (live, n) = restore::existing(self.store.jobs(), &source.job_id).await?;
+        if let Some(job) = live {
+            return Ok(RestoreOutcome::Job(Box::new(job)));
+        }
+        let mut job = JobRecord::new(
+            JobKind::Restore,
+            org,
+            command_id,
+            requested_by,
+            source.filter.clone(),
+            None,
+        );
+        job.source_job_id = Some(source.job_id.clone());
+        job.restore_key = Some(format!("{}#{n}", source.job_id));
+        Ok(RestoreOutcome::Job(Box::new(self.submit(job).await?)))
     }
 
     /// Records the job (idempotent by `commandId`) and, if new, asks the supervisor to start it.
@@ -216,7 +285,7 @@ impl App {
 /// The snapshot with a fresh signed link when the export is complete.
 pub fn decorate(keys: &Keys, job: &JobRecord) -> JobSnapshot {
     let mut snap = job.snapshot();
-    if let Some(result) = snap.result.as_mut() {
+    if let Some(result) = snap.result.as_mut().and_then(|r| r.export_mut()) {
         let (url, expires) = keys.download_link(&job.job_id);
         result.download_url = Some(url);
         result.expires_at = chrono::DateTime::from_timestamp(expires, 0)

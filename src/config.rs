@@ -65,6 +65,16 @@ pub struct Config {
     /// Actor starts before a job is marked failed.
     #[arg(long, env = "BULK_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: i32,
+    /// How long a delete keeps what it removes, so it can be restored
+    /// (`30s`, `15m`, `168h`, `7d`).
+    #[arg(long, env = "BULK_RESTORE_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub restore_retention: Duration,
+    /// Contacts put back per restore batch.
+    #[arg(long, env = "BULK_RESTORE_BATCH", default_value_t = 1000)]
+    pub restore_batch: u32,
+    /// Webhook deliveries.
+    #[command(flatten)]
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Config {
@@ -111,6 +121,8 @@ impl Config {
         JobSettings {
             export_batch: self.export_batch.max(1),
             delete_batch: self.delete_batch.max(1),
+            restore_batch: self.restore_batch.max(1),
+            restore_retention: self.restore_retention,
             total_wait: Duration::from_millis(self.export_total_wait_ms),
             lease_ttl: Duration::from_millis(self.lease_ms.max(500)),
             max_attempts: self.max_attempts.max(1),

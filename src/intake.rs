@@ -9,7 +9,9 @@ use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::JobRecord;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
-use contact_bulk_protocol::commands::{CancelCommand, CountCommand, DeleteCommand, ExportCommand};
+use contact_bulk_protocol::commands::{
+    CancelCommand, CountCommand, DeleteCommand, ExportCommand, RestoreCommand,
+};
 use contact_bulk_protocol::error::{ErrorBody, ErrorReply};
 use contact_bulk_protocol::parse::decode;
 use contact_bulk_protocol::replies::CountReply;
@@ -18,7 +20,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::commands::{org_of, App, DeleteOutcome};
+use crate::commands::{org_of, App, DeleteOutcome, RestoreOutcome};
 use crate::config::Config;
 
 /// Queue group shared by every instance, so each command is answered once.
@@ -37,6 +39,14 @@ pub fn error_reply(e: &JobError) -> ErrorReply {
             },
         },
     }
+}
+
+/// What a durable command asks for.
+#[derive(Clone, Copy, Debug)]
+enum Durable {
+    Export,
+    Delete,
+    Restore,
 }
 
 /// Subscribes to every command subject. Returns once the subscriptions are live;
@@ -82,8 +92,7 @@ pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> a
 
 /// Parses and runs one command; never panics on bad input.
 async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
-    let result = run(app, cmd, payload).await;
-    match result {
+    match run(app, cmd, payload).await {
         Ok(v) => v,
         Err(e) => {
             if !matches!(e, JobError::Validation(_) | JobError::NotFound(_)) {
@@ -99,6 +108,7 @@ async fn run(app: &App, cmd: Command, payload: &[u8]) -> Result<Value, JobError>
     Ok(match cmd {
         Command::Export => accepted(&app.export(decode(payload)?, None).await?),
         Command::Delete => delete_reply(app.delete(decode(payload)?, None).await?),
+        Command::Restore => restore_reply(app.restore(decode(payload)?, None).await?),
         Command::Cancel => {
             let c: CancelCommand = decode(payload)?;
             let org = org_of(c.org_id, None)?;
@@ -134,7 +144,14 @@ fn delete_reply(out: DeleteOutcome) -> Value {
     }
 }
 
-/// Durable intake: commands published to `bulk.v1.submit.{export,delete}` are kept
+fn restore_reply(out: RestoreOutcome) -> Value {
+    match out {
+        RestoreOutcome::Job(job) => accepted(&job),
+        RestoreOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
+    }
+}
+
+/// Durable intake: commands published to `bulk.v1.submit.{export,delete,restore}` are kept
 /// in a work-queue stream until an instance has recorded their job; the message
 /// is acknowledged only then, so a command published while no instance runs
 /// executes once one starts (and only once: `commandId` is required and idempotent).
@@ -161,6 +178,7 @@ async fn start_durable(
     let mut messages = consumer.messages().await?;
     let export_subject = subjects.submit(Command::Export);
     let delete_subject = subjects.submit(Command::Delete);
+    let restore_subject = subjects.submit(Command::Restore);
     tasks.spawn(async move {
         while let Some(msg) = messages.next().await {
             let msg = match msg {
@@ -170,19 +188,20 @@ async fn start_durable(
                     continue;
                 }
             };
-            // Only the two named subjects run anything: a command on any other
+            // Only the named subjects run anything: a command on any other
             // subject the stream captures (a typo, a future version) must never
             // fall through to a delete. It is dropped for good, loudly.
-            let export = match msg.subject.as_str() {
-                s if s == export_subject => true,
-                s if s == delete_subject => false,
+            let kind = match msg.subject.as_str() {
+                s if s == export_subject => Durable::Export,
+                s if s == delete_subject => Durable::Delete,
+                s if s == restore_subject => Durable::Restore,
                 other => {
                     tracing::error!(subject = other, "durable command on an unknown subject dropped");
                     let _ = msg.ack_with(AckKind::Term).await;
                     continue;
                 }
             };
-            match submit(&app, export, &msg.payload).await {
+            match submit(&app, kind, &msg.payload).await {
                 Ok(reply) => {
                     tracing::info!(subject = %msg.subject, reply = %reply, "durable command handled");
                     if let Err(e) = msg.ack().await {
@@ -204,23 +223,26 @@ async fn start_durable(
 
 /// Runs one durable command. `Ok` carries the reply (or error reply) of a
 /// command that is done with, `Err` a transient failure worth redelivering.
-async fn submit(app: &App, export: bool, payload: &Bytes) -> Result<Value, JobError> {
-    let result = if export {
-        match durable::<ExportCommand>(payload, |c| c.command_id.is_some()) {
+async fn submit(app: &App, kind: Durable, payload: &Bytes) -> Result<Value, JobError> {
+    let result = match kind {
+        Durable::Export => match durable::<ExportCommand>(payload, |c| c.command_id.is_some()) {
             Ok(cmd) => app
                 .export(cmd, None)
                 .await
                 .map(|j| json!({"jobId": j.job_id, "kind": "export"})),
             Err(e) => Err(e),
-        }
-    } else {
-        match durable::<DeleteCommand>(payload, |c| c.command_id.is_some()) {
+        },
+        Durable::Delete => match durable::<DeleteCommand>(payload, |c| c.command_id.is_some()) {
             Ok(cmd) => app.delete(cmd, None).await.map(|out| match out {
                 DeleteOutcome::Job(j) => json!({"jobId": j.job_id, "kind": "delete"}),
                 DeleteOutcome::DryRun(c) => json!({"dryRun": true, "counts": c}),
             }),
             Err(e) => Err(e),
-        }
+        },
+        Durable::Restore => match durable::<RestoreCommand>(payload, |c| c.command_id.is_some()) {
+            Ok(cmd) => app.restore(cmd, None).await.map(restore_reply),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(v) => Ok(v),

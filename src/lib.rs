@@ -13,6 +13,7 @@ pub mod http;
 pub mod intake;
 pub mod seed;
 pub mod servers;
+pub mod webhooks;
 pub mod ws;
 
 use std::future::Future;
@@ -81,16 +82,17 @@ impl Service {
             .await
             .context("connecting to nats")?;
         let js = async_nats::jetstream::new(nats.clone());
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            events::ensure_streams(&js, &config),
-        )
-        .await
-        .context("nats did not answer within 30 s")??;
+        // Retried for up to 30 s: a cluster may still be electing its leaders.
+        events::ensure_streams(&js, &config).await?;
 
         let store = JobStore::new(db.clone());
         store.ensure_indexes().await.context("ensuring indexes")?;
         let artifacts = Artifacts::new(&db);
+        let webhooks = webhooks::Webhooks::new(&db, &config.webhooks, keys.clone());
+        webhooks
+            .ensure_indexes()
+            .await
+            .context("ensuring webhook indexes")?;
         let sink: Arc<dyn contact_bulk_actors::events::EventSink> = Arc::new(NatsSink::new(
             js.clone(),
             keys.clone(),
@@ -121,8 +123,10 @@ impl Service {
             cancel_subject: config.subjects().internal_cancel(),
             hub,
             sink,
+            webhooks: webhooks.clone(),
         });
         intake::start(app.clone(), &config, &mut tasks).await?;
+        webhooks.start(&js, &config, &mut tasks).await?;
         let router = http::router(app.clone(), &config).await?;
         let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {

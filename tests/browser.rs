@@ -557,6 +557,37 @@ async fn export_and_delete_from_the_page_with_live_progress() {
     )
     .await;
     assert_eq!(errors, json!([]), "error messages on the page");
+
+    // A job waiting out an outage says so (its snapshot's `waiting`), as an
+    // event of the organisation's stream brings it.
+    let waiting_job = uuid::Uuid::new_v4().to_string();
+    let snap = json!({"jobId": waiting_job, "kind": "delete", "orgId": org.id.to_hex(),
+        "commandId": null, "status": "processing", "total": 100, "processed": 40,
+        "counts": {"contacts": 40, "conversations": 0, "messages": 0}, "error": null,
+        "attempts": 1, "createdAt": "2026-01-01T00:00:00.000Z", "startedAt": "2026-01-01T00:00:00.000Z",
+        "finishedAt": null, "result": null, "waiting": "mongodb"});
+    let js_ctx = async_nats::jetstream::new(nats.clone());
+    js_ctx
+        .publish(
+            format!("bulk.v1.events.{}.job.{waiting_job}", org.id.to_hex()),
+            serde_json::to_vec(&json!({"type": "job.progress", "job": snap}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_js(
+        &client,
+        "the waiting badge",
+        20,
+        "return document.querySelector(`tr[data-job-id=\"${arguments[0]}\"] .waiting`)?.textContent ?? null;",
+        vec![json!(waiting_job)],
+        |v| v == "waiting for mongodb",
+    )
+    .await;
+
     let severe: Vec<Value> = driver
         .console(&client)
         .await

@@ -1,5 +1,5 @@
 //! The operator CLI (`export`, `delete`, `watch`) as the real binary against a
-//! real stack with the service in-process, and a smoke run of `bench export`.
+//! real stack with the service in-process (the benchmarks' own runs are in tests/bench.rs).
 
 mod common;
 
@@ -305,39 +305,6 @@ async fn an_invalid_filter_exits_non_zero_naming_the_field() {
     }
     assert_eq!(count(&db, "bulk_jobs", doc! {}).await, 0);
     assert_eq!(count(&db, "contacts", doc! {}).await, 10);
-}
-
-#[tokio::test]
-async fn bench_export_smoke_prints_a_json_line_with_the_ratio() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_str().unwrap().to_string();
-    let out = cli(
-        None,
-        tmp.path(),
-        &["bench", "export", "--rows", "2000", "--data-dir", &dir],
-    )
-    .await;
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "bench failed: {stdout}\n{stderr}");
-    let line: Value = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON line in {stdout}"));
-    assert_eq!(line["bench"], "export");
-    for key in [
-        "rows",
-        "exportRowsPerSec",
-        "drainRowsPerSec",
-        "ratio",
-        "peakRssMb",
-    ] {
-        assert!(
-            line[key].as_f64().is_some_and(|v| v > 0.0),
-            "{key} missing or not positive in {line}"
-        );
-    }
-    assert_eq!(line["rows"], 2000);
 }
 
 /// The run command's stack: `contact-bulk dev` starts its own servers, seeds

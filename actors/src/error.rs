@@ -14,6 +14,10 @@ pub enum JobError {
     /// The request conflicts with the job's state.
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed but is no longer there (a restore of a hard
+    /// delete, or past the retention); maps to `gone`.
+    #[error("{0}")]
+    Gone(String),
     /// MongoDB failed.
     #[error("database error: {0}")]
     Mongo(#[from] mongodb::error::Error),
@@ -35,6 +39,7 @@ impl JobError {
             JobError::Validation(_) => ErrorCode::ValidationError,
             JobError::NotFound(_) => ErrorCode::NotFound,
             JobError::Conflict(_) => ErrorCode::Conflict,
+            JobError::Gone(_) => ErrorCode::Gone,
             JobError::Mongo(_) | JobError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -23,6 +23,10 @@ pub struct JobSettings {
     pub export_batch: u32,
     /// Contacts deleted per delete step.
     pub delete_batch: u32,
+    /// Contacts put back per restore step.
+    pub restore_batch: u32,
+    /// How long a delete keeps what it removes (`BULK_RESTORE_RETENTION`).
+    pub restore_retention: Duration,
     /// Export buffer size that triggers a flush (chunk + checkpoint).
     pub flush_bytes: usize,
     /// How long an export's start waits for its count, so that `total` is in
@@ -48,6 +52,8 @@ impl Default for JobSettings {
         JobSettings {
             export_batch: 1000,
             delete_batch: 2000,
+            restore_batch: 1000,
+            restore_retention: Duration::from_secs(30 * 24 * 3600),
             flush_bytes: 1 << 20,
             total_wait: Duration::from_millis(250),
             flush_interval: Duration::from_millis(250),

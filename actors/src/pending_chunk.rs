@@ -45,6 +45,16 @@ impl PendingChunk {
         }
     }
 
+    /// Its number in the file.
+    pub(crate) fn n(&self) -> i64 {
+        self.n
+    }
+
+    /// Its bytes, as stored.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Rows in the chunk, not yet in the job's `processed`.
     pub(crate) fn rows(&self) -> i64 {
         self.rows

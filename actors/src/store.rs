@@ -29,6 +29,8 @@ pub mod names {
     pub const PIPELINES: &str = "pipelines";
     /// CRM users (assignees).
     pub const USERS: &str = "users";
+    /// What deletes removed, kept for restores (`restore::kept`).
+    pub const KEPT: &str = "bulk_kept";
 }
 
 /// True when a MongoDB error is a duplicate-key violation (E11000).
@@ -63,6 +65,11 @@ impl JobStore {
         &self.db
     }
 
+    /// The job records.
+    pub fn jobs(&self) -> &Collection<JobRecord> {
+        &self.jobs
+    }
+
     /// Creates the indexes jobs rely on. Index builds over existing data can take
     /// a while, so each one is logged.
     pub async fn ensure_indexes(&self) -> Result<(), JobError> {
@@ -85,6 +92,28 @@ impl JobStore {
                 names::JOBS,
                 IndexModel::builder()
                     .keys(doc! {"orgId": 1, "createdAt": -1})
+                    .build(),
+            ),
+            (
+                names::JOBS,
+                // The n-th restore of a delete: one at a time, and how a
+                // delete's restores are found.
+                IndexModel::builder()
+                    .keys(doc! {"restoreKey": 1})
+                    .options(unique_sparse())
+                    .build(),
+            ),
+            (
+                names::KEPT,
+                // Kept documents go when their retention ends (the server's
+                // TTL monitor; restores also refuse expired deletes themselves).
+                IndexModel::builder()
+                    .keys(doc! {"expiresAt": 1})
+                    .options(
+                        IndexOptions::builder()
+                            .expire_after(Duration::from_secs(0))
+                            .build(),
+                    )
                     .build(),
             ),
             (
@@ -155,12 +184,16 @@ impl JobStore {
         match self.jobs.insert_one(&job).await {
             Ok(_) => Ok((job, true)),
             Err(e) if is_duplicate_key(&e) => {
-                let key = job.command_key.clone().unwrap_or_default();
-                let existing = self
-                    .jobs
-                    .find_one(doc! {"commandKey": key})
-                    .await?
-                    .ok_or_else(|| JobError::Internal("duplicate job vanished".into()))?;
+                // The same command, or (restores) the same n-th restore of a delete.
+                let mut found = None;
+                if let Some(key) = &job.command_key {
+                    found = self.jobs.find_one(doc! {"commandKey": key}).await?;
+                }
+                if let (None, Some(key)) = (&found, &job.restore_key) {
+                    found = self.jobs.find_one(doc! {"restoreKey": key}).await?;
+                }
+                let existing =
+                    found.ok_or_else(|| JobError::Internal("duplicate job vanished".into()))?;
                 Ok((existing, false))
             }
             Err(e) => Err(e.into()),
@@ -321,10 +354,18 @@ impl JobStore {
             .with_options(opts)
             .await?;
         if let Some(job) = &failed {
-            if job.kind == crate::model::JobKind::Delete {
+            match job.kind {
                 // The contacts its unfinished batches had not deleted go back
                 // to being anyone's: a later job may delete them.
-                crate::delete::release_undecided(&self.db, job).await?;
+                crate::model::JobKind::Delete => {
+                    crate::delete::release_undecided(&self.db, job).await?
+                }
+                // Likewise the contacts a restore decided on but did not put
+                // back: a later restore of the same delete puts them back.
+                crate::model::JobKind::Restore => {
+                    crate::restore::release_undecided(&self.db, job).await?
+                }
+                crate::model::JobKind::Export => {}
             }
         }
         Ok(failed)

@@ -14,6 +14,7 @@ use crate::delete::DeleteActor;
 use crate::export::ExportActor;
 use crate::job::{backoff, JobEnv, JobMsg};
 use crate::model::{JobKind, JobRecord};
+use crate::restore::RestoreActor;
 
 /// Limits on running jobs.
 #[derive(Debug, Clone)]
@@ -331,6 +332,11 @@ async fn start_record(
         }
         JobKind::Delete => {
             Actor::spawn_linked(None, DeleteActor::new(), args, myself.get_cell())
+                .await?
+                .0
+        }
+        JobKind::Restore => {
+            Actor::spawn_linked(None, RestoreActor::new(), args, myself.get_cell())
                 .await?
                 .0
         }

@@ -99,6 +99,112 @@ pub struct DeleteCommand {
     /// Only count what would go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dry_run: Option<bool>,
+    /// An erasure: nothing is kept, nothing can be restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_delete: Option<bool>,
+}
+
+/// `bulk.v1.restore`, `bulk.v1.submit.restore` and
+/// `POST /api/contacts/bulk-job/{jobId}/restore`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreCommand {
+    /// The organisation (NATS; on HTTP it comes from the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<Id>,
+    /// The delete job to undo (required; on HTTP it comes from the path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// The user asking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<Id>,
+    /// Idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<CommandId>,
+    /// Only count what would come back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+}
+
+/// The body of `POST /api/contacts/bulk-job/{jobId}/restore` (the job comes
+/// from the path, the organisation and the user from the token).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreBody {
+    /// Idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<CommandId>,
+    /// Only count what would come back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+}
+
+/// An event a webhook can ask for (contract section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WebhookEvent {
+    /// A job completed.
+    Completed,
+    /// A job failed.
+    Failed,
+    /// A job was cancelled.
+    Cancelled,
+}
+
+impl WebhookEvent {
+    /// Every event, in the contract's order.
+    pub const ALL: [WebhookEvent; 3] = [
+        WebhookEvent::Completed,
+        WebhookEvent::Failed,
+        WebhookEvent::Cancelled,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::Completed => "job.completed",
+            WebhookEvent::Failed => "job.failed",
+            WebhookEvent::Cancelled => "job.cancelled",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<WebhookEvent> {
+        WebhookEvent::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+impl Serialize for WebhookEvent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for WebhookEvent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(crate::types::Expect::new(
+            "must be one of job.completed, job.failed, job.cancelled",
+            WebhookEvent::parse,
+        ))
+    }
+}
+
+impl crate::limits::Item for WebhookEvent {
+    const ARRAY: &'static str = "a list of event names";
+}
+
+/// Longest accepted webhook URL.
+pub const MAX_URL: usize = 2048;
+
+/// `POST /api/webhooks`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(remote = "Self", rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// Where deliveries go (`https://` or `http://`, checked by the service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Which events (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<List<WebhookEvent>>,
 }
 
 /// `bulk.v1.count`.
@@ -144,6 +250,12 @@ crate::object_only!(ExportCommand);
 crate::remote_serialize!(ExportCommand);
 crate::object_only!(DeleteCommand);
 crate::remote_serialize!(DeleteCommand);
+crate::object_only!(WebhookRequest);
+crate::remote_serialize!(WebhookRequest);
+crate::object_only!(RestoreCommand);
+crate::object_only!(RestoreBody);
+crate::remote_serialize!(RestoreBody);
+crate::remote_serialize!(RestoreCommand);
 crate::object_only!(CountCommand);
 crate::remote_serialize!(CountCommand);
 crate::object_only!(CancelCommand);

@@ -37,28 +37,54 @@ pub struct JobEvent<J> {
     pub job: J,
 }
 
-/// The tag of a [`ContactRemoved`] event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ContactRemovedType {
-    /// `contact_removed`.
+/// The kind of a per-contact event (and the last token of its subject).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ContactEventType {
+    /// A delete removed the contact.
     #[serde(rename = "contact_removed")]
-    ContactRemoved,
+    Removed,
+    /// A restore put it back.
+    #[serde(rename = "contact_restored")]
+    Restored,
 }
 
-/// `bulk.v1.events.<orgId>.contact_removed`, one per deleted contact, with
-/// the header `Nats-Msg-Id: <jobId>:<contactId>` ([`ContactRemoved::msg_id`]).
+impl ContactEventType {
+    /// The wire name (`contact_removed`, `contact_restored`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContactEventType::Removed => "contact_removed",
+            ContactEventType::Restored => "contact_restored",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<ContactEventType> {
+        match s {
+            "contact_removed" => Some(ContactEventType::Removed),
+            "contact_restored" => Some(ContactEventType::Restored),
+            _ => None,
+        }
+    }
+}
+
+/// `bulk.v1.events.<orgId>.contact_removed` (one per deleted contact) and
+/// `….contact_restored` (one per restored contact, with `sourceJobId`), with
+/// the header `Nats-Msg-Id: <jobId>:<contactId>` ([`ContactEvent::msg_id`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ContactRemoved {
-    /// Always `contact_removed`.
+pub struct ContactEvent {
+    /// Removed or restored.
     #[serde(rename = "type")]
-    pub kind: ContactRemovedType,
+    pub kind: ContactEventType,
     /// 24-hex organisation id.
     pub org_id: String,
-    /// 24-hex id of the deleted contact.
+    /// 24-hex id of the contact.
     pub contact_id: String,
-    /// The delete job.
+    /// The delete (or restore) job.
     pub job_id: String,
+    /// The delete a restore undoes (restored contacts only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_job_id: Option<String>,
     /// Contact or Application.
     pub pipeline_type: PipelineType,
     /// 24-hex id of its assignee, if any.
@@ -67,7 +93,7 @@ pub struct ContactRemoved {
     pub at: String,
 }
 
-impl ContactRemoved {
+impl ContactEvent {
     /// The deduplication id: `<jobId>:<contactId>`.
     pub fn msg_id(&self) -> String {
         format!("{}:{}", self.job_id, self.contact_id)
@@ -91,6 +117,24 @@ pub struct JobHead {
     /// Matching documents at start.
     #[serde(default)]
     pub total: Option<i64>,
+    /// When it reached its terminal state (RFC 3339).
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+/// The body of a webhook delivery (contract section 12): `{id, type, createdAt, job}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookDelivery<J> {
+    /// The delivery's id (also `Bulk-Webhook-Id`).
+    pub id: String,
+    /// `job.completed`, `job.failed` or `job.cancelled`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The job's terminal snapshot.
+    pub job: J,
 }
 
 #[cfg(test)]
@@ -108,11 +152,12 @@ mod tests {
             serde_json::to_string(&e).unwrap(),
             r#"{"type":"job.status","job":{"jobId":"j"}}"#
         );
-        let c = ContactRemoved {
-            kind: ContactRemovedType::ContactRemoved,
+        let mut c = ContactEvent {
+            kind: ContactEventType::Removed,
             org_id: "o".into(),
             contact_id: "c".into(),
             job_id: "j".into(),
+            source_job_id: None,
             pipeline_type: PipelineType::Contact,
             owner_id: None,
             at: "t".into(),
@@ -123,5 +168,11 @@ mod tests {
                    "pipelineType": "Contact", "ownerId": null, "at": "t"})
         );
         assert_eq!(c.msg_id(), "j:c");
+        c.kind = ContactEventType::Restored;
+        c.source_job_id = Some("d".into());
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"type":"contact_restored","orgId":"o","contactId":"c","jobId":"j","sourceJobId":"d","pipelineType":"Contact","ownerId":null,"at":"t"}"#
+        );
     }
 }

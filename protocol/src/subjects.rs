@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::events::ContactEventType;
+
 /// A request/reply command subject (`<prefix>.v1.<name>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Command {
@@ -16,16 +18,19 @@ pub enum Command {
     Job,
     /// `bulk.v1.count`.
     Count,
+    /// `bulk.v1.restore`.
+    Restore,
 }
 
 impl Command {
     /// Every command.
-    pub const ALL: [Command; 5] = [
+    pub const ALL: [Command; 6] = [
         Command::Export,
         Command::Delete,
         Command::Cancel,
         Command::Job,
         Command::Count,
+        Command::Restore,
     ];
 
     /// The subject's last token.
@@ -36,6 +41,7 @@ impl Command {
             Command::Cancel => "cancel",
             Command::Job => "job",
             Command::Count => "count",
+            Command::Restore => "restore",
         }
     }
 }
@@ -96,9 +102,9 @@ impl Subjects {
         format!("{}.v1.events.{org}.job.{job}", self.prefix)
     }
 
-    /// `<prefix>.v1.events.<org>.contact_removed`.
-    pub fn contact_removed(&self, org: &str) -> String {
-        format!("{}.v1.events.{org}.contact_removed", self.prefix)
+    /// `<prefix>.v1.events.<org>.contact_removed` (or `.contact_restored`).
+    pub fn contact_event(&self, org: &str, kind: ContactEventType) -> String {
+        format!("{}.v1.events.{org}.{}", self.prefix, kind.as_str())
     }
 
     /// `<prefix>.v1.internal.cancel`: the cancel broadcast to every instance.
@@ -115,7 +121,7 @@ impl Subjects {
             Some(("job", job)) if !job.is_empty() && !job.contains('.') => {
                 Some(EventSubject::Job { org, job })
             }
-            None if tail == "contact_removed" => Some(EventSubject::ContactRemoved { org }),
+            None => ContactEventType::parse(tail).map(|kind| EventSubject::Contact { org, kind }),
             _ => None,
         }
     }
@@ -131,10 +137,12 @@ pub enum EventSubject<'a> {
         /// Job id.
         job: &'a str,
     },
-    /// `…events.<org>.contact_removed`.
-    ContactRemoved {
+    /// `…events.<org>.contact_removed` or `….contact_restored`.
+    Contact {
         /// Organisation id (as written).
         org: &'a str,
+        /// Removed or restored.
+        kind: ContactEventType,
     },
 }
 
@@ -152,10 +160,12 @@ mod tests {
             s.parse_event("bulk.v1.events.o.job.j"),
             Some(EventSubject::Job { org: "o", job: "j" })
         );
-        assert_eq!(
-            s.parse_event(&s.contact_removed("o")),
-            Some(EventSubject::ContactRemoved { org: "o" })
-        );
+        for kind in [ContactEventType::Removed, ContactEventType::Restored] {
+            assert_eq!(
+                s.parse_event(&s.contact_event("o", kind)),
+                Some(EventSubject::Contact { org: "o", kind })
+            );
+        }
         assert_eq!(s.parse_event("bulk.v1.events.o.job.j.k"), None);
         assert_eq!(s.parse_event("other.v1.events.o.job.j"), None);
     }

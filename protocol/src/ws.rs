@@ -218,6 +218,14 @@ pub enum ServerFrame<J> {
         /// 24-hex ids.
         contact_ids: Vec<String>,
     },
+    /// One or more `contact_restored`, coalesced.
+    #[serde(rename = "contact_restored", rename_all = "camelCase")]
+    ContactRestored {
+        /// Sequence of the last event included.
+        seq: u64,
+        /// 24-hex ids.
+        contact_ids: Vec<String>,
+    },
     /// Something went wrong; the connection lives on (except `token_expired`).
     #[serde(rename = "error", rename_all = "camelCase")]
     Error {

@@ -295,6 +295,11 @@ pub fn mb(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
+/// Three decimals, for JSON lines.
+pub fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 /// `n / seconds`, 0 for an empty interval.
 pub fn rate(n: u64, elapsed: Duration) -> f64 {
     let s = elapsed.as_secs_f64();

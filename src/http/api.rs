@@ -12,7 +12,9 @@ use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{JobKind, JobRecord};
 use contact_bulk_actors::store::names;
 use contact_bulk_actors::{JobError, ValidationError};
-use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand};
+use contact_bulk_protocol::commands::{
+    DeleteCommand, ExportCommand, JobId, RestoreBody, RestoreCommand,
+};
 use contact_bulk_protocol::filter::{DeleteFilter, FilterSpec};
 use contact_bulk_protocol::parse::decode;
 use contact_bulk_protocol::replies::CountReply;
@@ -22,8 +24,8 @@ use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use super::{ApiError, Auth};
-use crate::auth::{Caller, SCOPE_DELETE, SCOPE_EXPORT, SCOPE_READ};
-use crate::commands::{App, DeleteOutcome};
+use crate::auth::{Caller, SCOPE_DELETE, SCOPE_EXPORT, SCOPE_PURGE, SCOPE_READ};
+use crate::commands::{App, DeleteOutcome, RestoreOutcome};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -87,9 +89,28 @@ pub async fn query_count(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -
 
 /// `DELETE /api/contacts/query-bulk-delete`: 202 `{jobId, message}`; the job is
 /// recorded before the reply, so the next poll finds it.
-pub async fn query_bulk_delete(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+pub async fn query_bulk_delete(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    body: Bytes,
+) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
-    let cmd = delete_command(&body, &caller, false)?;
+    let hard = match q.get("hardDelete").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::from_job(
+                ValidationError::new("hardDelete", "must be true or false").into(),
+            ))
+        }
+    };
+    if hard {
+        // An erasure keeps nothing to restore: it takes its own scope.
+        auth.require(SCOPE_PURGE)?;
+    }
+    let mut cmd = delete_command(&body, &caller, false)?;
+    cmd.hard_delete = Some(hard);
     match app.delete(cmd, Some(caller.org)).await? {
         DeleteOutcome::Job(job) => Ok((
             StatusCode::ACCEPTED,
@@ -153,10 +174,41 @@ pub async fn cancel_job(
     let job = own_job(&app, &auth, &job_id).await?;
     match job.kind {
         JobKind::Export => auth.require_any(&[SCOPE_EXPORT])?,
-        JobKind::Delete => auth.require_any(&[SCOPE_DELETE])?,
+        JobKind::Delete | JobKind::Restore => auth.require_any(&[SCOPE_DELETE])?,
     };
     let job = app.cancel(auth.0.org, &job_id).await?;
     Ok(Json(app.snapshot(&job)).into_response())
+}
+
+/// `POST /api/contacts/bulk-job/{jobId}/restore`: body `{dryRun?}`; 202 with
+/// the restore job's snapshot, or 200 `{dryRun, counts}`; 409 while the
+/// delete runs, 410 when it kept nothing (hard delete, past retention).
+pub async fn restore_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(job_id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let caller = auth.require(SCOPE_DELETE)?.clone();
+    let req: RestoreBody = decode_body(&body)?;
+    let cmd = RestoreCommand {
+        job_id: Some(JobId(job_id)),
+        requested_by: caller.user.map(Id),
+        command_id: req.command_id,
+        dry_run: req.dry_run,
+        org_id: None,
+    };
+    match app.restore(cmd, Some(caller.org)).await {
+        Ok(RestoreOutcome::Job(job)) => {
+            Ok((StatusCode::ACCEPTED, Json(app.snapshot(&job))).into_response())
+        }
+        Ok(RestoreOutcome::DryRun(counts)) => {
+            Ok(Json(json!({"dryRun": true, "counts": counts})).into_response())
+        }
+        // Another organisation's job is indistinguishable from a missing one.
+        Err(JobError::NotFound(_)) => Err(ApiError::not_found("job")),
+        Err(e) => Err(ApiError::from_job(e)),
+    }
 }
 
 /// `POST /api/exports`: 202 with the snapshot.

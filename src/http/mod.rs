@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::auth::{AuthError, Caller};
 use crate::commands::App;
 use crate::config::Config;
+use crate::webhooks;
 
 /// Builds the router.
 pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
@@ -45,11 +46,31 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
             "/api/contacts/bulk-job/{job_id}/cancel",
             post(api::cancel_job),
         )
+        .route(
+            "/api/contacts/bulk-job/{job_id}/restore",
+            post(api::restore_job),
+        )
         .route("/api/exports", post(api::create_export))
         .route("/api/exports/{job_id}", get(api::get_export))
         .route("/api/exports/{job_id}/download", get(stream::download))
         .route("/api/jobs", get(api::list_jobs))
         .route("/api/pipelines", get(api::pipelines))
+        .route(
+            "/api/webhooks",
+            get(webhooks::api::list).post(webhooks::api::create),
+        )
+        .route(
+            "/api/webhooks/{id}",
+            get(webhooks::api::show).delete(webhooks::api::remove),
+        )
+        .route(
+            "/api/webhooks/{id}/deliveries",
+            get(webhooks::api::deliveries),
+        )
+        .route(
+            "/api/webhooks/{id}/deliveries/{delivery_id}/retry",
+            post(webhooks::api::retry),
+        )
         .route("/ws", get(crate::ws::upgrade))
         .fallback(rejections::unknown_path)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -124,6 +145,7 @@ impl ApiError {
             JobError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            JobError::Gone(_) => (StatusCode::GONE, "gone"),
             JobError::Mongo(_) | JobError::Internal(_) => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")

@@ -13,7 +13,9 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::Context;
 use axum::extract::ws::Utf8Bytes;
 use bson::oid::ObjectId;
-use contact_bulk_protocol::events::{self as wire, ContactRemoved, JobEventType, JobHead};
+use contact_bulk_protocol::events::{
+    self as wire, ContactEvent, ContactEventType, JobEventType, JobHead,
+};
 use contact_bulk_protocol::subjects::{EventSubject, Subjects};
 use contact_bulk_protocol::ws::ServerFrame;
 use futures::StreamExt;
@@ -49,6 +51,11 @@ pub enum EventBody {
     Job(JobEvent),
     /// One deleted contact.
     ContactRemoved {
+        /// 24-hex id of the contact.
+        contact_id: String,
+    },
+    /// One restored contact.
+    ContactRestored {
         /// 24-hex id of the contact.
         contact_id: String,
     },
@@ -279,8 +286,9 @@ async fn consumer(stream: &Stream, filter: &str, policy: DeliverPolicy) -> anyho
 }
 
 /// Parses `<prefix>.v1.events.<org>.job.<jobId>` and
-/// `<prefix>.v1.events.<org>.contact_removed` with the protocol's event types;
-/// the subject and the payload must name the same organisation (and job).
+/// `<prefix>.v1.events.<org>.contact_removed` (or `.contact_restored`) with the
+/// protocol's event types; the subject and the payload must name the same
+/// organisation (and job).
 pub(crate) fn parse_event(
     subjects: &Subjects,
     subject: &str,
@@ -315,15 +323,18 @@ pub(crate) fn parse_event(
             });
             (org, body)
         }
-        EventSubject::ContactRemoved { org } => {
-            let event: ContactRemoved =
-                serde_json::from_slice(payload).context("contact_removed payload")?;
+        EventSubject::Contact { org, kind } => {
+            let event: ContactEvent =
+                serde_json::from_slice(payload).context("contact event payload")?;
+            anyhow::ensure!(event.kind == kind, "contact event of another type");
             anyhow::ensure!(
                 event.org_id == org,
                 "payload orgId differs from the subject"
             );
-            let body = EventBody::ContactRemoved {
-                contact_id: event.contact_id,
+            let contact_id = event.contact_id;
+            let body = match kind {
+                ContactEventType::Removed => EventBody::ContactRemoved { contact_id },
+                ContactEventType::Restored => EventBody::ContactRestored { contact_id },
             };
             (org, body)
         }

@@ -11,6 +11,7 @@
 //! `jobs:read`), `token_expired` (then the server closes), `internal`.
 
 use axum::extract::ws::Utf8Bytes;
+use contact_bulk_protocol::events::ContactEventType;
 use contact_bulk_protocol::ws::ServerFrame;
 pub use contact_bulk_protocol::ws::{parse_op, Op, OpError, Target};
 use serde::Serialize;
@@ -55,7 +56,12 @@ pub fn snapshot<J: Serialize>(job: J, gap: bool) -> Utf8Bytes {
     frame(&ServerFrame::Snapshot { job, gap })
 }
 
-/// A coalesced `contact_removed` frame.
-pub fn contacts_removed(seq: u64, contact_ids: Vec<String>) -> Utf8Bytes {
-    frame(&ServerFrame::<()>::ContactRemoved { seq, contact_ids })
+/// A coalesced `contact_removed` or `contact_restored` frame (by `kind`).
+pub fn contacts(kind: &str, seq: u64, contact_ids: Vec<String>) -> Utf8Bytes {
+    match ContactEventType::parse(kind) {
+        Some(ContactEventType::Restored) => {
+            frame(&ServerFrame::<()>::ContactRestored { seq, contact_ids })
+        }
+        _ => frame(&ServerFrame::<()>::ContactRemoved { seq, contact_ids }),
+    }
 }

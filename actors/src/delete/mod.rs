@@ -40,6 +40,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use cascade::audit_key;
+pub(crate) use cascade::{notify, Sampled};
 pub use dry_run::dry_run;
 
 use crate::error::JobError;
@@ -132,6 +133,11 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let run = &mut s.run;
     if !run.job.initialised {
         initialise(run).await?;
+    } else if !run.job.hard_delete && run.job.restorable_until.is_none() {
+        // A job recorded before deletes kept anything: it keeps from now on.
+        let until = restorable_until(DateTime::now(), run.env.settings.restore_retention);
+        run.update(doc! {"$set": {"restorableUntil": until}})
+            .await?;
     }
     if s.applying.is_empty() {
         if let Some(inflight) = run.job.inflight.clone() {
@@ -283,18 +289,33 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     let Some(total) = run.listening(count).await? else {
         return Ok(());
     };
-    run.update(doc! {"$set": {
+    let now = DateTime::now();
+    let mut set = doc! {
         "initialised": true,
         "status": "processing",
-        "startedAt": DateTime::now(),
+        "startedAt": now,
         "snapshotMaxId": max_id,
         "total": total,
         "processed": 0i64,
-    }})
-    .await?;
+    };
+    if !run.job.hard_delete {
+        // Everything the job removes is kept until then (one date for the
+        // whole job, so its restore is all or nothing in time).
+        set.insert(
+            "restorableUntil",
+            restorable_until(now, run.env.settings.restore_retention),
+        );
+    }
+    run.update(doc! {"$set": set}).await?;
     run.status_event().await;
     tracing::info!(job_id = %run.job.job_id, total, "delete started");
     Ok(())
+}
+
+/// `now` plus the retention.
+fn restorable_until(now: DateTime, retention: std::time::Duration) -> DateTime {
+    let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    DateTime::from_millis(now.timestamp_millis().saturating_add(ms))
 }
 
 /// Removes this job's CONTACT_DELETE entries beyond its checkpoint whose

@@ -1,0 +1,341 @@
+//! Webhooks (contract section 12): registrations per organisation, and signed
+//! deliveries of terminal job events, at least once.
+//!
+//! Flow: a durable JetStream consumer of the job events in `BULK_EVENTS`
+//! ([`fanout`]) turns each terminal `job.status` into one delivery record per
+//! matching webhook in the `webhook_deliveries` outbox (unique per webhook and
+//! job, so a redelivered event creates nothing twice); every instance works
+//! the outbox ([`deliver`]), claiming a due delivery with a lease so that two
+//! instances do not send it at once, and records each attempt. Both the
+//! consumer's position and the outbox survive restarts of any instance, of
+//! NATS and of MongoDB.
+
+pub mod api;
+mod deliver;
+mod fanout;
+pub mod ssrf;
+mod sweep;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bson::{doc, Document};
+use clap::Args;
+use hmac::{Hmac, Mac};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, Database, IndexModel};
+use sha2::Sha256;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::auth::Keys;
+use crate::config::Config;
+
+/// Scope needed to manage webhooks.
+pub const SCOPE_WEBHOOKS: &str = "webhooks:manage";
+
+/// Webhooks an organisation may have at once.
+pub const MAX_PER_ORG: u64 = 10;
+
+/// The events a webhook can subscribe to.
+pub const EVENTS: [&str; 3] = ["job.completed", "job.failed", "job.cancelled"];
+
+/// Collection of registrations.
+pub const WEBHOOKS: &str = "webhooks";
+/// Collection of deliveries (the outbox and its log).
+pub const DELIVERIES: &str = "webhook_deliveries";
+
+/// Attempts kept in a delivery's log.
+pub const LOG_LEN: i32 = 20;
+
+/// Webhook tunables; the defaults are the contract's.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookConfig {
+    /// Allow webhook URLs and resolved addresses in loopback, private,
+    /// link-local and other special ranges (development only).
+    #[arg(
+        long = "webhook-allow-private",
+        env = "BULK_WEBHOOK_ALLOW_PRIVATE",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_private: bool,
+    /// Delay before the first retry of a failed delivery, in milliseconds;
+    /// each further retry waits twice as long (±10 %), up to the cap.
+    #[arg(
+        long = "webhook-backoff-ms",
+        env = "BULK_WEBHOOK_BACKOFF_MS",
+        default_value_t = 10_000
+    )]
+    pub backoff_ms: u64,
+    /// Longest wait between two attempts, in milliseconds.
+    #[arg(
+        long = "webhook-backoff-max-ms",
+        env = "BULK_WEBHOOK_BACKOFF_MAX_MS",
+        default_value_t = 3_600_000
+    )]
+    pub backoff_max_ms: u64,
+    /// How long a delivery is retried after it was created, in milliseconds.
+    #[arg(
+        long = "webhook-retry-for-ms",
+        env = "BULK_WEBHOOK_RETRY_FOR_MS",
+        default_value_t = 86_400_000
+    )]
+    pub retry_for_ms: u64,
+    /// Timeout of one delivery attempt (connect, send and answer), in milliseconds.
+    #[arg(
+        long = "webhook-timeout-ms",
+        env = "BULK_WEBHOOK_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub timeout_ms: u64,
+    /// Deliveries sent at once by this instance.
+    #[arg(
+        long = "webhook-workers",
+        env = "BULK_WEBHOOK_WORKERS",
+        default_value_t = 4
+    )]
+    pub workers: usize,
+    /// How often each instance looks for ended jobs whose terminal event was
+    /// lost, in milliseconds.
+    #[arg(
+        long = "webhook-sweep-ms",
+        env = "BULK_WEBHOOK_SWEEP_MS",
+        default_value_t = 60_000
+    )]
+    pub sweep_ms: u64,
+    /// How long after a job's end the sweep may step in for its event, in milliseconds.
+    #[arg(
+        long = "webhook-sweep-grace-ms",
+        env = "BULK_WEBHOOK_SWEEP_GRACE_MS",
+        default_value_t = 30_000
+    )]
+    pub sweep_grace_ms: u64,
+    /// How often an idle worker looks for due deliveries, in milliseconds.
+    #[arg(
+        long = "webhook-poll-ms",
+        env = "BULK_WEBHOOK_POLL_MS",
+        default_value_t = 1_000
+    )]
+    pub poll_ms: u64,
+}
+
+impl WebhookConfig {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.max(100))
+    }
+
+    /// How long a claimed delivery stays with its worker: an attempt's timeout
+    /// plus room to record it. A worker that dies leaves it due again after this.
+    fn lease(&self) -> Duration {
+        self.timeout() + Duration::from_secs(30)
+    }
+
+    fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms.clamp(20, 60_000))
+    }
+
+    /// Delay after the `attempts`-th failed attempt (1-based), before jitter.
+    fn backoff(&self, attempts: i32) -> Duration {
+        let base = Duration::from_millis(self.backoff_ms.max(1));
+        let cap = Duration::from_millis(self.backoff_max_ms.max(self.backoff_ms).max(1));
+        let n = (attempts.max(1) - 1).min(30) as u32;
+        base.saturating_mul(1u32 << n.min(20)).min(cap)
+    }
+}
+
+/// The webhooks of every organisation, and their delivery machinery.
+#[derive(Clone)]
+pub struct Webhooks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    hooks: Collection<Document>,
+    deliveries: Collection<Document>,
+    config: WebhookConfig,
+    keys: Keys,
+    /// Wakes idle workers when deliveries were just created.
+    wake: Notify,
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhooks {
+    /// The handle; nothing runs until [`Webhooks::start`].
+    pub fn new(db: &Database, config: &WebhookConfig, keys: Keys) -> Webhooks {
+        Webhooks {
+            inner: Arc::new(Inner {
+                db: db.clone(),
+                hooks: db.collection(WEBHOOKS),
+                deliveries: db.collection(DELIVERIES),
+                config: config.clone(),
+                keys,
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// The tunables.
+    pub fn config(&self) -> &WebhookConfig {
+        &self.inner.config
+    }
+
+    /// Creates the indexes: registrations by organisation, one delivery per
+    /// webhook and job, due deliveries, and a webhook's recent deliveries.
+    pub async fn ensure_indexes(&self) -> anyhow::Result<()> {
+        self.inner
+            .hooks
+            .create_index(IndexModel::builder().keys(doc! {"orgId": 1}).build())
+            .await
+            .context("webhooks index")?;
+        let deliveries = [
+            IndexModel::builder()
+                .keys(doc! {"webhookId": 1, "jobId": 1})
+                .options(IndexOptions::builder().unique(true).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"status": 1, "nextAttemptAt": 1})
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"webhookId": 1, "createdAt": -1})
+                .build(),
+        ];
+        for index in deliveries {
+            self.inner
+                .deliveries
+                .create_index(index)
+                .await
+                .context("webhook_deliveries index")?;
+        }
+        Ok(())
+    }
+
+    /// Creates (or finds) the durable consumer of job events and starts it and
+    /// the delivery workers in `tasks`.
+    pub async fn start(
+        &self,
+        js: &async_nats::jetstream::Context,
+        config: &Config,
+        tasks: &mut JoinSet<()>,
+    ) -> anyhow::Result<()> {
+        let consumer = fanout::consumer(js, config).await?;
+        tasks.spawn(fanout::run(self.clone(), consumer));
+        tasks.spawn(sweep::run(self.clone()));
+        let client = deliver::client(&self.inner.config)?;
+        for _ in 0..self.inner.config.workers.max(1) {
+            tasks.spawn(deliver::work(self.clone(), client.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// `v1=` of `Bulk-Signature`: hex HMAC-SHA256 of `"<t>.<body>"` keyed by the
+/// webhook's secret (its UTF-8 bytes, `whsec_` prefix included).
+pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("hmac accepts any key length"));
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// What one delivery attempt came to, as counted by
+/// `bulk_webhook_deliveries_total{result}` (one count per attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// A 2xx answer: delivered.
+    Succeeded,
+    /// Non-2xx, timeout or connection error: retried later.
+    Failed,
+    /// Failed, and the retry window is over: the delivery's last attempt.
+    GaveUp,
+}
+
+impl AttemptResult {
+    /// The `result` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Succeeded => "success",
+            AttemptResult::Failed => "failure",
+            AttemptResult::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// Hook for the metrics of section 13: counts one attempt under
+/// `bulk_webhook_deliveries_total{result}`.
+pub fn record_attempt_metric(result: AttemptResult) {
+    tracing::trace!(result = result.as_str(), "webhook attempt");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_match_a_plain_hmac_of_t_dot_body() {
+        // Stripe's documented construction, computed independently.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(b"whsec_abc").unwrap();
+        mac.update(b"1700000000.{\"a\":1}");
+        let want = hex::encode(mac.finalize().into_bytes());
+        assert_eq!(sign("whsec_abc", 1_700_000_000, b"{\"a\":1}"), want);
+        assert_ne!(sign("whsec_abd", 1_700_000_000, b"{\"a\":1}"), want);
+    }
+
+    /// The README's receiver-side check, word for word, against [`sign`].
+    #[test]
+    fn the_readme_verification_accepts_our_signature() {
+        fn verify(secret: &str, header: &str, body: &[u8], now: i64) -> bool {
+            let field = |k| header.split(',').find_map(|p| p.strip_prefix(k));
+            let (Some(t), Some(v1)) = (field("t="), field("v1=")) else {
+                return false;
+            };
+            let Ok(ts) = t.parse::<i64>() else {
+                return false;
+            };
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(body);
+            (now - ts).abs() <= 300
+                && hex::decode(v1).is_ok_and(|sig| mac.verify_slice(&sig).is_ok())
+        }
+        let body = br#"{"id":"x","type":"job.completed"}"#;
+        let header = format!("t=1700000000,v1={}", sign("whsec_k", 1_700_000_000, body));
+        assert!(verify("whsec_k", &header, body, 1_700_000_010));
+        assert!(!verify("whsec_other", &header, body, 1_700_000_010));
+        assert!(!verify("whsec_k", &header, b"{}", 1_700_000_010));
+        assert!(!verify("whsec_k", &header, body, 1_700_001_000), "too old");
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_the_cap() {
+        let c = WebhookConfig {
+            allow_private: false,
+            backoff_ms: 10_000,
+            backoff_max_ms: 3_600_000,
+            retry_for_ms: 86_400_000,
+            timeout_ms: 10_000,
+            workers: 1,
+            poll_ms: 1000,
+            sweep_ms: 60_000,
+            sweep_grace_ms: 30_000,
+        };
+        assert_eq!(c.backoff(1), Duration::from_secs(10));
+        assert_eq!(c.backoff(2), Duration::from_secs(20));
+        assert_eq!(c.backoff(5), Duration::from_secs(160));
+        assert_eq!(c.backoff(30), Duration::from_secs(3600));
+        assert_eq!(c.backoff(1000), Duration::from_secs(3600));
+    }
+}

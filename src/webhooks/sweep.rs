@@ -1,0 +1,153 @@
+//! The safety net under the event consumer: a job's terminal event can be lost
+//! (an instance killed between recording the end and publishing it, NATS down
+//! past the publisher's retries), so every instance periodically looks for
+//! jobs that ended recently in organisations with webhooks and queues the
+//! deliveries still missing, from the job record itself. The records are
+//! unique per webhook and job: whichever path comes first wins, the other adds
+//! nothing.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, DateTime, Document};
+use contact_bulk_actors::model::JobRecord;
+use contact_bulk_actors::store::names;
+use futures::TryStreamExt;
+
+use super::Webhooks;
+use crate::commands::decorate;
+
+/// Jobs ended this recently are looked at.
+const WINDOW: Duration = Duration::from_secs(3600);
+/// Jobs created longer ago than this are not expected to end now (bounds the
+/// index range read per organisation).
+const CREATED_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Ended deliveries (succeeded, given up) are kept this long for the log.
+const KEEP_ENDED: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Sweeps every `sweep_ms`, for ever.
+pub(super) async fn run(hooks: Webhooks) {
+    let every = Duration::from_millis(hooks.inner.config.sweep_ms.max(100));
+    loop {
+        tokio::time::sleep(every).await;
+        match hooks.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                jobs = n,
+                "terminal job events missed; webhook deliveries recovered from job records"
+            ),
+            Err(e) => tracing::debug!(error = %e, "webhook sweep failed"),
+        }
+        if let Err(e) = hooks.prune().await {
+            tracing::debug!(error = %e, "old webhook deliveries not pruned");
+        }
+    }
+}
+
+fn ago(d: Duration) -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() - d.as_millis() as i64)
+}
+
+impl Webhooks {
+    /// Removes ended deliveries older than [`KEEP_ENDED`], so the outbox does
+    /// not grow for ever.
+    async fn prune(&self) -> anyhow::Result<()> {
+        let gone = self
+            .inner
+            .deliveries
+            .delete_many(doc! {
+                "status": {"$in": ["succeeded", "failed"]},
+                "createdAt": {"$lt": ago(KEEP_ENDED)},
+            })
+            .await?;
+        if gone.deleted_count > 0 {
+            tracing::info!(
+                deliveries = gone.deleted_count,
+                "old webhook deliveries pruned"
+            );
+        }
+        Ok(())
+    }
+
+    /// One sweep; returns how many jobs had deliveries missing.
+    async fn sweep(&self) -> anyhow::Result<usize> {
+        let hooks: Vec<Document> = self
+            .inner
+            .hooks
+            .find(doc! {})
+            .projection(doc! {"_id": 1, "orgId": 1, "events": 1, "createdAt": 1})
+            .await?
+            .try_collect()
+            .await?;
+        if hooks.is_empty() {
+            return Ok(0);
+        }
+        let orgs: Vec<ObjectId> = hooks
+            .iter()
+            .filter_map(|h| h.get_object_id("orgId").ok())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let grace = Duration::from_millis(self.inner.config.sweep_grace_ms);
+        let jobs: Vec<JobRecord> = self
+            .inner
+            .db
+            .collection::<JobRecord>(names::JOBS)
+            .find(doc! {
+                "orgId": {"$in": &orgs},
+                "createdAt": {"$gte": ago(CREATED_WITHIN)},
+                "status": {"$in": ["completed", "failed", "cancelled"]},
+                "finishedAt": {"$gte": ago(WINDOW), "$lte": ago(grace)},
+            })
+            .await?
+            .try_collect()
+            .await?;
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let hook_ids: Vec<ObjectId> = hooks
+            .iter()
+            .filter_map(|h| h.get_object_id("_id").ok())
+            .collect();
+        let job_ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+        let have: HashSet<(ObjectId, String)> = self
+            .inner
+            .deliveries
+            .find(doc! {"webhookId": {"$in": &hook_ids}, "jobId": {"$in": &job_ids}})
+            .projection(doc! {"webhookId": 1, "jobId": 1})
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await?
+            .into_iter()
+            .filter_map(|d| {
+                Some((
+                    d.get_object_id("webhookId").ok()?,
+                    d.get_str("jobId").ok()?.to_string(),
+                ))
+            })
+            .collect();
+        let mut recovered = 0;
+        for job in &jobs {
+            let Some(finished) = job.finished_at else {
+                continue;
+            };
+            let event_type = format!("job.{}", job.status.as_str());
+            let missing = hooks.iter().any(|h| {
+                h.get_object_id("orgId").ok() == Some(job.org_id)
+                    && h.get_array("events")
+                        .is_ok_and(|e| e.iter().any(|e| e.as_str() == Some(&event_type)))
+                    && h.get_datetime("createdAt").is_ok_and(|c| *c <= finished)
+                    && h.get_object_id("_id")
+                        .is_ok_and(|id| !have.contains(&(id, job.job_id.clone())))
+            });
+            if missing {
+                let snapshot = serde_json::to_value(decorate(&self.inner.keys, job))?;
+                self.enqueue(job.org_id, &job.job_id, &event_type, finished, &snapshot)
+                    .await?;
+                recovered += 1;
+            }
+        }
+        Ok(recovered)
+    }
+}
