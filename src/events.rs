@@ -124,6 +124,19 @@ fn nats_err(e: impl std::fmt::Display) -> JobError {
     JobError::Internal(format!("nats: {e}"))
 }
 
+/// A publish that failed: an outage (no connection, no responders, no ack in
+/// time) unless the server refused the message itself.
+fn publish_err(e: jetstream::context::PublishError) -> JobError {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence => nats_err(e),
+        _ => JobError::Unavailable {
+            service: contact_bulk_actors::Dependency::Nats,
+            message: e.to_string(),
+        },
+    }
+}
+
 impl EventSink for NatsSink {
     fn job_event(
         &self,
@@ -143,9 +156,9 @@ impl EventSink for NatsSink {
             self.js
                 .publish(subject, payload.into())
                 .await
-                .map_err(nats_err)?
+                .map_err(publish_err)?
                 .await
-                .map_err(nats_err)?;
+                .map_err(publish_err)?;
             Ok(())
         })
     }
@@ -203,10 +216,15 @@ impl NatsSink {
             let msg = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(event.msg_id());
-            acks.push(self.js.send_publish(subject, msg).await.map_err(nats_err)?);
+            acks.push(
+                self.js
+                    .send_publish(subject, msg)
+                    .await
+                    .map_err(publish_err)?,
+            );
         }
         for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
-            ack.map_err(nats_err)?;
+            ack.map_err(publish_err)?;
         }
         Ok(())
     }

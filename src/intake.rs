@@ -246,7 +246,9 @@ async fn submit(app: &App, kind: Durable, payload: &Bytes) -> Result<Value, JobE
     };
     match result {
         Ok(v) => Ok(v),
-        Err(e @ (JobError::Mongo(_) | JobError::Internal(_))) => Err(e),
+        Err(e @ (JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. })) => {
+            Err(e)
+        }
         Err(e) => Ok(json!(error_reply(&e))),
     }
 }

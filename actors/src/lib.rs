@@ -21,4 +21,4 @@ pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 
-pub use error::{JobError, ValidationError};
+pub use error::{Dependency, JobError, ValidationError};

@@ -5,6 +5,7 @@ use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
 use crate::encode::{ColumnSpec, Format};
+use crate::error::Dependency;
 use crate::filter::Filter;
 
 /// What a job does.
@@ -121,6 +122,10 @@ pub struct ExportFile {
     pub bytes: i64,
     /// Hex SHA-256 of the file.
     pub sha256: String,
+    /// Chunks of the file (`n` below this); chunks at or above it are
+    /// leftovers of a writer that lost its lease and are never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<i64>,
 }
 
 /// A delete batch recorded on its job: the contacts decided on (its audit
@@ -179,7 +184,9 @@ pub struct JobRecord {
     pub counts: Counts,
     /// Why the job failed.
     pub error: Option<String>,
-    /// Times an actor started on the job.
+    /// Attempts at the job's work: 1 once it started, one more after each
+    /// failure of its own work that outlasted the step retries. Restarts,
+    /// drains, takeovers and outages cost none.
     pub attempts: i32,
     /// Accepted at.
     pub created_at: DateTime,
@@ -200,8 +207,15 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     /// Instance holding the job.
     pub lease_owner: Option<String>,
-    /// Lease expiry; another instance may take over after it.
+    /// Lease expiry on the database's clock; another instance may take over after it.
     pub lease_until: Option<DateTime>,
+    /// Bumped by every acquisition: the fence of every write the holder
+    /// makes, so a holder that lost the lease cannot write any more.
+    #[serde(default)]
+    pub lease_epoch: i64,
+    /// The server a running job is waiting for (an outage), if any.
+    #[serde(default)]
+    pub waiting: Option<Dependency>,
     /// Delete batch in progress: the oldest one not yet checkpointed.
     #[serde(default)]
     pub inflight: Option<DeleteInflight>,
@@ -267,6 +281,8 @@ impl JobRecord {
             cancel_requested: false,
             lease_owner: None,
             lease_until: None,
+            lease_epoch: 0,
+            waiting: None,
             inflight: None,
             inflight_next: None,
             hard_delete: false,
@@ -290,6 +306,7 @@ impl JobRecord {
             counts: self.counts,
             error: self.error.clone(),
             attempts: self.attempts,
+            waiting: self.waiting.filter(|_| !self.status.is_terminal()),
             created_at: rfc3339(self.created_at),
             started_at: self.started_at.map(rfc3339),
             finished_at: self.finished_at.map(rfc3339),
@@ -407,8 +424,12 @@ pub struct JobSnapshot {
     pub counts: Counts,
     /// Failure reason.
     pub error: Option<String>,
-    /// Actor starts.
+    /// Attempts at the job's work (failures of its own work add one).
     pub attempts: i32,
+    /// What a running job waits for during an outage: `nats` or `mongodb`;
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Dependency>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.

@@ -146,7 +146,7 @@ impl ApiError {
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             JobError::Gone(_) => (StatusCode::GONE, "gone"),
-            JobError::Mongo(_) | JobError::Internal(_) => {
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
