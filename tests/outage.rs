@@ -186,7 +186,10 @@ async fn nats_down_longer_than_every_retry_together_costs_no_attempt() {
         if rec.get_str("waiting").ok() == Some("nats") {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never waiting: {rec}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never waiting: {rec}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // The outage lasts far longer than every retry together.

@@ -213,6 +213,15 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let (next, done) = run
         .alive(async { futures::try_join!(next, previous) })
         .await?;
+    if next.is_some()
+        && run.job.processed > 0
+        && crate::failpoint::fires(
+            crate::failpoint::DELETE_STEP_FAILS,
+            &run.job.org_id.to_hex(),
+        )
+    {
+        return Err(JobError::Internal("injected failure".into()));
+    }
     let Some(next) = next else {
         if let Some(done) = done {
             record(run, Some(&done), in_flight(&s.applying)).await?;
