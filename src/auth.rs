@@ -14,6 +14,8 @@ pub const SCOPE_EXPORT: &str = "contacts:export";
 pub const SCOPE_DELETE: &str = "contacts:delete";
 /// Scope needed to read jobs.
 pub const SCOPE_READ: &str = "jobs:read";
+/// Hard deletes (erasures that keep nothing to restore).
+pub const SCOPE_PURGE: &str = "contacts:purge";
 
 /// How long a signed download link stays valid.
 pub const LINK_TTL_SECS: i64 = 15 * 60;

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_cpu;
 pub mod bench_delete;
 pub mod bench_export;
+pub mod bench_restore;
 pub mod bench_ws;
 pub mod client;
 pub mod download;
@@ -41,6 +42,8 @@ pub enum Command {
     Export(operator::ExportArgs),
     /// Cascade-delete contacts through the service: dry run, confirmation, progress.
     Delete(operator::DeleteArgs),
+    /// Undo an ended delete: impact, confirmation, progress.
+    Restore(operator::RestoreArgs),
     /// Show an existing job's progress until it ends, then its snapshot.
     Watch(operator::JobArgs),
     /// Cancel a job (it stops at its next batch boundary).
@@ -117,6 +120,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Export(a) => operator::export(a).await,
         Command::Delete(a) => operator::delete(a).await,
+        Command::Restore(a) => operator::restore(a).await,
         Command::Watch(a) => operator::watch(a).await,
         Command::Cancel(a) => operator::cancel(a).await,
         Command::Bench(a) => bench::main(a).await,

@@ -9,6 +9,7 @@ use contact_bulk_actors::filter::{
     check_list_len, check_string_len, field_path, parse_object_id, Filter, ParseOptions, MAX_STRING,
 };
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
+use contact_bulk_actors::restore::{self, RestoreCounts};
 use contact_bulk_actors::snapshot;
 use contact_bulk_actors::store::JobStore;
 use contact_bulk_actors::supervisor::SupervisorMsg;
@@ -42,6 +43,16 @@ pub struct App {
     pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
     /// Webhook registrations and deliveries.
     pub webhooks: crate::webhooks::Webhooks,
+}
+
+/// What a restore command produced.
+#[derive(Debug)]
+pub enum RestoreOutcome {
+    /// A restore job was created, or the one already pending, running or
+    /// completed for that delete (or for that `commandId`) was found.
+    Job(Box<JobRecord>),
+    /// `dryRun: true`: what would be put back, no job.
+    DryRun(RestoreCounts),
 }
 
 /// What a delete command produced.
@@ -147,7 +158,14 @@ impl App {
         let obj = object(req, "")?;
         reject_unknown(
             obj,
-            &["orgId", "requestedBy", "commandId", "filter", "dryRun"],
+            &[
+                "orgId",
+                "requestedBy",
+                "commandId",
+                "filter",
+                "dryRun",
+                "hardDelete",
+            ],
         )?;
         let (org, requested_by, command_id) = common(obj, org)?;
         let filter = match obj.get("filter") {
@@ -162,18 +180,83 @@ impl App {
                 },
             )?,
         };
-        let dry = match obj.get("dryRun") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(ValidationError::new("dryRun", "must be a boolean").into()),
-        };
+        let dry = flag(obj, "dryRun")?;
+        let hard = flag(obj, "hardDelete")?;
         if dry {
             return Ok(DeleteOutcome::DryRun(
                 dry_run(&self.db, org, &filter).await?,
             ));
         }
-        let job = JobRecord::new(JobKind::Delete, org, command_id, requested_by, filter, None);
+        let mut job = JobRecord::new(JobKind::Delete, org, command_id, requested_by, filter, None);
+        job.hard_delete = hard;
         Ok(DeleteOutcome::Job(Box::new(self.submit(job).await?)))
+    }
+
+    /// `bulk.v1.restore` / `POST /api/contacts/bulk-job/{jobId}/restore`:
+    /// undoes an ended delete (contract section 11).
+    pub async fn restore(
+        &self,
+        req: &Value,
+        org: Option<ObjectId>,
+    ) -> Result<RestoreOutcome, JobError> {
+        let obj = object(req, "")?;
+        reject_unknown(
+            obj,
+            &["orgId", "jobId", "requestedBy", "commandId", "dryRun"],
+        )?;
+        let (org, requested_by, command_id) = common(obj, org)?;
+        let job_id = match obj.get("jobId") {
+            None | Some(Value::Null) => {
+                return Err(ValidationError::new("jobId", "is required").into())
+            }
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
+            Some(_) => {
+                return Err(ValidationError::new(
+                    "jobId",
+                    "must be a non-empty string of at most 256 characters",
+                )
+                .into())
+            }
+        };
+        let dry = flag(obj, "dryRun")?;
+        if let (Some(command), false) = (&command_id, dry) {
+            // A replay returns its job whatever became of the delete since.
+            match self.store.get_by_command(org, command).await {
+                Ok(job) if job.kind == JobKind::Restore => {
+                    return Ok(RestoreOutcome::Job(Box::new(job)))
+                }
+                Ok(job) => {
+                    return Err(JobError::Conflict(format!(
+                        "commandId is already used by {} job {}",
+                        job.kind.as_str(),
+                        job.job_id
+                    )))
+                }
+                Err(JobError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let source = restore::source(self.store.jobs(), org, &job_id).await?;
+        if dry {
+            return Ok(RestoreOutcome::DryRun(
+                restore::dry_run(&self.db, &source).await?,
+            ));
+        }
+        let (live, n) = restore::existing(self.store.jobs(), &source.job_id).await?;
+        if let Some(job) = live {
+            return Ok(RestoreOutcome::Job(Box::new(job)));
+        }
+        let mut job = JobRecord::new(
+            JobKind::Restore,
+            org,
+            command_id,
+            requested_by,
+            source.filter.clone(),
+            None,
+        );
+        job.source_job_id = Some(source.job_id.clone());
+        job.restore_key = Some(format!("{}#{n}", source.job_id));
+        Ok(RestoreOutcome::Job(Box::new(self.submit(job).await?)))
     }
 
     /// Records the job (idempotent by `commandId`) and, if new, asks the supervisor to start it.
@@ -266,13 +349,22 @@ impl App {
 /// The snapshot with a fresh signed link when the export is complete.
 pub fn decorate(keys: &Keys, job: &JobRecord) -> JobSnapshot {
     let mut snap = job.snapshot();
-    if let Some(result) = snap.result.as_mut() {
+    if let Some(result) = snap.result.as_mut().and_then(|r| r.export_mut()) {
         let (url, expires) = keys.download_link(&job.job_id);
         result.download_url = Some(url);
         result.expires_at = chrono::DateTime::from_timestamp(expires, 0)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     }
     snap
+}
+
+/// An optional boolean key (absent or null: false).
+fn flag(obj: &Map<String, Value>, key: &str) -> Result<bool, ValidationError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ValidationError::new(key, "must be a boolean")),
+    }
 }
 
 /// The request as an object.

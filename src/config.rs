@@ -62,9 +62,34 @@ pub struct Config {
     /// How often to look for pending or abandoned jobs, in milliseconds.
     #[arg(long, env = "BULK_SCAN_MS", default_value_t = 2_000)]
     pub scan_ms: u64,
-    /// Actor starts before a job is marked failed.
+    /// Attempts at a job's work before it is marked failed: an attempt ends
+    /// when an error of the job's own work outlasts the step retries (restarts,
+    /// drains, takeovers and outages cost none).
     #[arg(long, env = "BULK_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: i32,
+    /// Tries of a failed step, in place, before the attempt ends.
+    #[arg(long, env = "BULK_STEP_RETRIES", default_value_t = 5)]
+    pub step_retries: u32,
+    /// Longest wait between tries of a failed step, and between looks during
+    /// an outage, in milliseconds.
+    #[arg(long, env = "BULK_RETRY_MAX_MS", default_value_t = 5_000)]
+    pub retry_max_ms: u64,
+    /// Tests only: shifts this instance's clock by this many milliseconds
+    /// (leases are judged by the database's clock, so they must not care).
+    #[arg(
+        long,
+        env = "BULK_TEST_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub test_clock_offset_ms: i64,
+    /// How long a delete keeps what it removes, so it can be restored
+    /// (`30s`, `15m`, `168h`, `7d`).
+    #[arg(long, env = "BULK_RESTORE_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub restore_retention: Duration,
+    /// Contacts put back per restore batch.
+    #[arg(long, env = "BULK_RESTORE_BATCH", default_value_t = 1000)]
+    pub restore_batch: u32,
     /// Webhook deliveries.
     #[command(flatten)]
     pub webhooks: crate::webhooks::WebhookConfig,
@@ -109,9 +134,13 @@ impl Config {
         JobSettings {
             export_batch: self.export_batch.max(1),
             delete_batch: self.delete_batch.max(1),
+            restore_batch: self.restore_batch.max(1),
+            restore_retention: self.restore_retention,
             total_wait: Duration::from_millis(self.export_total_wait_ms),
             lease_ttl: Duration::from_millis(self.lease_ms.max(500)),
             max_attempts: self.max_attempts.max(1),
+            step_retries: self.step_retries,
+            retry_max: Duration::from_millis(self.retry_max_ms.max(100)),
             ..JobSettings::default()
         }
     }

@@ -1,10 +1,10 @@
-//! Event publishing to JetStream: the `BULK_EVENTS` stream, job events and `contact_removed`.
+//! Event publishing to JetStream: the `BULK_EVENTS` stream, job events, `contact_removed` and `contact_restored`.
 
 use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
-use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact};
+use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact, RestoredContact};
 use contact_bulk_actors::model::{rfc3339, JobRecord};
 use contact_bulk_actors::JobError;
 use futures::future::BoxFuture;
@@ -48,16 +48,57 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
 
 async fn upsert_stream(js: &jetstream::Context, cfg: stream::Config) -> anyhow::Result<()> {
     let name = cfg.name.clone();
-    match js.get_stream(&name).await {
-        Ok(_) => {
-            js.update_stream(cfg).await?;
+    let replicas = cfg.num_replicas;
+    let until = tokio::time::Instant::now() + STREAMS_DEADLINE;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let error = match upsert_once(js, cfg.clone()).await {
+            Ok(()) => {
+                tracing::info!(stream = name, replicas, "stream ready");
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        // A cluster that is still forming (no meta leader, peers not current)
+        // times out or has no peers yet; another instance may have created the
+        // stream in between. Only a configuration the servers can never take
+        // (R3 on a single server, say) is final at once.
+        if is_permanent(&error) || tokio::time::Instant::now() + delay >= until {
+            return Err(anyhow::Error::new(error)
+                .context(format!("creating stream {name} with {replicas} replica(s)")));
         }
-        Err(_) => {
-            js.create_stream(cfg).await?;
-        }
+        tracing::warn!(stream = name, replicas, error = %error, retry_in_ms = delay.as_millis() as u64, "stream not ready yet");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    tracing::info!(stream = name, "stream ready");
-    Ok(())
+}
+
+/// How long a start keeps trying to create or update its streams.
+const STREAMS_DEADLINE: Duration = Duration::from_secs(30);
+
+async fn upsert_once(
+    js: &jetstream::Context,
+    cfg: stream::Config,
+) -> Result<(), jetstream::context::CreateStreamError> {
+    match js.get_stream(&cfg.name).await {
+        Ok(_) => js.update_stream(cfg).await.map(|_| ()),
+        Err(_) => js.create_stream(cfg).await.map(|_| ()),
+    }
+}
+
+fn is_permanent(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    use jetstream::ErrorCode;
+    match e.kind() {
+        K::EmptyStreamName | K::InvalidStreamName | K::DomainAndExternalSet => true,
+        K::JetStream(err) => [
+            ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
+            ErrorCode::STREAM_INVALID_CONFIG,
+            ErrorCode::STREAM_REPLICAS_NOT_UPDATABLE,
+        ]
+        .contains(&err.error_code()),
+        _ => false,
+    }
 }
 
 /// Publishes job events and `contact_removed` to JetStream.
@@ -82,6 +123,19 @@ fn nats_err(e: impl std::fmt::Display) -> JobError {
     JobError::Internal(format!("nats: {e}"))
 }
 
+/// A publish that failed: an outage (no connection, no responders, no ack in
+/// time) unless the server refused the message itself.
+fn publish_err(e: jetstream::context::PublishError) -> JobError {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence => nats_err(e),
+        _ => JobError::Unavailable {
+            service: contact_bulk_actors::Dependency::Nats,
+            message: e.to_string(),
+        },
+    }
+}
+
 impl EventSink for NatsSink {
     fn job_event(
         &self,
@@ -100,9 +154,9 @@ impl EventSink for NatsSink {
             self.js
                 .publish(subject, payload.into())
                 .await
-                .map_err(nats_err)?
+                .map_err(publish_err)?
                 .await
-                .map_err(nats_err)?;
+                .map_err(publish_err)?;
             Ok(())
         })
     }
@@ -111,34 +165,74 @@ impl EventSink for NatsSink {
         &'a self,
         removed: &'a [RemovedContact],
     ) -> BoxFuture<'a, Result<(), JobError>> {
-        Box::pin(async move {
-            let mut acks = Vec::with_capacity(removed.len());
-            for r in removed {
-                let subject = format!(
-                    "{}.v1.events.{}.contact_removed",
-                    self.prefix,
-                    r.org_id.to_hex()
-                );
-                let body = json!({
-                    "type": "contact_removed",
-                    "orgId": r.org_id.to_hex(),
-                    "contactId": r.contact_id.to_hex(),
-                    "jobId": r.job_id,
-                    "pipelineType": r.pipeline_type.as_str(),
-                    "ownerId": r.owner_id.map(|o| o.to_hex()),
-                    "at": rfc3339(r.at),
-                });
-                let payload = serde_json::to_vec(&body).map_err(nats_err)?;
-                let msg = PublishMessage::build()
-                    .payload(payload.into())
-                    .message_id(format!("{}:{}", r.job_id, r.contact_id.to_hex()));
-                // Sent back to back; acks are awaited together below.
-                acks.push(self.js.send_publish(subject, msg).await.map_err(nats_err)?);
-            }
-            for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
-                ack.map_err(nats_err)?;
-            }
-            Ok(())
-        })
+        let events = removed.iter().map(|r| {
+            let body = json!({
+                "type": "contact_removed",
+                "orgId": r.org_id.to_hex(),
+                "contactId": r.contact_id.to_hex(),
+                "jobId": r.job_id,
+                "pipelineType": r.pipeline_type.as_str(),
+                "ownerId": r.owner_id.map(|o| o.to_hex()),
+                "at": rfc3339(r.at),
+            });
+            (r.org_id, "contact_removed", &r.job_id, r.contact_id, body)
+        });
+        Box::pin(self.contact_events(events.collect()))
+    }
+
+    fn contacts_restored<'a>(
+        &'a self,
+        restored: &'a [RestoredContact],
+    ) -> BoxFuture<'a, Result<(), JobError>> {
+        let events = restored.iter().map(|r| {
+            let body = json!({
+                "type": "contact_restored",
+                "orgId": r.org_id.to_hex(),
+                "contactId": r.contact_id.to_hex(),
+                "jobId": r.job_id,
+                "sourceJobId": r.source_job_id,
+                "pipelineType": r.pipeline_type.as_str(),
+                "ownerId": r.owner_id.map(|o| o.to_hex()),
+                "at": rfc3339(r.at),
+            });
+            (r.org_id, "contact_restored", &r.job_id, r.contact_id, body)
+        });
+        Box::pin(self.contact_events(events.collect()))
+    }
+}
+
+/// One per-contact event: organisation, type (the subject's last token), job,
+/// contact, body.
+type ContactEvent<'a> = (
+    bson::oid::ObjectId,
+    &'static str,
+    &'a String,
+    bson::oid::ObjectId,
+    serde_json::Value,
+);
+
+impl NatsSink {
+    /// Publishes per-contact events back to back with `Nats-Msg-Id:
+    /// <jobId>:<contactId>` (a repeat after a crash is dropped by the stream),
+    /// then waits for every ack.
+    async fn contact_events(&self, events: Vec<ContactEvent<'_>>) -> Result<(), JobError> {
+        let mut acks = Vec::with_capacity(events.len());
+        for (org, kind, job_id, contact, body) in events {
+            let subject = format!("{}.v1.events.{}.{kind}", self.prefix, org.to_hex());
+            let payload = serde_json::to_vec(&body).map_err(nats_err)?;
+            let msg = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(format!("{job_id}:{}", contact.to_hex()));
+            acks.push(
+                self.js
+                    .send_publish(subject, msg)
+                    .await
+                    .map_err(publish_err)?,
+            );
+        }
+        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+            ack.map_err(publish_err)?;
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::commands::{object, org_id, reject_unknown, App, DeleteOutcome};
+use crate::commands::{object, org_id, reject_unknown, App, DeleteOutcome, RestoreOutcome};
 use crate::config::Config;
 
 /// Queue group shared by every instance, so each command is answered once.
@@ -37,6 +37,15 @@ enum Command {
     Cancel,
     Job,
     Count,
+    Restore,
+}
+
+/// What a durable command asks for.
+#[derive(Clone, Copy, Debug)]
+enum Durable {
+    Export,
+    Delete,
+    Restore,
 }
 
 /// Subscribes to every command subject. Returns once the subscriptions are live;
@@ -49,6 +58,7 @@ pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> a
         ("v1.cancel", Command::Cancel),
         ("v1.job", Command::Job),
         ("v1.count", Command::Count),
+        ("v1.restore", Command::Restore),
     ] {
         let mut sub = client
             .queue_subscribe(config.subject(tail), QUEUE.into())
@@ -109,6 +119,7 @@ async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
         Command::Cancel => cancel(app, &req).await,
         Command::Job => app.find(&req).await.map(|job| json!(app.snapshot(&job))),
         Command::Count => count(app, &req).await,
+        Command::Restore => app.restore(&req, None).await.map(restore_reply),
     };
     match result {
         Ok(v) => v,
@@ -118,6 +129,15 @@ async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
             }
             error_reply(&e)
         }
+    }
+}
+
+fn restore_reply(out: RestoreOutcome) -> Value {
+    match out {
+        RestoreOutcome::Job(job) => {
+            json!({"jobId": job.job_id, "kind": "restore", "status": job.status})
+        }
+        RestoreOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
     }
 }
 
@@ -152,7 +172,7 @@ async fn count(app: &App, req: &Value) -> Result<Value, JobError> {
     Ok(json!({"count": app.count(org, &filter).await?}))
 }
 
-/// Durable intake: commands published to `bulk.v1.submit.{export,delete}` are kept
+/// Durable intake: commands published to `bulk.v1.submit.{export,delete,restore}` are kept
 /// in a work-queue stream until an instance has recorded their job; the message
 /// is acknowledged only then, so a command published while no instance runs
 /// executes once one starts (and only once: `commandId` is required and idempotent).
@@ -178,6 +198,7 @@ async fn start_durable(
     let mut messages = consumer.messages().await?;
     let export_subject = config.subject("v1.submit.export");
     let delete_subject = config.subject("v1.submit.delete");
+    let restore_subject = config.subject("v1.submit.restore");
     tasks.spawn(async move {
         while let Some(msg) = messages.next().await {
             let msg = match msg {
@@ -187,19 +208,20 @@ async fn start_durable(
                     continue;
                 }
             };
-            // Only the two named subjects run anything: a command on any other
+            // Only the named subjects run anything: a command on any other
             // subject the stream captures (a typo, a future version) must never
             // fall through to a delete. It is dropped for good, loudly.
-            let export = match msg.subject.as_str() {
-                s if s == export_subject => true,
-                s if s == delete_subject => false,
+            let kind = match msg.subject.as_str() {
+                s if s == export_subject => Durable::Export,
+                s if s == delete_subject => Durable::Delete,
+                s if s == restore_subject => Durable::Restore,
                 other => {
                     tracing::error!(subject = other, "durable command on an unknown subject dropped");
                     let _ = msg.ack_with(AckKind::Term).await;
                     continue;
                 }
             };
-            match submit(&app, export, &msg.payload).await {
+            match submit(&app, kind, &msg.payload).await {
                 Ok(reply) => {
                     tracing::info!(subject = %msg.subject, reply = %reply, "durable command handled");
                     if let Err(e) = msg.ack().await {
@@ -221,7 +243,7 @@ async fn start_durable(
 
 /// Runs one durable command. `Ok` carries the reply (or error reply) of a
 /// command that is done with, `Err` a transient failure worth redelivering.
-async fn submit(app: &App, export: bool, payload: &Bytes) -> Result<Value, JobError> {
+async fn submit(app: &App, kind: Durable, payload: &Bytes) -> Result<Value, JobError> {
     let req: Value = match serde_json::from_slice(payload) {
         Ok(v) => v,
         Err(e) => {
@@ -233,19 +255,22 @@ async fn submit(app: &App, export: bool, payload: &Bytes) -> Result<Value, JobEr
         let e = ValidationError::new("commandId", "is required for durable submission");
         return Ok(error_reply(&e.into()));
     }
-    let result = if export {
-        app.export(&req, None)
+    let result = match kind {
+        Durable::Export => app
+            .export(&req, None)
             .await
-            .map(|j| json!({"jobId": j.job_id, "kind": "export"}))
-    } else {
-        app.delete(&req, None).await.map(|out| match out {
+            .map(|j| json!({"jobId": j.job_id, "kind": "export"})),
+        Durable::Delete => app.delete(&req, None).await.map(|out| match out {
             DeleteOutcome::Job(j) => json!({"jobId": j.job_id, "kind": "delete"}),
             DeleteOutcome::DryRun(c) => json!({"dryRun": true, "counts": c}),
-        })
+        }),
+        Durable::Restore => app.restore(&req, None).await.map(restore_reply),
     };
     match result {
         Ok(v) => Ok(v),
-        Err(e @ (JobError::Mongo(_) | JobError::Internal(_))) => Err(e),
+        Err(e @ (JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. })) => {
+            Err(e)
+        }
         Err(e) => Ok(error_reply(&e)),
     }
 }

@@ -82,15 +82,15 @@ impl Service {
             .await
             .context("connecting to nats")?;
         let js = async_nats::jetstream::new(nats.clone());
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            events::ensure_streams(&js, &config),
-        )
-        .await
-        .context("nats did not answer within 30 s")??;
+        // Retried for up to 30 s: a cluster may still be electing its leaders.
+        events::ensure_streams(&js, &config).await?;
 
-        let store = JobStore::new(db.clone());
+        let store = JobStore::new(db.clone()).with_clock_offset(config.test_clock_offset_ms);
         store.ensure_indexes().await.context("ensuring indexes")?;
+        store
+            .sync_clock()
+            .await
+            .context("reading the database's clock")?;
         let artifacts = Artifacts::new(&db);
         let webhooks = webhooks::Webhooks::new(&db, &config.webhooks, keys.clone());
         webhooks

@@ -198,7 +198,7 @@ async fn wait_js(
     }
 }
 
-const MESSAGES: &str = "return Object.fromEntries(['#token-msg','#jobs-msg','#export-msg','#delete-msg','#ws-state','#org-label']
+const MESSAGES: &str = "return Object.fromEntries(['#token-msg','#jobs-msg','#export-msg','#delete-msg','#restore-msg','#ws-state','#org-label']
   .map((s) => [s, document.querySelector(s).textContent]));";
 
 const ROW: &str = "const r = document.querySelector(`tr[data-job-id=\"${arguments[0]}\"]`);
@@ -542,14 +542,77 @@ async fn export_and_delete_from_the_page_with_live_progress() {
         org.contacts.len() - doomed.len()
     );
 
-    // Both jobs are listed, newest first, and the page reported no error.
+    // ---- restore: the ended delete's Restore action, dry-run impact first,
+    // explicit confirmation, live progress to 100 %.
+    assert_eq!(count(&db, "bulk_jobs", doc! {"kind": "restore"}).await, 0);
+    css(
+        &client,
+        &format!("tr[data-job-id=\"{delete_job}\"] button.restore"),
+    )
+    .await
+    .click()
+    .await
+    .unwrap();
+    let impact = wait_js(
+        &client,
+        "#restore-impact shows the restore's dry run",
+        20,
+        "const p = document.querySelector('#restore-impact');
+         return p.dataset.contacts === undefined ? null
+           : { text: p.textContent, contacts: +p.dataset.contacts,
+               conversations: +p.dataset.conversations, messages: +p.dataset.messages };",
+        vec![],
+        |v| !v.is_null(),
+    )
+    .await;
+    for k in ["contacts", "conversations", "messages"] {
+        assert_eq!(
+            impact[k], counts[k],
+            "{k}: restore impact {impact} vs delete {dry}"
+        );
+    }
+    assert_eq!(
+        count(&db, "bulk_jobs", doc! {"kind": "restore"}).await,
+        0,
+        "nothing restored before the confirmation"
+    );
+    css(&client, "#restore-confirm")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let restore_job = wait_js(
+        &client,
+        "a restore row appears",
+        20,
+        "return [...document.querySelectorAll('#jobs tr[data-job-id]')]
+           .filter((r) => r.querySelector('.kind')?.textContent === 'restore')
+           .map((r) => r.dataset.jobId)[0] ?? null;",
+        vec![],
+        |v| v.is_string(),
+    )
+    .await;
+    let restore_job = restore_job.as_str().unwrap().to_string();
+    let row = wait_row_completed(&client, &restore_job).await;
+    assert_eq!(row["processed"], doomed.len().to_string(), "{row}");
+    assert_eq!(
+        count(&db, "contacts", doc! {"orgId": org.id}).await as usize,
+        org.contacts.len(),
+        "every deleted contact is back"
+    );
+    assert_eq!(
+        count(&db, "messages", doc! {"contactId": {"$in": &ids}}).await,
+        counts["messages"].as_u64().unwrap()
+    );
+
+    // The jobs are listed, newest first, and the page reported no error.
     let order = js(
         &client,
         "return [...document.querySelectorAll('#jobs tr[data-job-id]')].map((r) => r.dataset.jobId);",
         vec![],
     )
     .await;
-    assert_eq!(order, json!([delete_job, export_job]));
+    assert_eq!(order, json!([restore_job, delete_job, export_job]));
     let errors = js(
         &client,
         "return [...document.querySelectorAll('.msg.error')].map((p) => p.id + ': ' + p.textContent);",
@@ -557,6 +620,37 @@ async fn export_and_delete_from_the_page_with_live_progress() {
     )
     .await;
     assert_eq!(errors, json!([]), "error messages on the page");
+
+    // A job waiting out an outage says so (its snapshot's `waiting`), as an
+    // event of the organisation's stream brings it.
+    let waiting_job = uuid::Uuid::new_v4().to_string();
+    let snap = json!({"jobId": waiting_job, "kind": "delete", "orgId": org.id.to_hex(),
+        "commandId": null, "status": "processing", "total": 100, "processed": 40,
+        "counts": {"contacts": 40, "conversations": 0, "messages": 0}, "error": null,
+        "attempts": 1, "createdAt": "2026-01-01T00:00:00.000Z", "startedAt": "2026-01-01T00:00:00.000Z",
+        "finishedAt": null, "result": null, "waiting": "mongodb"});
+    let js_ctx = async_nats::jetstream::new(nats.clone());
+    js_ctx
+        .publish(
+            format!("bulk.v1.events.{}.job.{waiting_job}", org.id.to_hex()),
+            serde_json::to_vec(&json!({"type": "job.progress", "job": snap}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_js(
+        &client,
+        "the waiting badge",
+        20,
+        "return document.querySelector(`tr[data-job-id=\"${arguments[0]}\"] .waiting`)?.textContent ?? null;",
+        vec![json!(waiting_job)],
+        |v| v == "waiting for mongodb",
+    )
+    .await;
+
     let severe: Vec<Value> = driver
         .console(&client)
         .await

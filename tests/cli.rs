@@ -212,7 +212,7 @@ async fn delete_with_yes_deletes_what_the_dry_run_announced() {
     assert!(out.status.success(), "delete failed: {stdout}\n{stderr}");
     let announced = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("will permanently delete "))
+        .find_map(|l| l.strip_prefix("will delete "))
         .expect("impact printed");
     let numbers: Vec<u64> = announced
         .split(|c: char| !c.is_ascii_digit())
@@ -257,10 +257,7 @@ async fn delete_without_yes_and_without_a_terminal_refuses() {
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("--yes"), "{stderr}");
-    assert!(
-        stdout.contains("will permanently delete 90 contacts"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("will delete 90 contacts"), "{stdout}");
     assert_eq!(count(&db, "contacts", doc! {"orgId": org.id}).await, 90);
     assert_eq!(count(&db, "bulk_jobs", doc! {}).await, 0);
 }
@@ -395,4 +392,65 @@ async fn cli_export_against_the_dev_stack() {
         .expect("dev exits within 60 s of SIGTERM")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn restore_with_yes_puts_back_what_the_delete_removed() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 120).await;
+    let (contacts, convs, msgs) = (
+        count(&db, "contacts", doc! {"orgId": org.id}).await,
+        count(&db, "conversations", doc! {}).await,
+        count(&db, "messages", doc! {}).await,
+    );
+    let _svc = stack.service().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let hex = org.id.to_hex();
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &["delete", "--org", &hex, "--org-wide", "--yes"],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "delete failed: {stdout}\n{stderr}");
+    let job = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("delete job ")
+                .and_then(|r| r.strip_suffix(" accepted"))
+        })
+        .expect("job id printed")
+        .to_string();
+    assert_eq!(count(&db, "contacts", doc! {"orgId": org.id}).await, 0);
+    // Without --yes and without a terminal: the impact, then a refusal.
+    let out = cli(Some(&stack), tmp.path(), &["restore", &job, "--org", &hex]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "will restore {contacts} contacts, {convs} conversations, {msgs} messages"
+        )),
+        "{stdout}"
+    );
+    assert_eq!(count(&db, "contacts", doc! {"orgId": org.id}).await, 0);
+    let out = cli(
+        Some(&stack),
+        tmp.path(),
+        &["restore", &job, "--org", &hex, "--yes"],
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "restore failed: {stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("completed: restored {contacts} contacts, {convs} conversations, {msgs} messages; skipped 0")),
+        "{stdout}"
+    );
+    assert_eq!(
+        count(&db, "contacts", doc! {"orgId": org.id}).await,
+        contacts
+    );
+    assert_eq!(count(&db, "messages", doc! {}).await, msgs);
 }

@@ -43,6 +43,21 @@ async fn a_cluster_list_gets_r3_streams_and_a_job_survives_a_node_kill() {
     insert(&db, "contacts", docs).await;
     insert(&db, "conversations", convs).await;
 
+    // An older deployment's R1 stream is raised to R3 by the start.
+    let js = async_nats::jetstream::new(
+        async_nats::connect(contact_bulk::config::nats_servers(&urls).unwrap())
+            .await
+            .unwrap(),
+    );
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "BULK_EVENTS".into(),
+        subjects: vec!["bulk.v1.events.>".into()],
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
     let mut config = contact_bulk::config::Config::from_env();
     config.nats_url = urls.clone();
     config.stream_replicas = 3;
@@ -213,4 +228,25 @@ async fn a_killed_cluster_node_restarts_on_its_ports_and_rejoins() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn r3_streams_on_a_single_server_fail_the_start_at_once() {
+    let stack = Stack::start().await;
+    let started = std::time::Instant::now();
+    let mut config = stack.config();
+    config.stream_replicas = 3;
+    let err = contact_bulk::Service::start(config)
+        .await
+        .err()
+        .expect("R3 streams on a single server are refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("BULK_EVENTS") && msg.contains("3 replica"),
+        "the error names the stream and the replicas: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "a configuration error is not retried like an outage"
+    );
 }

@@ -192,9 +192,11 @@ function renderRow(entry) {
       pct != null ? ` (${pct}%)` : '', speed ? el('span', { className: 'rate muted', textContent: ` · ${speed}` }) : null),
     s.error ? el('div', { className: 'error', textContent: s.error }) : null);
   const c = s.counts || {};
-  const counts = s.kind === 'delete'
+  let counts = s.kind !== 'export'
     ? `${c.contacts || 0} contacts, ${c.conversations || 0} conversations, ${c.messages || 0} messages`
     : s.result ? `${s.result.rows} rows, ${fmtBytes(s.result.bytes || 0)}, ${s.result.format}${s.result.gzip ? '.gz' : ''}` : '';
+  if (s.kind === 'restore' && s.result) counts += `; ${s.result.skipped} skipped (exist again)`;
+  if (s.kind === 'delete' && s.hardDelete) counts += ' (hard delete)';
   const cells = [
     el('td', { className: 'kind', textContent: s.kind }),
     el('td', {}, el('span', { className: `status badge ${s.status}`, textContent: s.status }),
@@ -204,7 +206,10 @@ function renderRow(entry) {
     el('td', { className: 'created' }, fmtTime(s.createdAt)),
   ];
   // Keep the action buttons (and their focus) unless the set of actions changes.
-  const actions = [ACTIVE.includes(s.status) && 'cancel', s.kind === 'export' && s.status === 'completed' && 'download']
+  const restorable = s.kind === 'delete' && !ACTIVE.includes(s.status) && !s.hardDelete
+    && s.restorableUntil && Date.parse(s.restorableUntil) > Date.now();
+  const actions = [ACTIVE.includes(s.status) && 'cancel', s.kind === 'export' && s.status === 'completed' && 'download',
+    restorable && 'restore']
     .filter(Boolean).join(' ');
   let act = entry.row.querySelector('td.actions');
   if (!act || act.dataset.actions !== actions) {
@@ -212,6 +217,7 @@ function renderRow(entry) {
     act.dataset.actions = actions;
     if (actions.includes('cancel')) act.append(button('Cancel', 'cancel', () => cancelJob(s.jobId)));
     if (actions.includes('download')) act.append(button('Download', 'download', () => download(s.jobId)));
+    if (actions.includes('restore')) act.append(button('Restore', 'restore', () => previewRestore(s.jobId)));
   }
   entry.row.dataset.status = s.status;
   entry.row.replaceChildren(...cells, act);
@@ -421,7 +427,7 @@ async function previewDelete() {
     const impact = $('#delete-impact');
     Object.assign(impact.dataset, { contacts: counts.contacts, conversations: counts.conversations, messages: counts.messages });
     impact.textContent = counts.contacts > 0
-      ? `This will permanently delete ${counts.contacts} contacts, ${counts.conversations} conversations and ${counts.messages} messages.`
+      ? `This will delete ${counts.contacts} contacts, ${counts.conversations} conversations and ${counts.messages} messages (kept for a restore until the retention ends).`
       : 'No contacts match this filter: nothing to delete.';
     $('#delete-confirm-input').disabled = counts.contacts === 0;
     $('#delete-confirm-label').textContent = `Type ${counts.contacts} or DELETE to confirm`;
@@ -451,6 +457,55 @@ async function startDelete() {
   }
 }
 
+// ---------- restore ----------
+
+let restoreState = null; // { jobId, counts }
+
+function closeRestore() {
+  restoreState = null;
+  $('#restore-panel').hidden = true;
+  $('#restore-confirm').disabled = true;
+  $('#restore-impact').textContent = '';
+  showMsg('#restore-msg', '');
+}
+
+// The impact first (the restore's dry run), then an explicit confirmation.
+async function previewRestore(jobId) {
+  closeRestore();
+  $('#restore-panel').hidden = false;
+  showMsg('#restore-msg', 'Computing what would come back…');
+  try {
+    const path = `/api/contacts/bulk-job/${encodeURIComponent(jobId)}/restore`;
+    const { counts } = await api('POST', path, { dryRun: true });
+    restoreState = { jobId, counts };
+    const impact = $('#restore-impact');
+    Object.assign(impact.dataset, { contacts: counts.contacts, conversations: counts.conversations, messages: counts.messages });
+    impact.textContent = counts.contacts > 0
+      ? `This will restore ${counts.contacts} contacts, ${counts.conversations} conversations and ${counts.messages} messages removed by delete ${jobId}. Contacts that exist again are left as they are.`
+      : `Nothing of delete ${jobId} is missing: nothing to restore.`;
+    $('#restore-confirm').disabled = counts.contacts === 0;
+    showMsg('#restore-msg', '');
+    $('#restore-panel').scrollIntoView({ block: 'nearest' });
+  } catch (e) {
+    showMsg('#restore-msg', e);
+  }
+}
+
+async function startRestore() {
+  if (!restoreState) return;
+  const { jobId } = restoreState;
+  $('#restore-confirm').disabled = true;
+  try {
+    const snap = await api('POST', `/api/contacts/bulk-job/${encodeURIComponent(jobId)}/restore`, {});
+    closeRestore();
+    upsert(snap);
+    showMsg('#jobs-msg', '');
+  } catch (e) {
+    showMsg('#restore-msg', e);
+    $('#restore-confirm').disabled = false;
+  }
+}
+
 // ---------- wiring ----------
 
 function init() {
@@ -464,6 +519,8 @@ function init() {
   $('#delete-preview-btn').addEventListener('click', previewDelete);
   $('#delete-confirm-input').addEventListener('input', () => { $('#delete-start').disabled = !confirmed(); });
   $('#delete-start').addEventListener('click', startDelete);
+  $('#restore-confirm').addEventListener('click', startRestore);
+  $('#restore-dismiss').addEventListener('click', closeRestore);
 
   const fromHash = new URLSearchParams(location.hash.slice(1)).get('token');
   if (fromHash) history.replaceState(null, '', location.pathname + location.search); // keep it out of the address bar

@@ -3,8 +3,14 @@
 //! GridFS's own layout needs fixed-size chunks and a files document written at
 //! close, so an upload cannot be resumed after a crash. Here each flush of the
 //! export writes one chunk keyed `(jobId, n)` and then the job checkpoint names
-//! the next `n`: a resumed job drops chunks past its checkpoint and carries on,
-//! so the bytes and the checkpoint that covers them always agree.
+//! the next `n`: a resumed job writes again from its checkpoint, so the bytes
+//! and the checkpoint that covers them always agree.
+//!
+//! Fencing: a chunk carries the lease epoch of its writer, and a write only
+//! replaces a chunk of the same or an older epoch. A writer that lost its
+//! lease (an older epoch) can neither overwrite what the new holder wrote nor
+//! get its own chunks counted: the file is the chunks below the count its
+//! holder's checkpoints reached, and nothing is ever truncated on resume.
 
 use bson::{doc, spec::BinarySubtype, Binary, Document};
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -12,7 +18,7 @@ use mongodb::{options::ReplaceOptions, Collection, Database};
 use sha2::{Digest, Sha256};
 
 use crate::error::JobError;
-use crate::store::names;
+use crate::store::{is_duplicate_key, names};
 
 /// Chunked file storage for export results.
 #[derive(Clone, Debug)]
@@ -28,36 +34,65 @@ impl Artifacts {
         }
     }
 
-    /// Writes chunk `n` of a job's file; writing it again replaces it (idempotent on retry).
-    pub async fn put(&self, job_id: &str, n: i64, data: Vec<u8>) -> Result<(), JobError> {
+    /// Writes chunk `n` of a job's file under lease `epoch`; writing it again
+    /// replaces it (idempotent on retry). `Conflict` when a newer lease has
+    /// written this chunk: this writer is fenced off.
+    pub async fn put(
+        &self,
+        job_id: &str,
+        n: i64,
+        epoch: i64,
+        data: Vec<u8>,
+    ) -> Result<(), JobError> {
         let chunk = doc! {
             "jobId": job_id,
             "n": n,
+            "epoch": epoch,
             "data": Binary { subtype: BinarySubtype::Generic, bytes: data },
         };
-        self.chunks
-            .replace_one(doc! {"jobId": job_id, "n": n}, chunk)
+        let written = self
+            .chunks
+            .replace_one(
+                doc! {"jobId": job_id, "n": n, "epoch": {"$not": {"$gt": epoch}}},
+                chunk,
+            )
             .with_options(ReplaceOptions::builder().upsert(true).build())
-            .await?;
-        Ok(())
+            .await;
+        match written {
+            Ok(_) => Ok(()),
+            // The chunk exists with a newer epoch: the filter missed and the
+            // upsert met the unique `(jobId, n)`.
+            Err(e) if is_duplicate_key(&e) => Err(JobError::Conflict(format!(
+                "chunk {n} of job {job_id} belongs to a newer lease"
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Drops chunks `n` and above: what a crash left past the last checkpoint.
-    pub async fn truncate_from(&self, job_id: &str, n: i64) -> Result<(), JobError> {
-        self.chunks
+    /// Drops chunks `n` and above: leftovers past the end of a finished file,
+    /// or (from 0) every chunk of an export that will never have a file.
+    pub async fn remove_from(&self, job_id: &str, n: i64) -> Result<u64, JobError> {
+        Ok(self
+            .chunks
             .delete_many(doc! {"jobId": job_id, "n": {"$gte": n}})
-            .await?;
-        Ok(())
+            .await?
+            .deleted_count)
     }
 
-    /// The file's bytes in order, a chunk at a time (memory stays at a couple of chunks).
+    /// The file's bytes in order, a chunk at a time (memory stays at a couple
+    /// of chunks): chunks below `chunks` when the file says how many it has.
     pub async fn stream(
         &self,
         job_id: &str,
+        chunks: Option<i64>,
     ) -> Result<impl Stream<Item = Result<bytes::Bytes, JobError>> + Send + 'static, JobError> {
+        let mut filter = doc! {"jobId": job_id};
+        if let Some(count) = chunks {
+            filter.insert("n", doc! {"$lt": count});
+        }
         let cursor = self
             .chunks
-            .find(doc! {"jobId": job_id})
+            .find(filter)
             .sort(doc! {"n": 1})
             .batch_size(2)
             .await?;
@@ -70,9 +105,9 @@ impl Artifacts {
         }))
     }
 
-    /// Size and hex SHA-256 of the whole file, read back chunk by chunk.
-    pub async fn digest(&self, job_id: &str) -> Result<(i64, String), JobError> {
-        let mut stream = Box::pin(self.stream(job_id).await?);
+    /// Size and hex SHA-256 of the file's first `chunks` chunks, read back chunk by chunk.
+    pub async fn digest(&self, job_id: &str, chunks: i64) -> Result<(i64, String), JobError> {
+        let mut stream = Box::pin(self.stream(job_id, Some(chunks)).await?);
         let mut hasher = Sha256::new();
         let mut size = 0i64;
         while let Some(chunk) = stream.try_next().await? {

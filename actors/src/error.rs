@@ -37,12 +37,51 @@ pub enum JobError {
     /// The request conflicts with the job's state.
     #[error("{0}")]
     Conflict(String),
+    /// What was asked for existed but is no longer there (a restore of a hard
+    /// delete, or past the retention); maps to `gone`.
+    #[error("{0}")]
+    Gone(String),
     /// MongoDB failed.
     #[error("database error: {0}")]
     Mongo(#[from] mongodb::error::Error),
+    /// A server the job depends on is unreachable: an outage, not a fault of
+    /// the job's own work. Jobs wait it out; it never costs an attempt.
+    #[error("{service} unavailable: {message}")]
+    Unavailable {
+        /// Which server.
+        service: Dependency,
+        /// What failed.
+        message: String,
+    },
     /// Anything else.
     #[error("{0}")]
     Internal(String),
+}
+
+/// The servers a job depends on; what a waiting job waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dependency {
+    /// The NATS server (events, `contact_removed`).
+    Nats,
+    /// The MongoDB server (records, contacts, chunks).
+    Mongodb,
+}
+
+impl Dependency {
+    /// The wire name (`waiting` in the snapshot).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dependency::Nats => "nats",
+            Dependency::Mongodb => "mongodb",
+        }
+    }
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl JobError {
@@ -52,7 +91,20 @@ impl JobError {
             JobError::Validation(_) => "validation_error",
             JobError::NotFound(_) => "not_found",
             JobError::Conflict(_) => "conflict",
-            JobError::Mongo(_) | JobError::Internal(_) => "internal",
+            JobError::Gone(_) => "gone",
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => "internal",
+        }
+    }
+
+    /// The server this error says is unreachable, if it is an outage rather
+    /// than an error of the job's own work: a connection refused or reset, a
+    /// timeout, no server selectable, a server shutting down or stepping down,
+    /// a cursor lost with its server; NATS without responders or connection.
+    pub fn outage(&self) -> Option<Dependency> {
+        match self {
+            JobError::Unavailable { service, .. } => Some(*service),
+            JobError::Mongo(e) if mongo_outage(e) => Some(Dependency::Mongodb),
+            _ => None,
         }
     }
 
@@ -62,6 +114,36 @@ impl JobError {
             JobError::Validation(v) => Some(&v.field),
             _ => None,
         }
+    }
+}
+
+/// Whether a MongoDB error means the server could not be reached or could not
+/// serve for now (as opposed to rejecting the request itself).
+pub fn mongo_outage(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    // Codes of a server going away, shutting down, stepping down or not yet
+    // primary, of a network failure, and of a cursor lost with its server.
+    const CODES: &[i32] = &[
+        6, 7, 43, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+    ];
+    if e.contains_label(mongodb::error::RETRYABLE_WRITE_ERROR)
+        || e.contains_label("RetryableError")
+        || e.contains_label(mongodb::error::SYSTEM_OVERLOADED_ERROR)
+    {
+        return true;
+    }
+    match e.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. } => true,
+        ErrorKind::Command(c) => CODES.contains(&c.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => CODES.contains(&w.code),
+        ErrorKind::InsertMany(m) => m
+            .write_concern_error
+            .as_ref()
+            .is_some_and(|w| CODES.contains(&w.code)),
+        _ => false,
     }
 }
 

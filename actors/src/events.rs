@@ -45,6 +45,25 @@ pub struct RemovedContact {
     pub at: bson::DateTime,
 }
 
+/// One restored contact, announced as `contact_restored`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoredContact {
+    /// Organisation.
+    pub org_id: ObjectId,
+    /// The restored contact.
+    pub contact_id: ObjectId,
+    /// The restore job.
+    pub job_id: String,
+    /// The delete it undoes.
+    pub source_job_id: String,
+    /// Contact or Application.
+    pub pipeline_type: PipelineType,
+    /// Its assignee.
+    pub owner_id: Option<ObjectId>,
+    /// When it was restored.
+    pub at: bson::DateTime,
+}
+
 /// Where jobs publish. Implementations must make `contacts_removed` durable
 /// (return only once every event is stored) and deduplicated per job and contact.
 pub trait EventSink: Send + Sync + 'static {
@@ -55,6 +74,12 @@ pub trait EventSink: Send + Sync + 'static {
     fn contacts_removed<'a>(
         &'a self,
         removed: &'a [RemovedContact],
+    ) -> BoxFuture<'a, Result<(), JobError>>;
+    /// Publishes one `contact_restored` per contact and waits until all are
+    /// stored (durable and deduplicated as `contacts_removed`).
+    fn contacts_restored<'a>(
+        &'a self,
+        restored: &'a [RestoredContact],
     ) -> BoxFuture<'a, Result<(), JobError>>;
 }
 

@@ -3,7 +3,10 @@
 //!
 //! Rows are encoded into a buffer that is flushed as one artifact chunk together
 //! with a checkpoint (last `_id`, next chunk, bytes, rows). `processed` only ever
-//! reports flushed rows, so it never goes backwards across a restart.
+//! reports flushed rows, so it never goes backwards across a restart. A flush
+//! happens once the buffer reaches `flush_bytes`, also in the middle of a
+//! batch, so a chunk stays near that size however large the rows are (far
+//! from MongoDB's 16 MB document limit).
 
 use std::collections::HashSet;
 
@@ -37,6 +40,8 @@ pub struct ExportState {
     /// Last `_id` read into `buf` (resume point of the cursor itself).
     read_last: Option<ObjectId>,
     last_flush: std::time::Instant,
+    /// Encoded bytes per row lately (sizes the groups encoded between flushes).
+    row_bytes: usize,
     exhausted: bool,
     resumed: bool,
     /// The `total` count, running beside the first batches (see [`Counting`]).
@@ -241,6 +246,7 @@ impl JobStep for ExportState {
             buf_rows: 0,
             read_last,
             last_flush: std::time::Instant::now(),
+            row_bytes: 0,
             exhausted: false,
             resumed: false,
             counting: None,
@@ -262,6 +268,12 @@ impl JobStep for ExportState {
     async fn step(&mut self) -> Result<bool, JobError> {
         step(self).await
     }
+
+    async fn quiesce(&mut self) {
+        if let Some(pending) = self.pending.as_mut() {
+            pending.quiesce().await;
+        }
+    }
 }
 
 /// One batch. `Ok(true)` = more to do.
@@ -269,25 +281,17 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     if s.run.cancel {
         // Rows read but not flushed were never reported: dropping them keeps
         // the snapshot equal to what the file holds.
-        s.run.finish(JobStatus::Cancelled, doc! {}).await?;
-        return Ok(false);
+        return cancelled(s).await;
     }
     if !s.run.job.initialised {
         initialise(s).await?;
         if s.run.cancel {
             // Cancelled during the custom-key pass: nothing was written yet.
-            s.run.finish(JobStatus::Cancelled, doc! {}).await?;
-            return Ok(false);
+            return cancelled(s).await;
         }
-    } else if !s.resumed {
-        // A crash may have left a chunk past the checkpoint; it is rewritten.
-        let job = &s.run.job;
-        s.run
-            .env
-            .artifacts
-            .truncate_from(&job.job_id, job.checkpoint.next_chunk)
-            .await?;
     }
+    // A crash may have left chunks past the checkpoint: they are written
+    // again from it (never truncated, see `artifact`).
     s.resumed = true;
     if s.encoder.is_none() {
         let columns = s
@@ -316,6 +320,14 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
     }
     if s.exhausted && s.buf_rows == 0 {
         return complete(s).await;
+    }
+    if s.run.job.processed > 0
+        && crate::failpoint::fires(
+            crate::failpoint::EXPORT_STEP_FAILS,
+            &s.run.job.org_id.to_hex(),
+        )
+    {
+        return Err(JobError::Internal("injected failure".into()));
     }
     Ok(true)
 }
@@ -365,8 +377,8 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     let header_len = header.len() as i64;
     let hashed = Sha256::new_with_prefix(&header);
     let job_id = s.run.job.job_id.clone();
-    s.run.env.artifacts.put(&job_id, 0, header).await?;
-    s.run.env.artifacts.truncate_from(&job_id, 1).await?;
+    let epoch = s.run.lease.epoch;
+    s.run.env.artifacts.put(&job_id, 0, epoch, header).await?;
     let custom = match &custom_keys {
         Some(k) => bson::to_bson(k)?,
         None => bson::Bson::Null,
@@ -389,7 +401,7 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
         .update(doc! {"$set": {
             "initialised": true,
             "status": "processing",
-            "startedAt": bson::DateTime::now(),
+            "startedAt": s.run.env.store.now(),
             "snapshotMaxId": max_id,
             "total": total.map_or(bson::Bson::Null, bson::Bson::Int64),
             "customKeys": custom,
@@ -423,13 +435,13 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
     if s.reader.is_none() {
         open_reader(s, max_id, remaining);
     }
-    let job = &s.run.job;
     let want = remaining
         .unwrap_or(i64::MAX)
         .min(s.run.env.settings.export_batch as i64) as usize;
     let waited = std::time::Instant::now();
+    // The first batch may take the server a while: the lease is renewed meanwhile.
     let mut docs = match s.reader.as_mut() {
-        Some(reader) => reader.next().await?,
+        Some(reader) => s.run.alive(reader.next()).await?,
         None => Vec::new(),
     };
     s.laps.read += waited.elapsed();
@@ -447,24 +459,45 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
     s.names
         .resolve(
             s.run.env.store.db(),
-            job.org_id,
+            s.run.job.org_id,
             &docs,
             cols.needs_pipeline() || cols.needs_stage(),
             cols.needs_owner(),
         )
         .await?;
-    let encoder = s
-        .encoder
-        .as_ref()
-        .ok_or_else(|| JobError::Internal("encoder missing".into()))?;
-    let encoding = std::time::Instant::now();
-    let rows = encoder
-        .encode_batch(&docs, &s.names.names, &mut s.buf)
-        .await
-        .map_err(io_err)?;
-    s.laps.encode += encoding.elapsed();
-    s.buf_rows += rows as i64;
-    s.read_last = docs.last().and_then(|d| d.get_object_id("_id").ok());
+    // Encoded a group at a time, sized to what still fits in the buffer, and
+    // flushed whenever it is full: a batch of large rows becomes several chunks.
+    let flush_bytes = s.run.env.settings.flush_bytes;
+    let mut rest = &docs[..];
+    while !rest.is_empty() {
+        let room = flush_bytes.saturating_sub(s.buf.len());
+        let take = match s.row_bytes {
+            0 => 16,
+            per_row => room / per_row,
+        }
+        .clamp(1, rest.len());
+        let (part, tail) = rest.split_at(take);
+        let encoder = s
+            .encoder
+            .as_ref()
+            .ok_or_else(|| JobError::Internal("encoder missing".into()))?;
+        let before = s.buf.len();
+        let encoding = std::time::Instant::now();
+        let rows = encoder
+            .encode_batch(part, &s.names.names, &mut s.buf)
+            .await
+            .map_err(io_err)?;
+        s.laps.encode += encoding.elapsed();
+        if let Some(per_row) = (s.buf.len() - before).checked_div(rows) {
+            s.row_bytes = per_row.max(1);
+        }
+        s.buf_rows += rows as i64;
+        s.read_last = part.last().and_then(|d| d.get_object_id("_id").ok());
+        rest = tail;
+        if !rest.is_empty() && s.buf.len() >= flush_bytes {
+            flush(s).await?;
+        }
+    }
     Ok(())
 }
 
@@ -583,12 +616,18 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
     }
     settle_pending(s).await?;
     let job_id = s.run.job.job_id.clone();
+    let chunks = s.run.job.checkpoint.next_chunk;
     let checkpoint = &s.run.job.checkpoint;
     let (bytes, sha256) = match s.digest.take() {
         Some(d) if d.next_chunk == checkpoint.next_chunk && d.bytes == checkpoint.bytes => {
             (d.bytes, hex::encode(d.hasher.finalize()))
         }
-        _ => s.run.env.artifacts.digest(&job_id).await?,
+        _ => {
+            // Reading the whole file back takes a while on a large export.
+            let artifacts = s.run.env.artifacts.clone();
+            let digest = artifacts.digest(&job_id, chunks);
+            s.run.alive(digest).await?
+        }
     };
     let result = doc! {
         "fileName": &s.spec.file_name,
@@ -597,6 +636,7 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
         "rows": s.run.job.processed,
         "bytes": bytes,
         "sha256": sha256,
+        "chunks": chunks,
     };
     tracing::debug!(
         job_id = %job_id,
@@ -608,6 +648,24 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
     s.run
         .finish(JobStatus::Completed, doc! {"result": result})
         .await?;
+    // Chunks past the end (a writer that lost its lease, a crash before a
+    // checkpoint) are never read; clearing them is housekeeping.
+    match s.run.env.artifacts.remove_from(&job_id, chunks).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(job_id, chunks = n, "leftover chunks removed"),
+        Err(e) => tracing::warn!(job_id, error = %e, "leftover chunks not removed"),
+    }
+    Ok(false)
+}
+
+/// Ends a cancelled export: no file will ever be read, so its chunks go.
+async fn cancelled(s: &mut ExportState) -> Result<bool, JobError> {
+    s.pending = None;
+    s.run.finish(JobStatus::Cancelled, doc! {}).await?;
+    let job_id = s.run.job.job_id.clone();
+    if let Err(e) = s.run.env.artifacts.remove_from(&job_id, 0).await {
+        tracing::warn!(job_id, error = %e, "chunks of a cancelled export not removed");
+    }
     Ok(false)
 }
 

@@ -1,4 +1,10 @@
 //! What every job actor shares: settings, the handles it works with, events with retry.
+//!
+//! Faults and what they cost: an error of the job's own work is retried in
+//! place `step_retries` times, then the actor fails and the supervisor counts
+//! an attempt. An outage (MongoDB or NATS unreachable, see
+//! [`JobError::outage`]) is waited out with backoff, however long, and costs
+//! nothing; the record and the events say what the job is `waiting` for.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,10 +14,10 @@ use bson::Document;
 use serde::Serialize;
 
 use crate::artifact::Artifacts;
-use crate::error::JobError;
+use crate::error::{Dependency, JobError};
 use crate::events::{EventSink, JobEventKind, ProgressThrottle};
 use crate::model::{JobRecord, JobStatus};
-use crate::store::JobStore;
+use crate::store::{JobStore, Lease};
 
 /// How often a long single operation renews the lease and looks for a cancel.
 pub const BEAT: Duration = Duration::from_millis(500);
@@ -23,6 +29,10 @@ pub struct JobSettings {
     pub export_batch: u32,
     /// Contacts deleted per delete step.
     pub delete_batch: u32,
+    /// Contacts put back per restore step.
+    pub restore_batch: u32,
+    /// How long a delete keeps what it removes (`BULK_RESTORE_RETENTION`).
+    pub restore_retention: Duration,
     /// Export buffer size that triggers a flush (chunk + checkpoint).
     pub flush_bytes: usize,
     /// How long an export's start waits for its count, so that `total` is in
@@ -37,6 +47,8 @@ pub struct JobSettings {
     pub progress_interval: Duration,
     /// Failed steps retried in place before the actor gives up and the supervisor restarts it.
     pub step_retries: u32,
+    /// Longest wait between two tries of a failed step or during an outage.
+    pub retry_max: Duration,
     /// Actor starts before a job is marked failed.
     pub max_attempts: i32,
     /// First restart delay; doubles per attempt.
@@ -48,12 +60,15 @@ impl Default for JobSettings {
         JobSettings {
             export_batch: 1000,
             delete_batch: 2000,
+            restore_batch: 1000,
+            restore_retention: Duration::from_secs(30 * 24 * 3600),
             flush_bytes: 1 << 20,
             total_wait: Duration::from_millis(250),
             flush_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(30),
             progress_interval: Duration::from_millis(100),
             step_retries: 5,
+            retry_max: Duration::from_secs(5),
             max_attempts: 5,
             restart_backoff: Duration::from_millis(500),
         }
@@ -101,13 +116,23 @@ pub struct JobRun {
     pub throttle: ProgressThrottle,
     /// Counters.
     pub counters: JobCounters,
+    /// The lease this actor holds the job under.
+    pub lease: Lease,
+    /// Consecutive steps that met an outage.
+    pub outages: u32,
 }
 
 impl JobRun {
     /// Wraps a leased job.
     pub fn new(env: JobEnv, job: JobRecord) -> JobRun {
         let throttle = ProgressThrottle::new(env.settings.progress_interval);
+        let lease = Lease {
+            owner: env.instance.clone(),
+            epoch: job.lease_epoch,
+        };
         JobRun {
+            lease,
+            outages: 0,
             cancel: job.cancel_requested,
             env,
             job,
@@ -117,6 +142,32 @@ impl JobRun {
         }
     }
 
+    /// [`JobRun::update`] with a failure point after the write: armed, the
+    /// write is applied and its reply lost (tests of lost replies).
+    pub async fn update_at(&mut self, point: &str, update: Document) -> Result<(), JobError> {
+        let scope = self.job.org_id.to_hex();
+        if crate::failpoint::remaining(point, &scope) > 0 {
+            let job = self
+                .env
+                .store
+                .update_held(
+                    &self.job.job_id,
+                    &self.lease,
+                    self.env.settings.lease_ttl,
+                    update.clone(),
+                )
+                .await?;
+            if crate::failpoint::fires(point, &scope) {
+                drop(job);
+                return Err(lost_reply(point));
+            }
+            self.job = job;
+            self.counters.checkpoints += 1;
+            return Ok(());
+        }
+        self.update(update).await
+    }
+
     /// Writes `update` to the held record (renewing the lease) and keeps the result.
     pub async fn update(&mut self, update: Document) -> Result<(), JobError> {
         let job = self
@@ -124,7 +175,7 @@ impl JobRun {
             .store
             .update_held(
                 &self.job.job_id,
-                &self.env.instance,
+                &self.lease,
                 self.env.settings.lease_ttl,
                 update,
             )
@@ -135,6 +186,31 @@ impl JobRun {
         self.job = job;
         self.counters.checkpoints += 1;
         Ok(())
+    }
+
+    /// Runs one long await of a step (opening a cursor, waiting for a batch's
+    /// deletes) while renewing the lease every `BEAT`, so no other instance
+    /// takes the job over meanwhile. A cancel seen meanwhile is kept for the
+    /// next batch boundary; a lost lease abandons `op`.
+    pub async fn alive<T>(
+        &mut self,
+        op: impl Future<Output = Result<T, JobError>>,
+    ) -> Result<T, JobError> {
+        let mut op = std::pin::pin!(op);
+        let mut beat = tokio::time::interval(BEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut op => return r,
+                _ = beat.tick() => match self.update(bson::doc! {}).await {
+                    Ok(()) => {}
+                    Err(e @ JobError::Conflict(_)) => return Err(e),
+                    // The operation meets the same trouble and says so.
+                    Err(e) => tracing::debug!(job_id = %self.job.job_id, error = %e, "lease not renewed"),
+                },
+            }
+        }
     }
 
     /// Runs one long operation of a step (a count, a pass over the selection)
@@ -162,16 +238,20 @@ impl JobRun {
         }
     }
 
-    /// Moves the job to a terminal state and announces it.
+    /// Moves the job to a terminal state and announces it. A terminal write
+    /// whose reply was lost is found done on the retry, and announced then.
     pub async fn finish(&mut self, status: JobStatus, set: Document) -> Result<(), JobError> {
         let job = self
             .env
             .store
-            .finish(&self.job.job_id, &self.env.instance, status, set)
+            .finish(&self.job.job_id, &self.lease, status, set)
             .await?;
+        if crate::failpoint::fires(crate::failpoint::FINISH_LOST_REPLY, &job.org_id.to_hex()) {
+            return Err(lost_reply(crate::failpoint::FINISH_LOST_REPLY));
+        }
         self.job = job;
         tracing::info!(job_id = %self.job.job_id, status = status.as_str(), processed = self.job.processed, "job finished");
-        self.status_event().await;
+        self.terminal_event().await;
         Ok(())
     }
 
@@ -185,6 +265,56 @@ impl JobRun {
         .await;
         if let Err(e) = sent {
             tracing::warn!(job_id = %job.job_id, error = %e, "status event not published");
+        }
+    }
+
+    /// Announces the terminal snapshot: the last event of the job, so it is
+    /// retried through a NATS outage however long (bounded by nothing but the
+    /// actor's life; a drain gives up on it).
+    pub async fn terminal_event(&self) {
+        let mut n = 0;
+        loop {
+            match self
+                .env
+                .sink
+                .job_event(JobEventKind::Status, &self.job)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) if e.outage().is_some() || is_transient(&e) => {
+                    let delay = backoff(Duration::from_millis(50), n, self.env.settings.retry_max);
+                    tracing::warn!(job_id = %self.job.job_id, error = %e, retry_in_ms = delay.as_millis() as u64, "terminal event not published yet");
+                    tokio::time::sleep(delay).await;
+                    n = n.saturating_add(1);
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %self.job.job_id, error = %e, "terminal event not published");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Says what the job waits for (`None`: nothing any more): in the record
+    /// when MongoDB is there to hold it, and in a progress event when NATS is
+    /// there to carry it. Best effort: the outage may hide either.
+    pub async fn set_waiting(&mut self, waiting: Option<Dependency>) {
+        if self.job.waiting == waiting {
+            return;
+        }
+        self.job.waiting = waiting;
+        let value = waiting.map_or(bson::Bson::Null, |w| bson::Bson::from(w.as_str()));
+        if let Err(e) = self.update(bson::doc! {"$set": {"waiting": value}}).await {
+            tracing::debug!(job_id = %self.job.job_id, error = %e, "waiting not recorded");
+            self.job.waiting = waiting;
+        }
+        if let Err(e) = self
+            .env
+            .sink
+            .job_event(JobEventKind::Progress, &self.job)
+            .await
+        {
+            tracing::debug!(job_id = %self.job.job_id, error = %e, "waiting not announced");
         }
     }
 
@@ -208,8 +338,25 @@ impl JobRun {
         backoff(
             Duration::from_millis(100),
             self.failures,
-            Duration::from_secs(5),
+            self.env.settings.retry_max,
         )
+    }
+
+    /// Delay before trying again during an outage.
+    pub fn outage_backoff(&self) -> Duration {
+        backoff(
+            Duration::from_millis(100),
+            self.outages,
+            self.env.settings.retry_max,
+        )
+    }
+}
+
+/// The error a write whose reply was lost gives its caller.
+fn lost_reply(point: &str) -> JobError {
+    JobError::Unavailable {
+        service: Dependency::Mongodb,
+        message: format!("reply lost ({point})"),
     }
 }
 
@@ -221,7 +368,10 @@ pub fn backoff(base: Duration, n: u32, cap: Duration) -> Duration {
 /// Whether an error is worth retrying (database or broker trouble), as opposed
 /// to a lost lease or bad input.
 pub fn is_transient(e: &JobError) -> bool {
-    matches!(e, JobError::Mongo(_) | JobError::Internal(_))
+    matches!(
+        e,
+        JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. }
+    )
 }
 
 /// Runs `op` until it succeeds, a non-transient error occurs, or `tries` run out.
@@ -324,6 +474,11 @@ pub trait JobStep: Send + Sized + 'static {
     fn reset(&mut self);
     /// Processes one batch. `Ok(true)` = more to do.
     fn step(&mut self) -> impl Future<Output = Result<bool, JobError>> + Send;
+    /// Waits for the writes the job has in flight in the background (a drain
+    /// lets the lease go only after them).
+    fn quiesce(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// A job actor: `S` holds its state and batch logic; the message loop, the
@@ -388,13 +543,16 @@ pub async fn handle_job_msg<S: JobStep>(
             let _ = reply.send(state.run().counters.clone());
         }
         JobMsg::Drain => {
+            // Writes in flight first: once the lease is free, another
+            // instance may start writing the same job.
+            let bound = state.run().env.settings.lease_ttl / 2;
+            if tokio::time::timeout(bound, state.quiesce()).await.is_err() {
+                tracing::warn!(job_id = %state.run().job.job_id, "in-flight writes outlasted the drain; the lease expires instead");
+                myself.stop(Some("drained".into()));
+                return Ok(());
+            }
             let run = state.run();
-            if let Err(e) = run
-                .env
-                .store
-                .release(&run.job.job_id, &run.env.instance)
-                .await
-            {
+            if let Err(e) = run.env.store.release(&run.job.job_id, &run.lease).await {
                 tracing::warn!(job_id = %run.job.job_id, error = %e, "lease not released on drain");
             }
             myself.stop(Some("drained".into()));
@@ -402,14 +560,32 @@ pub async fn handle_job_msg<S: JobStep>(
         JobMsg::Step => {
             state.run().counters.steps += 1;
             match state.step().await {
-                Ok(true) => {
-                    state.run().failures = 0;
-                    let _ = myself.send_message(JobMsg::Step);
+                Ok(more) => {
+                    let run = state.run();
+                    run.failures = 0;
+                    run.outages = 0;
+                    if more && run.job.waiting.is_some() {
+                        run.set_waiting(None).await;
+                    }
+                    if more {
+                        let _ = myself.send_message(JobMsg::Step);
+                    } else {
+                        myself.stop(None);
+                    }
                 }
-                Ok(false) => myself.stop(None),
                 Err(JobError::Conflict(reason)) => {
                     tracing::warn!(job_id = %state.run().job.job_id, reason, "job stopped: no longer held");
                     myself.stop(Some(reason));
+                }
+                Err(e) if e.outage().is_some() => {
+                    // Not the job's fault: wait it out, however long, at no cost.
+                    state.reset();
+                    let run = state.run();
+                    run.set_waiting(e.outage()).await;
+                    let delay = run.outage_backoff();
+                    run.outages = run.outages.saturating_add(1);
+                    tracing::warn!(job_id = %run.job.job_id, error = %e, waiting = ?run.job.waiting, retry_in_ms = delay.as_millis() as u64, "job waiting for an outage to end");
+                    myself.send_after(delay, || JobMsg::Step);
                 }
                 Err(e) => {
                     state.reset();

@@ -10,13 +10,15 @@ pub mod encode;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod failpoint;
 pub mod filter;
 pub mod job;
 pub mod lookup;
 pub mod model;
 mod pending_chunk;
+pub mod restore;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 
-pub use error::{JobError, ValidationError};
+pub use error::{Dependency, JobError, ValidationError};

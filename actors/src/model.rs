@@ -5,6 +5,7 @@ use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
 use crate::encode::{ColumnSpec, Format};
+use crate::error::Dependency;
 use crate::filter::Filter;
 
 /// What a job does.
@@ -15,6 +16,8 @@ pub enum JobKind {
     Export,
     /// Cascade-deletes matching contacts.
     Delete,
+    /// Puts back what a delete removed.
+    Restore,
 }
 
 impl JobKind {
@@ -23,6 +26,7 @@ impl JobKind {
         match self {
             JobKind::Export => "export",
             JobKind::Delete => "delete",
+            JobKind::Restore => "restore",
         }
     }
 }
@@ -64,7 +68,7 @@ impl JobStatus {
     }
 }
 
-/// Documents removed by a delete job (zero for exports).
+/// Documents removed by a delete job, or put back by a restore (zero for exports).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Counts {
@@ -118,6 +122,10 @@ pub struct ExportFile {
     pub bytes: i64,
     /// Hex SHA-256 of the file.
     pub sha256: String,
+    /// Chunks of the file (`n` below this); chunks at or above it are
+    /// leftovers of a writer that lost its lease and are never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<i64>,
 }
 
 /// A delete batch recorded on its job: the contacts decided on (its audit
@@ -176,7 +184,9 @@ pub struct JobRecord {
     pub counts: Counts,
     /// Why the job failed.
     pub error: Option<String>,
-    /// Times an actor started on the job.
+    /// Attempts at the job's work: 1 once it started, one more after each
+    /// failure of its own work that outlasted the step retries. Restarts,
+    /// drains, takeovers and outages cost none.
     pub attempts: i32,
     /// Accepted at.
     pub created_at: DateTime,
@@ -197,14 +207,38 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     /// Instance holding the job.
     pub lease_owner: Option<String>,
-    /// Lease expiry; another instance may take over after it.
+    /// Lease expiry on the database's clock; another instance may take over after it.
     pub lease_until: Option<DateTime>,
+    /// Bumped by every acquisition: the fence of every write the holder
+    /// makes, so a holder that lost the lease cannot write any more.
+    #[serde(default)]
+    pub lease_epoch: i64,
+    /// The server a running job is waiting for (an outage), if any.
+    #[serde(default)]
+    pub waiting: Option<Dependency>,
     /// Delete batch in progress: the oldest one not yet checkpointed.
     #[serde(default)]
     pub inflight: Option<DeleteInflight>,
     /// The delete batch after `inflight`, being deleted while `inflight` is announced.
     #[serde(default)]
     pub inflight_next: Option<DeleteInflight>,
+    /// A delete that keeps nothing (an erasure): it cannot be restored.
+    #[serde(default)]
+    pub hard_delete: bool,
+    /// Until when what a delete removed is kept (and can be restored); set
+    /// when the delete starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorable_until: Option<DateTime>,
+    /// The delete a restore undoes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_job_id: Option<String>,
+    /// `<sourceJobId>#<n>`, unique (sparse): the n-th restore of a delete, so
+    /// two racing restore requests cannot both create one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_key: Option<String>,
+    /// Contacts a restore left alone because their `_id` exists again.
+    #[serde(default)]
+    pub skipped: i64,
 }
 
 impl JobRecord {
@@ -247,8 +281,15 @@ impl JobRecord {
             cancel_requested: false,
             lease_owner: None,
             lease_until: None,
+            lease_epoch: 0,
+            waiting: None,
             inflight: None,
             inflight_next: None,
+            hard_delete: false,
+            restorable_until: None,
+            source_job_id: None,
+            restore_key: None,
+            skipped: 0,
         }
     }
 
@@ -265,10 +306,32 @@ impl JobRecord {
             counts: self.counts,
             error: self.error.clone(),
             attempts: self.attempts,
+            waiting: self.waiting.filter(|_| !self.status.is_terminal()),
             created_at: rfc3339(self.created_at),
             started_at: self.started_at.map(rfc3339),
             finished_at: self.finished_at.map(rfc3339),
-            result: self.result.as_ref().map(|r| ResultSnapshot {
+            result: self.result_snapshot(),
+            source_job_id: self.source_job_id.clone(),
+            restorable_until: match self.kind {
+                JobKind::Delete if !self.hard_delete => self.restorable_until.map(rfc3339),
+                _ => None,
+            },
+            hard_delete: (self.kind == JobKind::Delete).then_some(self.hard_delete),
+        }
+    }
+
+    fn result_snapshot(&self) -> Option<JobResult> {
+        if self.kind == JobKind::Restore {
+            // Known once the restore has ended: what it put back and what it left.
+            return self.status.is_terminal().then(|| {
+                JobResult::Restore(RestoreResult {
+                    restored: self.counts.contacts,
+                    skipped: self.skipped.max(0) as u64,
+                })
+            });
+        }
+        self.result.as_ref().map(|r| {
+            JobResult::Export(ResultSnapshot {
                 file_name: r.file_name.clone(),
                 format: r.format,
                 gzip: r.gzip,
@@ -277,8 +340,8 @@ impl JobRecord {
                 sha256: r.sha256.clone(),
                 download_url: None,
                 expires_at: None,
-            }),
-        }
+            })
+        })
     }
 }
 
@@ -309,6 +372,36 @@ pub struct ResultSnapshot {
     pub expires_at: Option<String>,
 }
 
+/// What a restore did, in its snapshot's `result`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreResult {
+    /// Contacts put back (with their conversations and messages, in `counts`).
+    pub restored: u64,
+    /// Contacts left alone because their `_id` exists again.
+    pub skipped: u64,
+}
+
+/// A job's `result`: the export file, or what a restore did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum JobResult {
+    /// Export result.
+    Export(ResultSnapshot),
+    /// Restore result.
+    Restore(RestoreResult),
+}
+
+impl JobResult {
+    /// The export result, if this is one.
+    pub fn export_mut(&mut self) -> Option<&mut ResultSnapshot> {
+        match self {
+            JobResult::Export(r) => Some(r),
+            JobResult::Restore(_) => None,
+        }
+    }
+}
+
 /// The job snapshot of the contract (reply, event payload, HTTP body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -331,14 +424,27 @@ pub struct JobSnapshot {
     pub counts: Counts,
     /// Failure reason.
     pub error: Option<String>,
-    /// Actor starts.
+    /// Attempts at the job's work (failures of its own work add one).
     pub attempts: i32,
+    /// What a running job waits for during an outage: `nats` or `mongodb`;
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Dependency>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
     pub started_at: Option<String>,
     /// RFC 3339.
     pub finished_at: Option<String>,
-    /// Export result.
-    pub result: Option<ResultSnapshot>,
+    /// Export or restore result.
+    pub result: Option<JobResult>,
+    /// The delete a restore undoes (restores only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_job_id: Option<String>,
+    /// Until when a delete can be restored (deletes that keep what they remove).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorable_until: Option<String>,
+    /// Whether a delete was an erasure (deletes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_delete: Option<bool>,
 }

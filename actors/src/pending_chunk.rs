@@ -4,7 +4,8 @@
 //! At most one is in flight per export, and it is settled (stored and
 //! checkpointed) before the next one starts, so chunks and checkpoints still
 //! land in order. A crash before the settle leaves a chunk past the checkpoint,
-//! which a resumed export drops and rewrites, as before.
+//! which a resumed export writes again (or which lies past the file's end and
+//! is never read). Both the chunk and the checkpoint are fenced by the lease.
 
 use bson::{doc, oid::ObjectId};
 
@@ -33,8 +34,9 @@ impl PendingChunk {
     ) -> PendingChunk {
         let artifacts = run.env.artifacts.clone();
         let job_id = run.job.job_id.clone();
+        let epoch = run.lease.epoch;
         let copy = data.clone();
-        let put = tokio::spawn(async move { artifacts.put(&job_id, n, copy).await });
+        let put = tokio::spawn(async move { artifacts.put(&job_id, n, epoch, copy).await });
         PendingChunk {
             n,
             data,
@@ -67,6 +69,7 @@ impl PendingChunk {
         if let Some(put) = self.put.take() {
             match put.await {
                 Ok(Ok(())) => self.stored = true,
+                Ok(Err(e @ JobError::Conflict(_))) => return Err(e),
                 Ok(Err(e)) => {
                     tracing::warn!(job_id = %run.job.job_id, n = self.n, error = %e, "chunk write failed, writing it again");
                 }
@@ -78,7 +81,7 @@ impl PendingChunk {
         if !self.stored {
             run.env
                 .artifacts
-                .put(&run.job.job_id, self.n, self.data.clone())
+                .put(&run.job.job_id, self.n, run.lease.epoch, self.data.clone())
                 .await?;
             self.stored = true;
         }
@@ -96,6 +99,18 @@ impl PendingChunk {
             },
         })
         .await
+    }
+}
+
+impl PendingChunk {
+    /// Waits for the background write, if one runs (a drain lets the lease
+    /// go only after it).
+    pub(crate) async fn quiesce(&mut self) {
+        if let Some(put) = self.put.take() {
+            if let Ok(Ok(())) = put.await {
+                self.stored = true;
+            }
+        }
     }
 }
 

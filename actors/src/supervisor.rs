@@ -2,6 +2,11 @@
 //! organisation), restarts failed job actors with backoff from their last
 //! checkpoint, fails a job after bounded attempts, and resumes unheld jobs it
 //! finds in the database (at start-up and on every scan tick).
+//!
+//! An attempt is spent only by a job actor that failed on its own work; a
+//! drain, a takeover or an outage costs none. The scan looks organisation by
+//! organisation (the one waiting longest first, a few jobs each), so one
+//! organisation's backlog cannot hide another's jobs.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -14,6 +19,8 @@ use crate::delete::DeleteActor;
 use crate::export::ExportActor;
 use crate::job::{backoff, JobEnv, JobMsg};
 use crate::model::{JobKind, JobRecord};
+use crate::restore::RestoreActor;
+use crate::store::Lease;
 
 /// Limits on running jobs.
 #[derive(Debug, Clone)]
@@ -65,6 +72,8 @@ pub struct SupervisorCounters {
     pub failed: u64,
     /// Jobs that ended (any terminal state or drained).
     pub ended: u64,
+    /// Scans for jobs to start that ran.
+    pub scans: u64,
 }
 
 /// The supervisor actor.
@@ -74,6 +83,7 @@ struct Running {
     job_id: String,
     org: ObjectId,
     actor: ActorRef<JobMsg>,
+    lease: Lease,
 }
 
 /// Supervisor state.
@@ -164,7 +174,7 @@ impl Actor for Supervisor {
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(r) = state.running.remove(&cell.get_id()) {
-                    on_failure(&myself, state, r, err.to_string()).await;
+                    on_failure(&myself, state, &r.job_id, &r.lease, err.to_string()).await;
                 }
                 after_exit(&myself, state);
             }
@@ -187,78 +197,105 @@ fn after_exit(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
     let _ = myself.send_message(SupervisorMsg::Scan);
 }
 
-/// A job actor gave up: restart it after a backoff, or fail the job for good.
+/// A job actor gave up on its own work: count the attempt and restart it
+/// after a backoff, or fail the job for good once its attempts are spent.
 async fn on_failure(
     myself: &ActorRef<SupervisorMsg>,
     state: &mut SupervisorState,
-    r: Running,
+    job_id: &str,
+    lease: &Lease,
     error: String,
 ) {
     let env = &state.env;
-    let record = match env.store.get_any(&r.job_id).await {
+    let record = match env.store.get_any(job_id).await {
         Ok(Some(job)) => job,
         Ok(None) => return,
         Err(e) => {
             // The lease will expire and a scan will pick the job up again.
-            tracing::warn!(job_id = r.job_id, error = %e, "failed job not inspected");
+            tracing::warn!(job_id, error = %e, "failed job not inspected");
             return;
         }
     };
     if record.attempts >= env.settings.max_attempts {
-        tracing::error!(
-            job_id = r.job_id,
-            attempts = record.attempts,
-            error,
-            "job failed"
-        );
-        state.counters.failed += 1;
+        tracing::error!(job_id, attempts = record.attempts, error, "job failed");
         let message = format!("gave up after {} attempts: {error}", record.attempts);
-        match env.store.fail_unheld(&r.job_id, &message).await {
-            Ok(Some(job)) => {
+        match env.store.fail_held(job_id, lease, &message).await {
+            Ok(job) => {
+                state.counters.failed += 1;
                 let _ = env
                     .sink
                     .job_event(crate::events::JobEventKind::Status, &job)
                     .await;
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(job_id = r.job_id, error = %e, "failed job not recorded"),
+            Err(e) => tracing::warn!(job_id, error = %e, "failed job not recorded"),
         }
         return;
     }
+    let counted = match env.store.count_failure(job_id, lease, &error).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(job_id, error = %e, "failure not counted");
+            return;
+        }
+    };
     let delay = backoff(
         env.settings.restart_backoff,
-        record.attempts.max(1) as u32 - 1,
+        counted.attempts.max(2) as u32 - 2,
         Duration::from_secs(30),
     );
     tracing::warn!(
-        job_id = r.job_id,
-        attempts = record.attempts,
+        job_id,
+        attempts = counted.attempts,
         error,
         restart_in_ms = delay.as_millis() as u64,
         "job actor failed, restarting"
     );
     state.counters.restarts += 1;
-    let job_id = r.job_id.clone();
+    let job_id = job_id.to_string();
     myself.send_after(delay, move || SupervisorMsg::Start(job_id));
 }
+
+/// Organisations looked at per scan.
+const SCAN_ORGS: i64 = 256;
 
 async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
     if state.draining.is_some() || state.running.len() >= state.caps.max_running {
         return;
     }
-    let found = match state.env.store.resumable(64).await {
-        Ok(jobs) => jobs,
+    state.counters.scans += 1;
+    if let Err(e) = state.env.store.sync_clock().await {
+        tracing::debug!(error = %e, "database clock not read");
+    }
+    let orgs = match state.env.store.resumable_orgs(SCAN_ORGS).await {
+        Ok(orgs) => orgs,
         Err(e) => {
             tracing::warn!(error = %e, "scan for jobs failed");
             return;
         }
     };
-    for job in found {
+    for org in orgs {
         if state.running.len() >= state.caps.max_running {
             break;
         }
-        if let Err(e) = start_record(myself, state, job).await {
-            tracing::warn!(error = %e, "job not started");
+        let free = state
+            .caps
+            .max_per_org
+            .saturating_sub(state.running.values().filter(|r| r.org == org).count());
+        if free == 0 {
+            continue;
+        }
+        let found = match state.env.store.resumable_of(org, free as i64).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "scan for jobs failed");
+                return;
+            }
+        };
+        for job in found {
+            if let Err(e) = start_record(myself, state, job).await {
+                tracing::warn!(error = %e, "job not started");
+            }
         }
     }
 }
@@ -295,17 +332,6 @@ async fn start_record(
         return Ok(());
     }
     let env = &state.env;
-    if job.attempts >= env.settings.max_attempts {
-        let message = format!("gave up after {} attempts", job.attempts);
-        if let Some(failed) = env.store.fail_unheld(&job.job_id, &message).await? {
-            state.counters.failed += 1;
-            let _ = env
-                .sink
-                .job_event(crate::events::JobEventKind::Status, &failed)
-                .await;
-        }
-        return Ok(());
-    }
     let Some(job) = env
         .store
         .acquire(&job.job_id, &env.instance, env.settings.lease_ttl)
@@ -322,22 +348,39 @@ async fn start_record(
         attempt = job.attempts,
         "starting job actor"
     );
+    let lease = Lease {
+        owner: env.instance.clone(),
+        epoch: job.lease_epoch,
+    };
     let args = (env.clone(), job);
-    let actor = match kind {
+    let spawned = match kind {
         JobKind::Export => {
-            Actor::spawn_linked(None, ExportActor::new(), args, myself.get_cell())
-                .await?
-                .0
+            Actor::spawn_linked(None, ExportActor::new(), args, myself.get_cell()).await
         }
         JobKind::Delete => {
-            Actor::spawn_linked(None, DeleteActor::new(), args, myself.get_cell())
-                .await?
-                .0
+            Actor::spawn_linked(None, DeleteActor::new(), args, myself.get_cell()).await
+        }
+        JobKind::Restore => {
+            Actor::spawn_linked(None, RestoreActor::new(), args, myself.get_cell()).await
+        }
+    };
+    let actor = match spawned {
+        Ok((actor, _)) => actor,
+        Err(e) => {
+            // The job could not even start: a failure of its own, like any other.
+            on_failure(myself, state, &job_id, &lease, e.to_string()).await;
+            return Ok(());
         }
     };
     state.counters.spawned += 1;
-    state
-        .running
-        .insert(actor.get_id(), Running { job_id, org, actor });
+    state.running.insert(
+        actor.get_id(),
+        Running {
+            job_id,
+            org,
+            actor,
+            lease,
+        },
+    );
     Ok(())
 }

@@ -41,6 +41,8 @@ pub enum BenchCommand {
     Export(super::bench_export::ExportBench),
     /// Cascade-delete job documents/s against plain deleteMany calls.
     Delete(super::bench_delete::DeleteBench),
+    /// Restore job documents/s against plain insertMany of the same documents.
+    Restore(super::bench_restore::RestoreBench),
     /// WebSocket bridge latency (p50/p99) with many clients on one job.
     Ws(super::bench_ws::WsBench),
 }
@@ -61,6 +63,7 @@ pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchCommand::Export(a) => super::bench_export::run(a).await,
         BenchCommand::Delete(a) => super::bench_delete::run(a).await,
+        BenchCommand::Restore(a) => super::bench_restore::run(a).await,
         BenchCommand::Ws(a) => super::bench_ws::run(a).await,
     }
 }

@@ -128,6 +128,28 @@ pub struct DeleteArgs {
     /// User id recorded as the requester (the audit entries' actorId).
     #[arg(long)]
     pub requested_by: Option<String>,
+    /// Erase: keep nothing, so the delete cannot be restored.
+    #[arg(long)]
+    pub hard_delete: bool,
+}
+
+/// Options of `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The delete job to undo (UUID).
+    pub job_id: String,
+    /// Connection and organisation.
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    pub yes: bool,
+    /// Idempotency key (default: a fresh one, reused when the command is retried).
+    #[arg(long)]
+    pub command_id: Option<String>,
+    /// User id recorded as the requester (the audit entries' actorId).
+    #[arg(long)]
+    pub requested_by: Option<String>,
 }
 
 /// Options of `watch` and `cancel`.
@@ -237,7 +259,14 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     }
     let dry = nats.request("v1.delete", &body).await?;
     let (c, v, m) = counts(&dry);
-    println!("will permanently delete {c} contacts, {v} conversations, {m} messages");
+    println!(
+        "will delete {c} contacts, {v} conversations, {m} messages{}",
+        if args.hard_delete {
+            " for good (hard delete: nothing kept to restore)"
+        } else {
+            " (kept for restore until the retention ends)"
+        }
+    );
     if c == 0 {
         println!("nothing matches: no job started");
         return Ok(());
@@ -260,6 +289,9 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
         obj.remove("dryRun");
     }
     body["commandId"] = json!(command_id(&args.command_id));
+    if args.hard_delete {
+        body["hardDelete"] = json!(true);
+    }
     let mut events = nats.job_events(org, None).await?;
     let job_id = submit(&nats, "v1.delete", &body).await?;
     println!("delete job {job_id} accepted");
@@ -269,6 +301,54 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let (c, v, m) = counts(&snap);
     println!(
         "{}: deleted {c} contacts, {v} conversations, {m} messages",
+        status(&snap)
+    );
+    ensure_completed(&snap)
+}
+
+/// `contact-bulk restore`: what the restore would put back, confirmation, then
+/// the restore job with its progress.
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let nats = connect(&args.conn).await?;
+    let org = &args.conn.org;
+    let mut body = json!({"orgId": org, "jobId": args.job_id, "dryRun": true});
+    if let Some(r) = &args.requested_by {
+        body["requestedBy"] = json!(r);
+    }
+    let dry = nats.request("v1.restore", &body).await?;
+    let (c, v, m) = counts(&dry);
+    println!(
+        "will restore {c} contacts, {v} conversations, {m} messages removed by delete {}",
+        args.job_id
+    );
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to restore without --yes: stdin is not a terminal to confirm on");
+        }
+        eprint!("type yes to restore them: ");
+        let answer = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        })
+        .await??;
+        if answer.trim() != "yes" {
+            bail!("not confirmed: nothing restored");
+        }
+    }
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("dryRun");
+    }
+    body["commandId"] = json!(command_id(&args.command_id));
+    let mut events = nats.job_events(org, None).await?;
+    let job_id = submit(&nats, "v1.restore", &body).await?;
+    println!("restore job {job_id} accepted");
+    let snap = nats
+        .follow(org, &job_id, &mut events, &mut JobView::stderr())
+        .await?;
+    let (c, v, m) = counts(&snap);
+    let skipped = snap["result"]["skipped"].as_u64().unwrap_or(0);
+    println!(
+        "{}: restored {c} contacts, {v} conversations, {m} messages; skipped {skipped} contacts that exist again",
         status(&snap)
     );
     ensure_completed(&snap)

@@ -16,8 +16,8 @@ use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use super::{ApiError, Auth};
-use crate::auth::{SCOPE_DELETE, SCOPE_EXPORT, SCOPE_READ};
-use crate::commands::{App, DeleteOutcome};
+use crate::auth::{SCOPE_DELETE, SCOPE_EXPORT, SCOPE_PURGE, SCOPE_READ};
+use crate::commands::{App, DeleteOutcome, RestoreOutcome};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -84,10 +84,28 @@ pub async fn query_count(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -
 
 /// `DELETE /api/contacts/query-bulk-delete`: 202 `{jobId, message}`; the job is
 /// recorded before the reply, so the next poll finds it.
-pub async fn query_bulk_delete(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
+pub async fn query_bulk_delete(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+    body: Bytes,
+) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
+    let hard = match q.get("hardDelete").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::from_job(
+                ValidationError::new("hardDelete", "must be true or false").into(),
+            ))
+        }
+    };
+    if hard {
+        // An erasure keeps nothing to restore: it takes its own scope.
+        auth.require(SCOPE_PURGE)?;
+    }
     let filter = filter_object(&body)?;
-    let req = json!({"filter": filter, "requestedBy": caller.user.map(|u| u.to_hex())});
+    let req = json!({"filter": filter, "requestedBy": caller.user.map(|u| u.to_hex()), "hardDelete": hard});
     match app.delete(&req, Some(caller.org)).await? {
         DeleteOutcome::Job(job) => Ok((
             StatusCode::ACCEPTED,
@@ -152,10 +170,50 @@ pub async fn cancel_job(
     let job = own_job(&app, &auth, &job_id).await?;
     match job.kind {
         JobKind::Export => auth.require_any(&[SCOPE_EXPORT])?,
-        JobKind::Delete => auth.require_any(&[SCOPE_DELETE])?,
+        JobKind::Delete | JobKind::Restore => auth.require_any(&[SCOPE_DELETE])?,
     };
     let job = app.cancel(auth.0.org, &job_id).await?;
     Ok(Json(app.snapshot(&job)).into_response())
+}
+
+/// `POST /api/contacts/bulk-job/{jobId}/restore`: body `{dryRun?}`; 202 with
+/// the restore job's snapshot, or 200 `{dryRun, counts}`; 409 while the
+/// delete runs, 410 when it kept nothing (hard delete, past retention).
+pub async fn restore_job(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    Path(job_id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let caller = auth.require(SCOPE_DELETE)?.clone();
+    let mut req = json_body(&body)?;
+    let Some(obj) = req.as_object_mut() else {
+        return Err(ApiError::from_job(
+            ValidationError::new("body", "must be a JSON object").into(),
+        ));
+    };
+    for key in ["jobId", "orgId", "requestedBy"] {
+        if obj.contains_key(key) {
+            return Err(ApiError::from_job(
+                ValidationError::new(key, "unknown key").into(),
+            ));
+        }
+    }
+    obj.insert("jobId".into(), json!(job_id));
+    if let Some(user) = caller.user {
+        obj.insert("requestedBy".into(), json!(user.to_hex()));
+    }
+    match app.restore(&req, Some(caller.org)).await {
+        Ok(RestoreOutcome::Job(job)) => {
+            Ok((StatusCode::ACCEPTED, Json(app.snapshot(&job))).into_response())
+        }
+        Ok(RestoreOutcome::DryRun(counts)) => {
+            Ok(Json(json!({"dryRun": true, "counts": counts})).into_response())
+        }
+        // Another organisation's job is indistinguishable from a missing one.
+        Err(JobError::NotFound(_)) => Err(ApiError::not_found("job")),
+        Err(e) => Err(ApiError::from_job(e)),
+    }
 }
 
 /// `POST /api/exports`: 202 with the snapshot.

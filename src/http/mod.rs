@@ -46,6 +46,10 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
             "/api/contacts/bulk-job/{job_id}/cancel",
             post(api::cancel_job),
         )
+        .route(
+            "/api/contacts/bulk-job/{job_id}/restore",
+            post(api::restore_job),
+        )
         .route("/api/exports", post(api::create_export))
         .route("/api/exports/{job_id}", get(api::get_export))
         .route("/api/exports/{job_id}/download", get(stream::download))
@@ -150,7 +154,8 @@ impl ApiError {
             JobError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             JobError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            JobError::Mongo(_) | JobError::Internal(_) => {
+            JobError::Gone(_) => (StatusCode::GONE, "gone"),
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => {
                 tracing::warn!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

@@ -170,7 +170,7 @@ pub async fn download(
     } else {
         result.format.content_type()
     };
-    let stream = app.artifacts.stream(&job.job_id).await?;
+    let stream = app.artifacts.stream(&job.job_id, result.chunks).await?;
     let body =
         Body::from_stream(stream.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))));
     Ok((

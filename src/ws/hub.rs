@@ -49,6 +49,11 @@ pub enum EventBody {
         /// 24-hex id of the contact.
         contact_id: String,
     },
+    /// One restored contact.
+    ContactRestored {
+        /// 24-hex id of the contact.
+        contact_id: String,
+    },
 }
 
 /// A job event with its frame already serialised (shared by every session).
@@ -272,7 +277,8 @@ async fn consumer(stream: &Stream, filter: &str, policy: DeliverPolicy) -> anyho
     Ok(consumer.messages().await?)
 }
 
-/// Parses `<events_prefix>.<org>.job.<jobId>` and `<events_prefix>.<org>.contact_removed`.
+/// Parses `<events_prefix>.<org>.job.<jobId>` and `<events_prefix>.<org>.contact_removed`
+/// (or `.contact_restored`).
 pub(crate) fn parse_event(
     events_prefix: &str,
     subject: &str,
@@ -313,8 +319,8 @@ pub(crate) fn parse_event(
                 frame: Utf8Bytes::from(frame.to_string()),
             })
         }
-        (Some("contact_removed"), None, None) => {
-            anyhow::ensure!(ty == "contact_removed", "contact event of type {ty:?}");
+        (Some(kind @ ("contact_removed" | "contact_restored")), None, None) => {
+            anyhow::ensure!(ty == kind, "contact event of type {ty:?}");
             anyhow::ensure!(
                 payload["orgId"].as_str() == Some(org_hex),
                 "payload orgId differs from the subject"
@@ -323,7 +329,11 @@ pub(crate) fn parse_event(
                 .as_str()
                 .context("contactId missing")?
                 .to_string();
-            EventBody::ContactRemoved { contact_id }
+            if kind == "contact_removed" {
+                EventBody::ContactRemoved { contact_id }
+            } else {
+                EventBody::ContactRestored { contact_id }
+            }
         }
         _ => anyhow::bail!("unknown event subject"),
     };

@@ -47,6 +47,8 @@ enum Slot {
 #[derive(Debug, Default)]
 struct Contacts {
     seq: u64,
+    /// `contact_removed` or `contact_restored`: a frame carries one kind.
+    kind: &'static str,
     ids: Vec<String>,
 }
 
@@ -176,9 +178,20 @@ impl Outbox {
 
     /// Adds a removed contact to the open `contact_removed` frame, or opens one.
     pub fn push_contact(&self, seq: u64, contact_id: String) {
+        self.push_contact_event(seq, "contact_removed", contact_id)
+    }
+
+    /// Adds a contact to the open frame of its `kind` (`contact_removed` or
+    /// `contact_restored`), or opens one: runs of one kind coalesce, and the
+    /// order of removals and restores is kept.
+    pub fn push_contact_event(&self, seq: u64, kind: &'static str, contact_id: String) {
         self.push_with(|s| {
             s.bytes += contact_id.len() + 3;
-            if let Some(c) = s.open_contacts.and_then(|id| s.contacts.get_mut(&id)) {
+            if let Some(c) = s
+                .open_contacts
+                .and_then(|id| s.contacts.get_mut(&id))
+                .filter(|c| c.kind == kind)
+            {
                 c.seq = c.seq.max(seq);
                 c.ids.push(contact_id);
                 if c.ids.len() >= MAX_CONTACTS_PER_FRAME {
@@ -191,6 +204,7 @@ impl Outbox {
                 id,
                 Contacts {
                     seq,
+                    kind,
                     ids: vec![contact_id],
                 },
             );
@@ -222,7 +236,7 @@ impl Outbox {
                         }
                         s.contacts.remove(&id).map(|c| {
                             let counted: usize = c.ids.iter().map(|i| i.len() + 3).sum();
-                            let frame = json!({"type": "contact_removed", "seq": c.seq, "contactIds": c.ids});
+                            let frame = json!({"type": c.kind, "seq": c.seq, "contactIds": c.ids});
                             let frame = Utf8Bytes::from(frame.to_string());
                             // Uncounted below by its own length.
                             s.bytes = (s.bytes + frame.as_str().len()).saturating_sub(counted);
@@ -299,6 +313,25 @@ mod tests {
         // Once sent, a new progress opens a new slot.
         o.push_progress("a", "a4".to_string().into());
         assert_eq!(text(o.pop()), "a4");
+    }
+
+    #[test]
+    fn removals_and_restores_coalesce_apart_in_order() {
+        let o = Outbox::new();
+        o.push_contact(1, "c1".into());
+        o.push_contact_event(2, "contact_restored", "c1".into());
+        o.push_contact_event(3, "contact_restored", "c2".into());
+        let frames: Vec<serde_json::Value> = (0..2)
+            .map(|_| serde_json::from_str(&text(o.pop())).unwrap())
+            .collect();
+        assert_eq!(
+            frames,
+            vec![
+                json!({"type": "contact_removed", "seq": 1, "contactIds": ["c1"]}),
+                json!({"type": "contact_restored", "seq": 3, "contactIds": ["c1", "c2"]}),
+            ]
+        );
+        assert!(o.pop().is_none());
     }
 
     #[test]

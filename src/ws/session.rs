@@ -384,6 +384,15 @@ impl Session {
                     self.outbox.push_contact(event.seq, contact_id.clone());
                 }
             }
+            EventBody::ContactRestored { contact_id } => {
+                if self.subs().contacts {
+                    self.outbox.push_contact_event(
+                        event.seq,
+                        "contact_restored",
+                        contact_id.clone(),
+                    );
+                }
+            }
         }
     }
 

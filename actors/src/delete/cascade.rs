@@ -40,7 +40,7 @@ pub(super) struct Batch {
 /// assignee's sample is full, later batches skip the `$push` (which rewrites the
 /// list for nothing); after a restart it starts empty and the `$slice` keeps
 /// the list right.
-pub(super) type Sampled = Arc<Mutex<HashMap<ObjectId, usize>>>;
+pub(crate) type Sampled = Arc<Mutex<HashMap<ObjectId, usize>>>;
 
 /// Deletes, notifies and announces one batch.
 pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
@@ -64,19 +64,36 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         // Children first, so no message or conversation ever outlives its contact.
         // Messages and conversations go together: the contacts, deleted only after
         // both, keep the children's contact alive until they are gone.
-        let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
         let messages = db.collection::<Document>(names::MESSAGES);
         let conversations = db.collection::<Document>(names::CONVERSATIONS);
+        let (message_filter, conversation_filter) = if job.hard_delete {
+            let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
+            (children.clone(), children)
+        } else {
+            // Kept first, then exactly what was kept is deleted: a crash
+            // anywhere after the keep leaves it kept, and a batch redone keeps
+            // what is left (the rest is kept already).
+            crate::failpoint::hit("delete.keep");
+            let kept = crate::restore::kept::keep(&db, &job, &ids).await?;
+            crate::failpoint::hit("delete.kept");
+            laps.lap("keep");
+            (
+                doc! {"_id": {"$in": kept.messages}, "orgId": org},
+                doc! {"_id": {"$in": kept.conversations}, "orgId": org},
+            )
+        };
         futures::try_join!(
-            messages.delete_many(children.clone()).into_future(),
-            conversations.delete_many(children).into_future(),
+            messages.delete_many(message_filter).into_future(),
+            conversations.delete_many(conversation_filter).into_future(),
         )?;
+        crate::failpoint::hit("delete.children");
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
         // filter since (its children already may have).
         contacts(&db, &job.filter)
             .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
             .await?;
+        crate::failpoint::hit("delete.contacts");
     }
     laps.lap("contacts");
     if let Some(previous) = after_previous {
@@ -91,7 +108,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
     // notification skips a batch it has, the stream drops a repeated
     // `Nats-Msg-Id`, and only the checkpoint ends the batch.
     futures::try_join!(
-        notify(&db, &job, upto, &audits, &sampled),
+        notify(&db, &job, "contacts_removed", upto, &audits, &sampled),
         announce(sink.as_ref(), &job, &audits),
     )?;
     laps.lap("notify+announce");
@@ -147,11 +164,13 @@ pub fn audit_key(org: ObjectId, contact: ObjectId) -> String {
     format!("{}:{}", org.to_hex(), contact.to_hex())
 }
 
-/// One notification per assignee and job. Batches are applied in `_id` order,
-/// so `lastBatch` (the batch's highest id) makes each one count once.
-async fn notify(
+/// One notification per assignee and job (`kind`: `contacts_removed`, or
+/// `contacts_restored` for a restore). Batches are applied in `_id` order, so
+/// `lastBatch` (the batch's highest id) makes each one count once.
+pub(crate) async fn notify(
     db: &Database,
     job: &JobRecord,
+    kind: &'static str,
     upto: ObjectId,
     audits: &[Document],
     sampled: &Sampled,
@@ -173,7 +192,7 @@ async fn notify(
         async move {
             let mut update = doc! {
                 "$setOnInsert": {
-                    "orgId": job.org_id, "userId": owner, "type": "contacts_removed",
+                    "orgId": job.org_id, "userId": owner, "type": kind,
                     "jobId": &job.job_id, "createdAt": DateTime::now(), "read": false,
                 },
                 "$set": {"lastBatch": upto},

@@ -40,6 +40,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use cascade::audit_key;
+pub(crate) use cascade::{notify, Sampled};
 pub use dry_run::dry_run;
 
 use crate::error::JobError;
@@ -126,12 +127,27 @@ impl JobStep for DeleteState {
     async fn step(&mut self) -> Result<bool, JobError> {
         step(self).await
     }
+
+    async fn quiesce(&mut self) {
+        // Deletes and announcements being applied finish (they are redone from
+        // the record anyway, but must not overlap the next holder's).
+        while let Some(applying) = self.applying.pop_front() {
+            if let Err(e) = applying.done().await {
+                tracing::debug!(job_id = %self.run.job.job_id, error = %e, "batch in flight ended with an error");
+            }
+        }
+    }
 }
 
 async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let run = &mut s.run;
     if !run.job.initialised {
         initialise(run).await?;
+    } else if !run.job.hard_delete && run.job.restorable_until.is_none() {
+        // A job recorded before deletes kept anything: it keeps from now on.
+        let until = restorable_until(DateTime::now(), run.env.settings.restore_retention);
+        run.update(doc! {"$set": {"restorableUntil": until}})
+            .await?;
     }
     if s.applying.is_empty() {
         if let Some(inflight) = run.job.inflight.clone() {
@@ -139,7 +155,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
             let db = run.env.store.db().clone();
             let after = run.job.checkpoint.last_id;
             let audits = cascade::recorded(&db, &run.job, after, Some(inflight.upto)).await?;
-            cascade::apply(cascade::Batch {
+            let redo = cascade::apply(cascade::Batch {
                 db,
                 sink: run.env.sink.clone(),
                 job: Arc::new(run.job.clone()),
@@ -148,8 +164,8 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
                 after_previous: None,
                 applied: None,
                 sampled: s.sampled.clone(),
-            })
-            .await?;
+            });
+            run.alive(redo).await?;
             let next = run.job.inflight_next.clone();
             record(run, Some(&inflight), next.iter()).await?;
             return Ok(true);
@@ -180,7 +196,8 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let started = std::time::Instant::now();
     // The next batch is decided and counted while the recorded ones are
     // applied; with the pipeline full, the oldest must finish first.
-    let next = prepare::prepare(&db, &run.job, &mut s.candidates, after, max_id, batch);
+    let job = run.job.clone();
+    let next = prepare::prepare(&db, &job, &mut s.candidates, after, max_id, batch);
     let oldest = match s.applying.len() >= DEPTH {
         true => s.applying.pop_front(),
         false => None,
@@ -191,7 +208,11 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
             None => Ok(None),
         }
     };
-    let (next, done) = futures::try_join!(next, previous)?;
+    // One long await (the oldest batch's cascade can take a while): the lease
+    // is renewed meanwhile.
+    let (next, done) = run
+        .alive(async { futures::try_join!(next, previous) })
+        .await?;
     let Some(next) = next else {
         if let Some(done) = done {
             record(run, Some(&done), in_flight(&s.applying)).await?;
@@ -229,7 +250,7 @@ fn in_flight(applying: &VecDeque<Applying>) -> impl Iterator<Item = &DeleteInfli
 /// Waits for every batch being applied, oldest first, checkpointing each.
 async fn settle(s: &mut DeleteState) -> Result<(), JobError> {
     while let Some(oldest) = s.applying.pop_front() {
-        let done = oldest.done().await?;
+        let done = s.run.alive(oldest.done()).await?;
         record(&mut s.run, Some(&done), in_flight(&s.applying)).await?;
     }
     Ok(())
@@ -250,21 +271,27 @@ async fn record<'a>(
             .map(|b| b.unwrap_or(bson::Bson::Null))
     };
     let mut set = doc! {"inflight": slot()?, "inflightNext": slot()?};
-    let mut update = Document::new();
     if let Some(done) = done {
+        // Absolute values from the record as last written (the write is fenced
+        // by the lease, so nobody else moved them): a write that was applied
+        // but whose reply was lost is sent again with the same values, and
+        // the batch counts once.
+        let job = &run.job;
+        let counts = job.counts;
         set.insert("checkpoint.lastId", done.upto);
-        update.insert(
-            "$inc",
-            doc! {
-                "processed": done.contacts as i64,
-                "counts.contacts": done.contacts as i64,
-                "counts.conversations": done.conversations as i64,
-                "counts.messages": done.messages as i64,
-            },
+        set.insert("processed", job.processed + done.contacts as i64);
+        set.insert("counts.contacts", (counts.contacts + done.contacts) as i64);
+        set.insert(
+            "counts.conversations",
+            (counts.conversations + done.conversations) as i64,
         );
+        set.insert("counts.messages", (counts.messages + done.messages) as i64);
     }
-    update.insert("$set", set);
-    run.update(update).await?;
+    run.update_at(
+        crate::failpoint::DELETE_RECORD_LOST_REPLY,
+        doc! {"$set": set},
+    )
+    .await?;
     if done.is_some() {
         run.progress_event().await;
     }
@@ -283,18 +310,33 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     let Some(total) = run.listening(count).await? else {
         return Ok(());
     };
-    run.update(doc! {"$set": {
+    let now = DateTime::now();
+    let mut set = doc! {
         "initialised": true,
         "status": "processing",
-        "startedAt": DateTime::now(),
+        "startedAt": run.env.store.now(),
         "snapshotMaxId": max_id,
         "total": total,
         "processed": 0i64,
-    }})
-    .await?;
+    };
+    if !run.job.hard_delete {
+        // Everything the job removes is kept until then (one date for the
+        // whole job, so its restore is all or nothing in time).
+        set.insert(
+            "restorableUntil",
+            restorable_until(now, run.env.settings.restore_retention),
+        );
+    }
+    run.update(doc! {"$set": set}).await?;
     run.status_event().await;
     tracing::info!(job_id = %run.job.job_id, total, "delete started");
     Ok(())
+}
+
+/// `now` plus the retention.
+fn restorable_until(now: DateTime, retention: std::time::Duration) -> DateTime {
+    let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    DateTime::from_millis(now.timestamp_millis().saturating_add(ms))
 }
 
 /// Removes this job's CONTACT_DELETE entries beyond its checkpoint whose

@@ -1,0 +1,92 @@
+//! Failure points for tests, of two kinds:
+//! - crash points of the real binary ([`hit`]): with `BULK_FAILPOINT=<name>` in
+//!   its environment, the process aborts (as a SIGKILL would end it: no drain,
+//!   no lease release) the first time it reaches the point of that name;
+//!   without the variable a point costs one cached comparison;
+//! - in-process points ([`fires`]): a point armed for a scope (an
+//!   organisation) fires a given number of times, making the code at that
+//!   point fail the way a fault would (e.g. a write that was applied but whose
+//!   reply was lost). Unarmed, it costs one relaxed atomic load. Nothing in the
+//!   service arms them; tests do, through [`arm`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// Aborts the process if `BULK_FAILPOINT` names this point.
+pub fn hit(name: &str) {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        std::env::var("BULK_FAILPOINT")
+            .ok()
+            .filter(|v| !v.is_empty())
+    });
+    if armed.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
+static ANY: AtomicBool = AtomicBool::new(false);
+static ARMED: Mutex<Option<HashMap<(String, String), u32>>> = Mutex::new(None);
+
+/// After the job's delete batch record was written: its reply is lost.
+pub const DELETE_RECORD_LOST_REPLY: &str = "delete.record.lost_reply";
+/// After the job's terminal write: its reply is lost.
+pub const FINISH_LOST_REPLY: &str = "job.finish.lost_reply";
+/// An export step that wrote rows then fails on its own work.
+pub const EXPORT_STEP_FAILS: &str = "export.step.fails";
+
+/// Arms `point` for `scope` to fire `times` times (tests only).
+pub fn arm(point: &str, scope: &str, times: u32) {
+    let mut armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+    armed
+        .get_or_insert_with(HashMap::new)
+        .insert((point.to_string(), scope.to_string()), times);
+    ANY.store(true, Ordering::Release);
+}
+
+/// How often `point` may still fire for `scope`.
+pub fn remaining(point: &str, scope: &str) -> u32 {
+    let armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+    armed
+        .as_ref()
+        .and_then(|m| m.get(&(point.to_string(), scope.to_string())).copied())
+        .unwrap_or(0)
+}
+
+/// True when `point` is armed for `scope` (and counts the firing).
+pub fn fires(point: &str, scope: &str) -> bool {
+    if !ANY.load(Ordering::Acquire) {
+        return false;
+    }
+    let mut armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(left) = armed
+        .as_mut()
+        .and_then(|m| m.get_mut(&(point.to_string(), scope.to_string())))
+    else {
+        return false;
+    };
+    if *left == 0 {
+        return false;
+    }
+    *left -= 1;
+    tracing::warn!(point, scope, "failure point fired");
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_as_often_as_armed_and_only_in_its_scope() {
+        assert!(!fires("t.point", "a"));
+        arm("t.point", "a", 2);
+        assert!(!fires("t.point", "b"));
+        assert!(fires("t.point", "a"));
+        assert_eq!(remaining("t.point", "a"), 1);
+        assert!(fires("t.point", "a"));
+        assert!(!fires("t.point", "a"));
+    }
+}

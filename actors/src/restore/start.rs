@@ -1,0 +1,159 @@
+//! Before a restore job exists: whether the delete can be restored, the
+//! restore already under way for it, and the `dryRun` counts.
+
+use std::collections::HashSet;
+
+use bson::{doc, oid::ObjectId, DateTime, Document};
+use futures::TryStreamExt;
+use mongodb::{Collection, Database};
+use serde::Serialize;
+
+use super::kept::{self, Kind};
+use super::restore_key;
+use crate::error::JobError;
+use crate::model::{JobKind, JobRecord, JobStatus};
+use crate::store::names;
+
+/// What a restore started now would put back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreCounts {
+    /// Contacts whose `_id` is free.
+    pub contacts: u64,
+    /// Their kept conversations.
+    pub conversations: u64,
+    /// Their kept messages.
+    pub messages: u64,
+}
+
+/// The delete `job_id` of `org`, if it can be restored now: `not_found` for
+/// a job not of this organisation, `validation_error` for a job that is not a
+/// delete, `conflict` while it runs, `gone` for a hard delete or one past its
+/// retention.
+pub async fn source(
+    jobs: &Collection<JobRecord>,
+    org: ObjectId,
+    job_id: &str,
+) -> Result<JobRecord, JobError> {
+    let job = jobs
+        .find_one(doc! {"_id": job_id, "orgId": org})
+        .await?
+        .ok_or_else(|| JobError::NotFound(format!("job {job_id}")))?;
+    if job.kind != JobKind::Delete {
+        return Err(crate::ValidationError::new(
+            "jobId",
+            format!("job {job_id} is an {} job, not a delete", job.kind.as_str()),
+        )
+        .into());
+    }
+    if !job.status.is_terminal() {
+        return Err(JobError::Conflict(format!(
+            "delete {job_id} is still {}: restore it once it has ended",
+            job.status.as_str()
+        )));
+    }
+    if job.hard_delete {
+        return Err(JobError::Gone(format!(
+            "delete {job_id} was a hard delete: it kept nothing to restore"
+        )));
+    }
+    match job.restorable_until {
+        Some(until) if until > DateTime::now() => Ok(job),
+        Some(until) => Err(JobError::Gone(format!(
+            "what delete {job_id} removed was kept until {} and is gone",
+            crate::model::rfc3339(until)
+        ))),
+        None => Err(JobError::Gone(format!(
+            "delete {job_id} kept nothing to restore"
+        ))),
+    }
+}
+
+/// The restore of `source` that is pending, running or completed, if any: a
+/// second request gets it instead of a new job. Also returns how many restores
+/// of it exist, so a new one takes the next `restoreKey`.
+pub async fn existing(
+    jobs: &Collection<JobRecord>,
+    source: &str,
+) -> Result<(Option<JobRecord>, usize), JobError> {
+    let all: Vec<JobRecord> = jobs
+        .find(doc! {"restoreKey": {"$gte": format!("{source}#"), "$lt": format!("{source}$")}})
+        .await?
+        .try_collect()
+        .await?;
+    let n = all.len();
+    let live = all.into_iter().find(|j| {
+        matches!(
+            j.status,
+            JobStatus::Pending | JobStatus::Processing | JobStatus::Completed
+        )
+    });
+    Ok((live, n))
+}
+
+/// What a restore of `source` started now would put back: its kept contacts
+/// whose `_id` is free (and not restored already), with their kept children,
+/// counted a thousand contacts at a time.
+pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts, JobError> {
+    let src = source.job_id.as_str();
+    let target = db.collection::<Document>(source.filter.pipeline_type.collection());
+    let mut counts = RestoreCounts::default();
+    let mut after: Option<ObjectId> = None;
+    loop {
+        let ids: Vec<ObjectId> = db
+            .collection::<Document>(names::KEPT)
+            .find(kept::range(src, Kind::Contact, after, None))
+            .sort(doc! {"_id": 1})
+            .limit(1000)
+            .projection(doc! {"contactId": 1})
+            .await?
+            .try_filter_map(|d| async move { Ok(d.get_object_id("contactId").ok()) })
+            .try_collect()
+            .await?;
+        let Some(upto) = ids.iter().max().copied() else {
+            return Ok(counts);
+        };
+        let present: HashSet<ObjectId> = target
+            .find(doc! {"_id": {"$in": &ids}})
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
+            .try_collect()
+            .await?;
+        // A contact put back by an earlier restore and deleted since is not put back again.
+        let keys: Vec<String> = ids.iter().map(|c| restore_key(src, *c)).collect();
+        let done: HashSet<ObjectId> = db
+            .collection::<Document>(names::EVENT_LOGS)
+            .find(doc! {"bulkKey": {"$in": keys}})
+            .projection(doc! {"contactId": 1})
+            .await?
+            .try_filter_map(|d| async move { Ok(d.get_object_id("contactId").ok()) })
+            .try_collect()
+            .await?;
+        let free: HashSet<ObjectId> = ids
+            .iter()
+            .copied()
+            .filter(|c| !present.contains(c) && !done.contains(c))
+            .collect();
+        counts.contacts += free.len() as u64;
+        for (kind, slot) in [
+            (Kind::Conversation, &mut counts.conversations),
+            (Kind::Message, &mut counts.messages),
+        ] {
+            let mut children = db
+                .collection::<Document>(names::KEPT)
+                .find(kept::range(src, kind, after, Some(upto)))
+                .projection(doc! {"contactId": 1})
+                .batch_size(10_000)
+                .await?;
+            while let Some(c) = children.try_next().await? {
+                if c.get_object_id("contactId")
+                    .is_ok_and(|c| free.contains(&c))
+                {
+                    *slot += 1;
+                }
+            }
+        }
+        after = Some(upto);
+    }
+}
