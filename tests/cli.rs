@@ -395,6 +395,80 @@ async fn cli_export_against_the_dev_stack() {
 }
 
 #[tokio::test]
+async fn watch_shows_a_job_waiting_out_a_mongodb_outage_and_follows_it_to_the_end() {
+    let mut stack = Stack::start().await;
+    let db = stack.db().await;
+    // Slow enough (small batches) to be mid-way when the watcher has started.
+    let org = seed(&db, 20_000).await;
+    let _svc = stack.service_with(|c| c.export_batch = 5).await;
+    let client = stack.client().await;
+    let reply = request(
+        &client,
+        "bulk.v1.export",
+        serde_json::json!({"orgId": org.id.to_hex(), "filter": {"orgWide": true}}),
+    )
+    .await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    wait_job(&client, org.id, &job, 60, |s| {
+        s["processed"].as_i64().unwrap_or(0) > 0
+    })
+    .await;
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"))
+        .args(["watch", &job, "--org", &org.id.to_hex()])
+        .env("NATS_URL", stack.nats.url())
+        .env("RUST_LOG", "warn")
+        .env_remove("BULK_SUBJECT_PREFIX")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = watch.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    // The watcher is subscribed once it printed the job's first state; a job
+    // announces its wait once, when it starts waiting.
+    let mut seen = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("watch prints the job's state within 60 s")
+        .expect("watch is running");
+    assert!(first.contains("processing"), "{first}");
+    seen.push(first);
+    stack.mongo.kill().await.unwrap();
+    let shown = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = rx.recv().await {
+            seen.push(line.clone());
+            if line.contains("processing (waiting for mongodb)") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(shown, Ok(true)),
+        "watch did not show the wait: {seen:?}"
+    );
+    stack.mongo.restart().await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(120), watch.wait_with_output())
+        .await
+        .expect("watch ends within 120 s of the outage")
+        .unwrap();
+    assert!(out.status.success(), "watch failed: {seen:?}");
+    let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["status"], "completed", "{snap}");
+    assert_eq!(snap["processed"], 20_000, "{snap}");
+}
+
+#[tokio::test]
 async fn restore_with_yes_puts_back_what_the_delete_removed() {
     let stack = Stack::start().await;
     let db = stack.db().await;

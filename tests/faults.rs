@@ -596,3 +596,81 @@ async fn a_failed_export_leaves_no_chunk_and_a_completed_one_no_leftover() {
         .unwrap();
     assert_eq!(past, 0, "leftover removed");
 }
+
+#[tokio::test]
+async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let (org, ids) = seed(&db, 2000, true).await;
+    let _svc = stack
+        .service_with(|c| {
+            c.delete_batch = 50;
+            c.max_attempts = 2;
+            c.step_retries = 1;
+            c.retry_max_ms = 100;
+        })
+        .await;
+    failpoint::arm(failpoint::DELETE_STEP_FAILS, &org.to_hex(), u32::MAX);
+    let client = stack.client().await;
+    let job = job_id(
+        &request(
+            &client,
+            "bulk.v1.delete",
+            json!({"orgId": org.to_hex(), "filter": {"orgWide": true}}),
+        )
+        .await,
+    );
+    let snap = wait_terminal(&client, org, &job).await;
+    assert_eq!(snap["status"], "failed", "{snap}");
+    assert_eq!(snap["attempts"], 2, "{snap}");
+    let present: BTreeSet<ObjectId> = {
+        let mut c = db
+            .collection::<Document>("contacts")
+            .find(doc! {"orgId": org})
+            .await
+            .unwrap();
+        let mut out = BTreeSet::new();
+        while let Some(d) = c.next().await {
+            out.insert(d.unwrap().get_object_id("_id").unwrap());
+        }
+        out
+    };
+    assert!(
+        !present.is_empty() && present.len() < ids.len(),
+        "{}",
+        present.len()
+    );
+    let mut entries = db
+        .collection::<Document>("event_logs")
+        .find(doc! {"jobId": &job})
+        .await
+        .unwrap();
+    let mut decided = BTreeSet::new();
+    while let Some(e) = entries.next().await {
+        decided.insert(e.unwrap().get_object_id("contactId").unwrap());
+    }
+    // Every contact gone has its entry; none still there keeps one (each is
+    // anyone's again, for a later delete).
+    let gone: BTreeSet<ObjectId> = ids
+        .iter()
+        .filter(|i| !present.contains(i))
+        .copied()
+        .collect();
+    assert_eq!(
+        decided, gone,
+        "audit entries are exactly the deleted contacts"
+    );
+    assert!(snap["counts"]["contacts"].as_u64().unwrap() <= gone.len() as u64);
+    // No child outlives its contact.
+    for coll in ["conversations", "messages"] {
+        let mut c = db
+            .collection::<Document>(coll)
+            .find(doc! {"orgId": org})
+            .await
+            .unwrap();
+        while let Some(d) = c.next().await {
+            let owner = d.unwrap().get_object_id("contactId").unwrap();
+            assert!(present.contains(&owner), "{coll} of a deleted contact left");
+        }
+    }
+}

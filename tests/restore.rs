@@ -883,3 +883,53 @@ async fn sigkill_mid_restore_then_completion_is_exact() {
     check_restore_side_effects(&stack, &a, &job, &source, &restored).await;
     drop(bin);
 }
+
+#[tokio::test]
+async fn kept_documents_expire_after_the_retention() {
+    // A MongoDB-wire server whose TTL monitor sweeps every second (MongoDB's
+    // and secantusd-rs's default is 60 s): the TTL index itself does the work.
+    let dir = tempfile::tempdir().unwrap();
+    let mongo_dir = dir.path().join("mongo");
+    std::fs::create_dir_all(&mongo_dir).unwrap();
+    std::fs::write(
+        mongo_dir.join("secantusd.toml"),
+        "[storage]\nttl_sweep_seconds = 1\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("nats")).unwrap();
+    let conf = contact_bulk::servers::repo_nats_conf();
+    let nats_dir = dir.path().join("nats");
+    let (nats, mongo) = tokio::join!(
+        contact_bulk::servers::NatsServer::start(&conf, &nats_dir, None),
+        contact_bulk::servers::MongoServer::start(&mongo_dir, None)
+    );
+    let stack = Stack {
+        nats: nats.expect("nats-server starts"),
+        mongo: mongo.expect("secantusd-rs starts"),
+        dir,
+        db_name: "crm".into(),
+    };
+    let db = stack.db().await;
+    let a = seed(&db, 40).await;
+    let _svc = stack
+        .service_with(|c| c.restore_retention = Duration::from_secs(3))
+        .await;
+    let client = stack.client().await;
+    let del = delete_all(&client, a.id, json!({})).await;
+    let kept = count(&db, "bulk_kept", doc! {"orgId": a.id}).await;
+    let removed: u64 = ["contacts", "conversations", "messages"]
+        .iter()
+        .map(|k| del["counts"][k].as_u64().unwrap())
+        .sum();
+    assert_eq!(kept, removed, "one kept document per removed one");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while count(&db, "bulk_kept", doc! {"orgId": a.id}).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kept documents outlived their retention by a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let r = restore(&client, a.id, del["jobId"].as_str().unwrap(), json!({})).await;
+    assert_eq!(r["error"]["code"], "gone", "{r}");
+}

@@ -34,6 +34,9 @@ static ARMED: Mutex<Option<HashMap<(String, String), u32>>> = Mutex::new(None);
 pub const DELETE_RECORD_LOST_REPLY: &str = "delete.record.lost_reply";
 /// After the job's terminal write: its reply is lost.
 pub const FINISH_LOST_REPLY: &str = "job.finish.lost_reply";
+/// A delete step that prepared a batch (its audit entries written) then fails
+/// on its own work before recording it.
+pub const DELETE_STEP_FAILS: &str = "delete.step.fails";
 /// An export step that wrote rows then fails on its own work.
 pub const EXPORT_STEP_FAILS: &str = "export.step.fails";
 

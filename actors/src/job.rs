@@ -255,6 +255,25 @@ impl JobRun {
         Ok(())
     }
 
+    /// After a lost lease: if this lease itself finished the job (a terminal
+    /// write whose reply was lost, met by a later write of the retried step),
+    /// announces the terminal snapshot the lost reply kept from being announced.
+    pub async fn announce_lost_finish(&mut self) {
+        if self.job.status.is_terminal() {
+            return;
+        }
+        match self.env.store.get_any(&self.job.job_id).await {
+            Ok(Some(job)) if job.status.is_terminal() && job.lease_epoch == self.lease.epoch => {
+                self.job = job;
+                self.terminal_event().await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(job_id = %self.job.job_id, error = %e, "lost lease not inspected")
+            }
+        }
+    }
+
     /// Announces a status change. Retried: every status change must be seen.
     pub async fn status_event(&self) {
         let sink = &self.env.sink;
@@ -574,6 +593,7 @@ pub async fn handle_job_msg<S: JobStep>(
                     }
                 }
                 Err(JobError::Conflict(reason)) => {
+                    state.run().announce_lost_finish().await;
                     tracing::warn!(job_id = %state.run().job.job_id, reason, "job stopped: no longer held");
                     myself.stop(Some(reason));
                 }

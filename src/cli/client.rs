@@ -109,7 +109,9 @@ impl Nats {
     /// `events` must have been subscribed before the job could have produced
     /// its last event (for a new job: before the command was sent); the job is
     /// also polled once at once, and whenever no event came for 2 s, so an
-    /// event lost or a job that finished earlier is still seen.
+    /// event lost or a job that finished earlier is still seen. A poll that
+    /// finds the service or its servers unreachable is retried (the job waits
+    /// out the outage, so does its watcher); only an answer about the job ends it.
     pub async fn follow(
         &self,
         org: &str,
@@ -118,29 +120,64 @@ impl Nats {
         view: &mut JobView,
     ) -> anyhow::Result<Value> {
         let wanted = self.subject(&format!("v1.events.{org}.job.{job_id}"));
-        let mut snap = self.job(org, job_id).await?;
-        view.update(&snap);
-        while !is_terminal(&snap) {
-            match tokio::time::timeout(POLL_EVERY, events.next()).await {
-                Ok(Some(msg)) if msg.subject.as_str() == wanted => {
-                    let Ok(event) = serde_json::from_slice::<Value>(&msg.payload) else {
+        let mut snap: Option<Value> = None;
+        let mut poll = true;
+        loop {
+            if snap.as_ref().is_some_and(is_terminal) {
+                break;
+            }
+            let seen = if poll {
+                poll = false;
+                match self.job(org, job_id).await {
+                    Ok(polled) => polled,
+                    // The job waits out an outage, and so does the watcher:
+                    // only an answer about the job itself ends it.
+                    Err(e) if is_outage(&e) => {
+                        tracing::debug!(error = %e, "job poll failed, waiting");
                         continue;
-                    };
-                    if let Some(job) = event.get("job").filter(|j| j.is_object()) {
-                        // Events and polls may cross: never step back.
-                        if is_terminal(job) || processed(job) >= processed(&snap) {
-                            snap = job.clone();
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                match tokio::time::timeout(POLL_EVERY, events.next()).await {
+                    Ok(Some(msg)) if msg.subject.as_str() == wanted => {
+                        let event = serde_json::from_slice::<Value>(&msg.payload).ok();
+                        match event.and_then(|e| e.get("job").filter(|j| j.is_object()).cloned()) {
+                            Some(job) => job,
+                            None => continue,
                         }
                     }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => anyhow::bail!("nats subscription ended"),
+                    Err(_) => {
+                        poll = true;
+                        continue;
+                    }
                 }
-                Ok(Some(_)) => continue,
-                Ok(None) => anyhow::bail!("nats subscription ended"),
-                Err(_) => snap = self.job(org, job_id).await?,
+            };
+            // Events and polls may cross: never step back.
+            let newer = match &snap {
+                None => true,
+                Some(old) => is_terminal(&seen) || processed(&seen) >= processed(old),
+            };
+            if newer {
+                view.update(&seen);
+                snap = Some(seen);
             }
-            view.update(&snap);
         }
+        let snap = snap.unwrap_or_default();
         view.finish(&snap);
         Ok(snap)
+    }
+}
+
+/// Whether a failed request is the service or its servers being unreachable
+/// for now (no reply, no responders, an `internal` error reply), as opposed to
+/// an answer about the request (`not_found`, `validation_error`, …).
+fn is_outage(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<ReplyError>() {
+        Some(reply) => reply.code == "internal",
+        None => true,
     }
 }
 
@@ -284,6 +321,23 @@ mod tests {
         assert_eq!(status_label(&running), "processing");
         let done = json!({"status": "completed", "waiting": "mongodb"});
         assert_eq!(status_label(&done), "completed");
+    }
+
+    #[test]
+    fn only_outages_are_waited_out() {
+        let reply = |code: &str| {
+            anyhow::Error::new(ReplyError {
+                code: code.into(),
+                field: None,
+                message: "x".into(),
+            })
+        };
+        assert!(is_outage(&reply("internal")));
+        assert!(is_outage(&anyhow::anyhow!(
+            "no reply on bulk.v1.job within 120s"
+        )));
+        assert!(!is_outage(&reply("not_found")));
+        assert!(!is_outage(&reply("validation_error")));
     }
 
     #[test]

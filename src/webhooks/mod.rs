@@ -275,7 +275,9 @@ impl AttemptResult {
 }
 
 /// Hook for the metrics of section 13: counts one attempt under
-/// `bulk_webhook_deliveries_total{result}`.
+/// `bulk_webhook_deliveries_total{result}` (`success`, `failure`, `gave_up`).
+/// Called once per recorded attempt; the metrics module (helper `ops`, not yet
+/// on main when this was written) adds its counter call here.
 pub fn record_attempt_metric(result: AttemptResult) {
     tracing::trace!(result = result.as_str(), "webhook attempt");
 }

@@ -172,13 +172,13 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         }
     }
     if !s.released {
-        release_undecided(run.env.store.db(), &run.job).await?;
+        release_held(run).await?;
         s.released = true;
     }
     if run.cancel {
         settle(s).await?;
         let run = &mut s.run;
-        release_undecided(run.env.store.db(), &run.job).await?;
+        release_held(run).await?;
         run.finish(JobStatus::Cancelled, doc! {}).await?;
         return Ok(false);
     }
@@ -213,6 +213,15 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     let (next, done) = run
         .alive(async { futures::try_join!(next, previous) })
         .await?;
+    if next.is_some()
+        && run.job.processed > 0
+        && crate::failpoint::fires(
+            crate::failpoint::DELETE_STEP_FAILS,
+            &run.job.org_id.to_hex(),
+        )
+    {
+        return Err(JobError::Internal("injected failure".into()));
+    }
     let Some(next) = next else {
         if let Some(done) = done {
             record(run, Some(&done), in_flight(&s.applying)).await?;
@@ -339,6 +348,14 @@ fn restorable_until(now: DateTime, retention: std::time::Duration) -> DateTime {
     DateTime::from_millis(now.timestamp_millis().saturating_add(ms))
 }
 
+/// [`release_undecided`] by the holder of the job: the lease is confirmed (a
+/// fenced write) right before, so a holder that lost it while paused cannot
+/// give back contacts the new holder has recorded as in flight.
+async fn release_held(run: &mut JobRun) -> Result<(), JobError> {
+    run.update(doc! {}).await?;
+    release_undecided(run.env.store.db(), &run.job).await
+}
+
 /// Removes this job's CONTACT_DELETE entries beyond its checkpoint whose
 /// contact still exists: decisions of batches that never got to delete (a crash
 /// or failure before `inflight`, a cancel), so the contacts are anyone's again.
@@ -380,7 +397,7 @@ pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), Job
 
 async fn complete(s: &mut DeleteState) -> Result<bool, JobError> {
     let run = &mut s.run;
-    release_undecided(run.env.store.db(), &run.job).await?;
+    release_held(run).await?;
     run.finish(JobStatus::Completed, doc! {}).await?;
     Ok(false)
 }
