@@ -5,18 +5,17 @@ use bson::oid::ObjectId;
 use contact_bulk_actors::delete::dry_run;
 use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
-use contact_bulk_actors::filter::{
-    check_list_len, check_string_len, field_path, parse_object_id, Filter, ParseOptions, MAX_STRING,
-};
+use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
 use contact_bulk_actors::restore::{self, RestoreCounts};
 use contact_bulk_actors::snapshot;
 use contact_bulk_actors::store::JobStore;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
+use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand, JobQuery, RestoreCommand};
+use contact_bulk_protocol::{Id, Text};
 use mongodb::Database;
 use ractor::ActorRef;
-use serde_json::{Map, Value};
 
 use crate::auth::Keys;
 
@@ -71,78 +70,46 @@ impl App {
     }
 
     /// `bulk.v1.export` / `POST /api/exports`: validates, records, starts.
-    pub async fn export(&self, req: &Value, org: Option<ObjectId>) -> Result<JobRecord, JobError> {
-        let obj = object(req, "")?;
-        reject_unknown(
-            obj,
-            &[
-                "orgId",
-                "requestedBy",
-                "commandId",
-                "filter",
-                "format",
-                "gzip",
-                "fields",
-                "filename",
-                "tagIds",
-            ],
-        )?;
+    /// `org` is the token's organisation on HTTP (then `orgId` must not be sent
+    /// and no filter means the whole organisation, as in seed 002).
+    pub async fn export(
+        &self,
+        cmd: ExportCommand,
+        org: Option<ObjectId>,
+    ) -> Result<JobRecord, JobError> {
         let from_token = org.is_some();
-        let (org, requested_by, command_id) = common(obj, org)?;
-        let mut filter = match obj.get("filter") {
-            // NATS commands carry their filter; on the HTTP API (seed 002) no
-            // filter means the whole organisation of the token.
-            None | Some(Value::Null) if !from_token => {
-                return Err(ValidationError::new("filter", "is required").into())
-            }
-            None | Some(Value::Null) => Filter {
+        let org = org_of(cmd.org_id, org)?;
+        let mut filter = match cmd.filter {
+            Some(spec) => Filter::from_spec(spec, "filter")?,
+            None if from_token => Filter {
                 org_wide: true,
                 ..Filter::default()
             },
-            Some(f) => Filter::from_json(
-                f,
-                ParseOptions {
-                    prefix: "filter",
-                    allow_limit: true,
-                },
-            )?,
+            None => return Err(ValidationError::new("filter", "is required").into()),
         };
-        if let Some(tags) = obj.get("tagIds").filter(|v| !v.is_null()) {
-            let tags = string_list(tags, "tagIds")?;
-            filter.advanced.any_tags.extend(tags);
+        if let Some(tags) = cmd.tag_ids {
+            filter
+                .advanced
+                .any_tags
+                .extend(tags.into_vec().into_iter().map(Text::into_string));
         }
-        let format = match obj.get("format") {
-            None | Some(Value::Null) => Format::Csv,
-            Some(Value::String(s)) => Format::parse(s, "format")?,
-            Some(_) => {
-                return Err(ValidationError::new("format", "must be \"csv\" or \"ndjson\"").into())
-            }
-        };
-        let gzip = match obj.get("gzip") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(ValidationError::new("gzip", "must be a boolean").into()),
-        };
-        let columns = ColumnSpec::from_json(obj.get("fields").filter(|v| !v.is_null()), "fields")?;
-        let file_name = match obj.get("filename") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                check_string_len(s, "filename")?;
-                Some(s.as_str())
-            }
-            Some(_) => return Err(ValidationError::new("filename", "must be a string").into()),
+        let format = cmd.format.unwrap_or_default();
+        let gzip = cmd.gzip.unwrap_or(false);
+        let columns = match cmd.fields {
+            None => ColumnSpec::default_columns(),
+            Some(names) => ColumnSpec::from_names(&names, "fields")?,
         };
         let spec = ExportSpec {
             format,
             gzip,
             columns,
-            file_name: file_name_for(file_name, format, gzip),
+            file_name: file_name_for(cmd.filename.as_deref(), format, gzip),
         };
         let job = JobRecord::new(
             JobKind::Export,
             org,
-            command_id,
-            requested_by,
+            cmd.command_id.map(|c| c.0),
+            cmd.requested_by.map(|u| u.0),
             filter,
             Some(spec),
         );
@@ -152,43 +119,28 @@ impl App {
     /// `bulk.v1.delete` / `DELETE /api/contacts/query-bulk-delete`.
     pub async fn delete(
         &self,
-        req: &Value,
+        cmd: DeleteCommand,
         org: Option<ObjectId>,
     ) -> Result<DeleteOutcome, JobError> {
-        let obj = object(req, "")?;
-        reject_unknown(
-            obj,
-            &[
-                "orgId",
-                "requestedBy",
-                "commandId",
-                "filter",
-                "dryRun",
-                "hardDelete",
-            ],
-        )?;
-        let (org, requested_by, command_id) = common(obj, org)?;
-        let filter = match obj.get("filter") {
-            None | Some(Value::Null) => {
-                return Err(ValidationError::new("filter", "is required").into())
-            }
-            Some(f) => Filter::from_json(
-                f,
-                ParseOptions {
-                    prefix: "filter",
-                    allow_limit: false,
-                },
-            )?,
+        let org = org_of(cmd.org_id, org)?;
+        let filter = match cmd.filter {
+            Some(spec) => Filter::from_spec(spec, "filter")?,
+            None => return Err(ValidationError::new("filter", "is required").into()),
         };
-        let dry = flag(obj, "dryRun")?;
-        let hard = flag(obj, "hardDelete")?;
-        if dry {
+        if cmd.dry_run.unwrap_or(false) {
             return Ok(DeleteOutcome::DryRun(
                 dry_run(&self.db, org, &filter).await?,
             ));
         }
-        let mut job = JobRecord::new(JobKind::Delete, org, command_id, requested_by, filter, None);
-        job.hard_delete = hard;
+        let mut job = JobRecord::new(
+            JobKind::Delete,
+            org,
+            cmd.command_id.map(|c| c.0),
+            cmd.requested_by.map(|u| u.0),
+            filter,
+            None,
+        );
+        job.hard_delete = cmd.hard_delete.unwrap_or(false);
         Ok(DeleteOutcome::Job(Box::new(self.submit(job).await?)))
     }
 
@@ -196,29 +148,17 @@ impl App {
     /// undoes an ended delete (contract section 11).
     pub async fn restore(
         &self,
-        req: &Value,
+        cmd: RestoreCommand,
         org: Option<ObjectId>,
     ) -> Result<RestoreOutcome, JobError> {
-        let obj = object(req, "")?;
-        reject_unknown(
-            obj,
-            &["orgId", "jobId", "requestedBy", "commandId", "dryRun"],
-        )?;
-        let (org, requested_by, command_id) = common(obj, org)?;
-        let job_id = match obj.get("jobId") {
-            None | Some(Value::Null) => {
-                return Err(ValidationError::new("jobId", "is required").into())
-            }
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
-            Some(_) => {
-                return Err(ValidationError::new(
-                    "jobId",
-                    "must be a non-empty string of at most 256 characters",
-                )
-                .into())
-            }
-        };
-        let dry = flag(obj, "dryRun")?;
+        let org = org_of(cmd.org_id, org)?;
+        let job_id = cmd
+            .job_id
+            .ok_or_else(|| ValidationError::new("jobId", "is required"))?
+            .0;
+        let command_id = cmd.command_id.map(|c| c.0);
+        let requested_by = cmd.requested_by.map(|u| u.0);
+        let dry = cmd.dry_run.unwrap_or(false);
         if let (Some(command), false) = (&command_id, dry) {
             // A replay returns its job whatever became of the delete since.
             match self.store.get_by_command(org, command).await {
@@ -330,15 +270,11 @@ impl App {
     }
 
     /// `bulk.v1.job` with either `jobId` or `commandId`.
-    pub async fn find(&self, req: &Value) -> Result<JobRecord, JobError> {
-        let obj = object(req, "")?;
-        reject_unknown(obj, &["orgId", "jobId", "commandId"])?;
-        let org = org_id(obj)?;
-        match (obj.get("jobId"), obj.get("commandId")) {
-            (Some(Value::String(id)), _) => self.store.get(org, id).await,
-            (Some(_), _) => Err(ValidationError::new("jobId", "must be a string").into()),
-            (None, Some(Value::String(c))) => self.store.get_by_command(org, c).await,
-            (None, Some(_)) => Err(ValidationError::new("commandId", "must be a string").into()),
+    pub async fn find(&self, query: JobQuery) -> Result<JobRecord, JobError> {
+        let org = org_of(query.org_id, None)?;
+        match (query.job_id, query.command_id) {
+            (Some(id), _) => self.store.get(org, &id.0).await,
+            (None, Some(c)) => self.store.get_by_command(org, &c.0).await,
             (None, None) => {
                 Err(ValidationError::new("jobId", "jobId or commandId is required").into())
             }
@@ -358,91 +294,18 @@ pub fn decorate(keys: &Keys, job: &JobRecord) -> JobSnapshot {
     snap
 }
 
-/// An optional boolean key (absent or null: false).
-fn flag(obj: &Map<String, Value>, key: &str) -> Result<bool, ValidationError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ValidationError::new(key, "must be a boolean")),
+/// The organisation of a command: the token's on HTTP (where `orgId` must
+/// not be sent), the command's `orgId` on NATS.
+pub fn org_of(sent: Option<Id>, token: Option<ObjectId>) -> Result<ObjectId, ValidationError> {
+    match (token, sent) {
+        (Some(_), Some(_)) => Err(ValidationError::new(
+            "orgId",
+            "comes from the token; remove it",
+        )),
+        (Some(org), None) => Ok(org),
+        (None, Some(org)) => Ok(org.0),
+        (None, None) => Err(ValidationError::new("orgId", "is required")),
     }
-}
-
-/// The request as an object.
-pub fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ValidationError> {
-    v.as_object().ok_or_else(|| {
-        ValidationError::new(
-            if field.is_empty() { "body" } else { field },
-            "must be a JSON object",
-        )
-    })
-}
-
-/// Unknown keys are refused: a caller who thinks a key does something must hear it doesn't.
-pub fn reject_unknown(obj: &Map<String, Value>, allowed: &[&str]) -> Result<(), ValidationError> {
-    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ValidationError::new(k.clone(), "unknown key")),
-        None => Ok(()),
-    }
-}
-
-/// `orgId` of a NATS command.
-pub fn org_id(obj: &Map<String, Value>) -> Result<ObjectId, ValidationError> {
-    match obj.get("orgId") {
-        None | Some(Value::Null) => Err(ValidationError::new("orgId", "is required")),
-        Some(v) => parse_object_id(v, "orgId"),
-    }
-}
-
-type Common = (ObjectId, Option<ObjectId>, Option<String>);
-
-/// orgId (from the token when given, else the body), requestedBy, commandId.
-fn common(obj: &Map<String, Value>, org: Option<ObjectId>) -> Result<Common, ValidationError> {
-    let org = match org {
-        Some(_) if obj.contains_key("orgId") => {
-            return Err(ValidationError::new(
-                "orgId",
-                "comes from the token; remove it",
-            ))
-        }
-        Some(o) => o,
-        None => org_id(obj)?,
-    };
-    let requested_by = match obj.get("requestedBy") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(parse_object_id(v, "requestedBy")?),
-    };
-    let command_id = match obj.get("commandId") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() => {
-            check_string_len(s, "commandId")?;
-            Some(s.clone())
-        }
-        Some(_) => {
-            return Err(ValidationError::new(
-                "commandId",
-                format!("must be a non-empty string of at most {MAX_STRING} characters"),
-            ))
-        }
-    };
-    Ok((org, requested_by, command_id))
-}
-
-fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ValidationError> {
-    let arr = v
-        .as_array()
-        .ok_or_else(|| ValidationError::new(field, "must be an array of strings"))?;
-    check_list_len(arr.len(), field)?;
-    arr.iter()
-        .enumerate()
-        .map(|(i, x)| {
-            let at = field_path(field, &format!("[{i}]"));
-            let s = x
-                .as_str()
-                .ok_or_else(|| ValidationError::new(at.clone(), "must be a string"))?;
-            check_string_len(s, &at)?;
-            Ok(s.to_string())
-        })
-        .collect()
 }
 
 /// A safe download name: letters, digits, `.`, `-`, `_` only, no leading dot,
@@ -498,12 +361,5 @@ mod tests {
         );
         assert!(file_name_for(None, Format::Csv, false).starts_with("contacts-"));
         assert!(file_name_for(Some("..."), Format::Csv, false).starts_with("contacts-"));
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let v = serde_json::json!({"orgId": "x", "filtr": {}});
-        let e = reject_unknown(object(&v, "").unwrap(), &["orgId", "filter"]).unwrap_err();
-        assert_eq!(e.field, "filtr");
     }
 }

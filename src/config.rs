@@ -112,6 +112,11 @@ impl Config {
         nats_servers(&self.nats_url)
     }
 
+    /// Every NATS subject, under `BULK_SUBJECT_PREFIX`.
+    pub fn subjects(&self) -> contact_bulk_protocol::subjects::Subjects {
+        contact_bulk_protocol::subjects::Subjects::new(&self.subject_prefix)
+    }
+
     /// The JWT secret, required to serve.
     pub fn secret(&self) -> anyhow::Result<&str> {
         self.jwt_secret

@@ -7,8 +7,9 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use contact_bulk_actors::events::{EventSink, JobEventKind, RemovedContact, RestoredContact};
 use contact_bulk_actors::model::{rfc3339, JobRecord};
 use contact_bulk_actors::JobError;
+use contact_bulk_protocol::events::{ContactEvent, ContactEventType, JobEvent, JobEventType};
+use contact_bulk_protocol::subjects::Subjects;
 use futures::future::BoxFuture;
-use serde_json::json;
 
 use crate::auth::Keys;
 use crate::commands::decorate;
@@ -25,7 +26,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
     let replicas = usize::from(config.stream_replicas.max(1));
     let events = stream::Config {
         name: config.events_stream(),
-        subjects: vec![config.subject("v1.events.>")],
+        subjects: vec![config.subjects().events_all()],
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
         duplicate_window: DEDUP_WINDOW,
@@ -35,7 +36,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
     upsert_stream(js, events).await?;
     let submit = stream::Config {
         name: config.submit_stream(),
-        subjects: vec![config.subject("v1.submit.>")],
+        subjects: vec![config.subjects().submit_all()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::WorkQueue,
         duplicate_window: Duration::from_secs(3600),
@@ -105,7 +106,7 @@ fn is_permanent(e: &jetstream::context::CreateStreamError) -> bool {
 pub struct NatsSink {
     js: jetstream::Context,
     keys: Keys,
-    prefix: String,
+    subjects: Subjects,
 }
 
 impl NatsSink {
@@ -114,7 +115,7 @@ impl NatsSink {
         NatsSink {
             js,
             keys,
-            prefix: prefix.to_string(),
+            subjects: Subjects::new(prefix),
         }
     }
 }
@@ -142,13 +143,14 @@ impl EventSink for NatsSink {
         kind: JobEventKind,
         job: &JobRecord,
     ) -> BoxFuture<'_, Result<(), JobError>> {
-        let subject = format!(
-            "{}.v1.events.{}.job.{}",
-            self.prefix,
-            job.org_id.to_hex(),
-            job.job_id
-        );
-        let body = json!({"type": kind.as_str(), "job": decorate(&self.keys, job)});
+        let subject = self.subjects.job_events(&job.org_id.to_hex(), &job.job_id);
+        let body = JobEvent {
+            kind: match kind {
+                JobEventKind::Progress => JobEventType::Progress,
+                JobEventKind::Status => JobEventType::Status,
+            },
+            job: decorate(&self.keys, job),
+        };
         Box::pin(async move {
             let payload = serde_json::to_vec(&body).map_err(nats_err)?;
             self.js
@@ -165,64 +167,55 @@ impl EventSink for NatsSink {
         &'a self,
         removed: &'a [RemovedContact],
     ) -> BoxFuture<'a, Result<(), JobError>> {
-        let events = removed.iter().map(|r| {
-            let body = json!({
-                "type": "contact_removed",
-                "orgId": r.org_id.to_hex(),
-                "contactId": r.contact_id.to_hex(),
-                "jobId": r.job_id,
-                "pipelineType": r.pipeline_type.as_str(),
-                "ownerId": r.owner_id.map(|o| o.to_hex()),
-                "at": rfc3339(r.at),
-            });
-            (r.org_id, "contact_removed", &r.job_id, r.contact_id, body)
-        });
-        Box::pin(self.contact_events(events.collect()))
+        let events = removed
+            .iter()
+            .map(|r| ContactEvent {
+                kind: ContactEventType::Removed,
+                org_id: r.org_id.to_hex(),
+                contact_id: r.contact_id.to_hex(),
+                job_id: r.job_id.clone(),
+                source_job_id: None,
+                pipeline_type: r.pipeline_type,
+                owner_id: r.owner_id.map(|o| o.to_hex()),
+                at: rfc3339(r.at),
+            })
+            .collect();
+        Box::pin(self.contact_events(events))
     }
 
     fn contacts_restored<'a>(
         &'a self,
         restored: &'a [RestoredContact],
     ) -> BoxFuture<'a, Result<(), JobError>> {
-        let events = restored.iter().map(|r| {
-            let body = json!({
-                "type": "contact_restored",
-                "orgId": r.org_id.to_hex(),
-                "contactId": r.contact_id.to_hex(),
-                "jobId": r.job_id,
-                "sourceJobId": r.source_job_id,
-                "pipelineType": r.pipeline_type.as_str(),
-                "ownerId": r.owner_id.map(|o| o.to_hex()),
-                "at": rfc3339(r.at),
-            });
-            (r.org_id, "contact_restored", &r.job_id, r.contact_id, body)
-        });
-        Box::pin(self.contact_events(events.collect()))
+        let events = restored
+            .iter()
+            .map(|r| ContactEvent {
+                kind: ContactEventType::Restored,
+                org_id: r.org_id.to_hex(),
+                contact_id: r.contact_id.to_hex(),
+                job_id: r.job_id.clone(),
+                source_job_id: Some(r.source_job_id.clone()),
+                pipeline_type: r.pipeline_type,
+                owner_id: r.owner_id.map(|o| o.to_hex()),
+                at: rfc3339(r.at),
+            })
+            .collect();
+        Box::pin(self.contact_events(events))
     }
 }
-
-/// One per-contact event: organisation, type (the subject's last token), job,
-/// contact, body.
-type ContactEvent<'a> = (
-    bson::oid::ObjectId,
-    &'static str,
-    &'a String,
-    bson::oid::ObjectId,
-    serde_json::Value,
-);
 
 impl NatsSink {
     /// Publishes per-contact events back to back with `Nats-Msg-Id:
     /// <jobId>:<contactId>` (a repeat after a crash is dropped by the stream),
     /// then waits for every ack.
-    async fn contact_events(&self, events: Vec<ContactEvent<'_>>) -> Result<(), JobError> {
+    async fn contact_events(&self, events: Vec<ContactEvent>) -> Result<(), JobError> {
         let mut acks = Vec::with_capacity(events.len());
-        for (org, kind, job_id, contact, body) in events {
-            let subject = format!("{}.v1.events.{}.{kind}", self.prefix, org.to_hex());
-            let payload = serde_json::to_vec(&body).map_err(nats_err)?;
+        for event in events {
+            let subject = self.subjects.contact_event(&event.org_id, event.kind);
+            let payload = serde_json::to_vec(&event).map_err(nats_err)?;
             let msg = PublishMessage::build()
                 .payload(payload.into())
-                .message_id(format!("{job_id}:{}", contact.to_hex()));
+                .message_id(event.msg_id());
             acks.push(
                 self.js
                     .send_publish(subject, msg)

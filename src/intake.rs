@@ -5,39 +5,40 @@ use std::sync::Arc;
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use bytes::Bytes;
-use contact_bulk_actors::filter::{Filter, ParseOptions};
+use contact_bulk_actors::filter::Filter;
+use contact_bulk_actors::model::JobRecord;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
+use contact_bulk_protocol::commands::{
+    CancelCommand, CountCommand, DeleteCommand, ExportCommand, RestoreCommand,
+};
+use contact_bulk_protocol::error::{ErrorBody, ErrorReply};
+use contact_bulk_protocol::parse::decode;
+use contact_bulk_protocol::replies::CountReply;
+use contact_bulk_protocol::subjects::Command;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::commands::{object, org_id, reject_unknown, App, DeleteOutcome, RestoreOutcome};
+use crate::commands::{org_of, App, DeleteOutcome, RestoreOutcome};
 use crate::config::Config;
 
 /// Queue group shared by every instance, so each command is answered once.
 pub const QUEUE: &str = "contact-bulk";
 
 /// The contract's error reply.
-pub fn error_reply(e: &JobError) -> Value {
-    let mut err = json!({"code": e.code(), "message": e.to_string()});
-    if let Some(field) = e.field() {
-        err["field"] = json!(field);
-        if let JobError::Validation(v) = e {
-            err["message"] = json!(v.message);
-        }
+pub fn error_reply(e: &JobError) -> ErrorReply {
+    match e {
+        JobError::Validation(v) => v.clone().into(),
+        e => ErrorReply {
+            error: ErrorBody {
+                code: e.error_code(),
+                message: e.to_string(),
+                field: None,
+                retry_after_ms: None,
+            },
+        },
     }
-    json!({ "error": err })
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Command {
-    Export,
-    Delete,
-    Cancel,
-    Job,
-    Count,
-    Restore,
 }
 
 /// What a durable command asks for.
@@ -52,16 +53,10 @@ enum Durable {
 /// the handlers run in `tasks`.
 pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> anyhow::Result<()> {
     let client = app.nats.clone();
-    for (tail, cmd) in [
-        ("v1.export", Command::Export),
-        ("v1.delete", Command::Delete),
-        ("v1.cancel", Command::Cancel),
-        ("v1.job", Command::Job),
-        ("v1.count", Command::Count),
-        ("v1.restore", Command::Restore),
-    ] {
+    let subjects = config.subjects();
+    for cmd in Command::ALL {
         let mut sub = client
-            .queue_subscribe(config.subject(tail), QUEUE.into())
+            .queue_subscribe(subjects.command(cmd), QUEUE.into())
             .await?;
         let app = app.clone();
         tasks.spawn(async move {
@@ -97,79 +92,63 @@ pub async fn start(app: Arc<App>, config: &Config, tasks: &mut JoinSet<()>) -> a
 
 /// Parses and runs one command; never panics on bad input.
 async fn handle(app: &App, cmd: Command, payload: &Bytes) -> Value {
-    let req: Value = match serde_json::from_slice(payload) {
-        Ok(v) => v,
-        Err(e) => {
-            return error_reply(
-                &ValidationError::new("body", format!("not valid JSON: {e}")).into(),
-            )
-        }
-    };
-    let result = match cmd {
-        Command::Export => app
-            .export(&req, None)
-            .await
-            .map(|job| json!({"jobId": job.job_id, "kind": "export", "status": job.status})),
-        Command::Delete => app.delete(&req, None).await.map(|out| match out {
-            DeleteOutcome::Job(job) => {
-                json!({"jobId": job.job_id, "kind": "delete", "status": job.status})
-            }
-            DeleteOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
-        }),
-        Command::Cancel => cancel(app, &req).await,
-        Command::Job => app.find(&req).await.map(|job| json!(app.snapshot(&job))),
-        Command::Count => count(app, &req).await,
-        Command::Restore => app.restore(&req, None).await.map(restore_reply),
-    };
-    match result {
+    match run(app, cmd, payload).await {
         Ok(v) => v,
         Err(e) => {
             if !matches!(e, JobError::Validation(_) | JobError::NotFound(_)) {
-                tracing::warn!(command = ?cmd, error = %e, "command failed");
+                tracing::warn!(command = %cmd, error = %e, "command failed");
             }
-            error_reply(&e)
+            json!(error_reply(&e))
         }
+    }
+}
+
+/// One command: the payload decoded as its type, then the use case.
+async fn run(app: &App, cmd: Command, payload: &[u8]) -> Result<Value, JobError> {
+    Ok(match cmd {
+        Command::Export => accepted(&app.export(decode(payload)?, None).await?),
+        Command::Delete => delete_reply(app.delete(decode(payload)?, None).await?),
+        Command::Restore => restore_reply(app.restore(decode(payload)?, None).await?),
+        Command::Cancel => {
+            let c: CancelCommand = decode(payload)?;
+            let org = org_of(c.org_id, None)?;
+            let job_id = c
+                .job_id
+                .ok_or_else(|| ValidationError::new("jobId", "is required (a string)"))?;
+            json!(app.snapshot(&app.cancel(org, &job_id.0).await?))
+        }
+        Command::Job => json!(app.snapshot(&app.find(decode(payload)?).await?)),
+        Command::Count => {
+            let c: CountCommand = decode(payload)?;
+            let org = org_of(c.org_id, None)?;
+            let spec = c
+                .filter
+                .ok_or_else(|| ValidationError::new("filter", "is required"))?;
+            let filter = Filter::from_spec(spec, "filter")?;
+            json!(CountReply {
+                count: app.count(org, &filter).await?
+            })
+        }
+    })
+}
+
+/// `{jobId, kind, status}`.
+fn accepted(job: &JobRecord) -> Value {
+    json!({"jobId": job.job_id, "kind": job.kind, "status": job.status})
+}
+
+fn delete_reply(out: DeleteOutcome) -> Value {
+    match out {
+        DeleteOutcome::Job(job) => accepted(&job),
+        DeleteOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
     }
 }
 
 fn restore_reply(out: RestoreOutcome) -> Value {
     match out {
-        RestoreOutcome::Job(job) => {
-            json!({"jobId": job.job_id, "kind": "restore", "status": job.status})
-        }
+        RestoreOutcome::Job(job) => accepted(&job),
         RestoreOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
     }
-}
-
-async fn cancel(app: &App, req: &Value) -> Result<Value, JobError> {
-    let obj = object(req, "")?;
-    reject_unknown(obj, &["orgId", "jobId"])?;
-    let org = org_id(obj)?;
-    let job_id = match obj.get("jobId") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(ValidationError::new("jobId", "is required (a string)").into()),
-    };
-    let job = app.cancel(org, &job_id).await?;
-    Ok(json!(app.snapshot(&job)))
-}
-
-async fn count(app: &App, req: &Value) -> Result<Value, JobError> {
-    let obj = object(req, "")?;
-    reject_unknown(obj, &["orgId", "filter"])?;
-    let org = org_id(obj)?;
-    let filter = match obj.get("filter") {
-        None | Some(Value::Null) => {
-            return Err(ValidationError::new("filter", "is required").into())
-        }
-        Some(f) => Filter::from_json(
-            f,
-            ParseOptions {
-                prefix: "filter",
-                allow_limit: true,
-            },
-        )?,
-    };
-    Ok(json!({"count": app.count(org, &filter).await?}))
 }
 
 /// Durable intake: commands published to `bulk.v1.submit.{export,delete,restore}` are kept
@@ -182,6 +161,7 @@ async fn start_durable(
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
     let js = jetstream::new(app.nats.clone());
+    let subjects = config.subjects();
     let stream = js.get_stream(config.submit_stream()).await?;
     let consumer = stream
         .get_or_create_consumer(
@@ -196,9 +176,9 @@ async fn start_durable(
         )
         .await?;
     let mut messages = consumer.messages().await?;
-    let export_subject = config.subject("v1.submit.export");
-    let delete_subject = config.subject("v1.submit.delete");
-    let restore_subject = config.subject("v1.submit.restore");
+    let export_subject = subjects.submit(Command::Export);
+    let delete_subject = subjects.submit(Command::Delete);
+    let restore_subject = subjects.submit(Command::Restore);
     tasks.spawn(async move {
         while let Some(msg) = messages.next().await {
             let msg = match msg {
@@ -244,33 +224,43 @@ async fn start_durable(
 /// Runs one durable command. `Ok` carries the reply (or error reply) of a
 /// command that is done with, `Err` a transient failure worth redelivering.
 async fn submit(app: &App, kind: Durable, payload: &Bytes) -> Result<Value, JobError> {
-    let req: Value = match serde_json::from_slice(payload) {
-        Ok(v) => v,
-        Err(e) => {
-            let e = ValidationError::new("body", format!("not valid JSON: {e}"));
-            return Ok(error_reply(&e.into()));
-        }
-    };
-    if req.get("commandId").and_then(Value::as_str).is_none() {
-        let e = ValidationError::new("commandId", "is required for durable submission");
-        return Ok(error_reply(&e.into()));
-    }
     let result = match kind {
-        Durable::Export => app
-            .export(&req, None)
-            .await
-            .map(|j| json!({"jobId": j.job_id, "kind": "export"})),
-        Durable::Delete => app.delete(&req, None).await.map(|out| match out {
-            DeleteOutcome::Job(j) => json!({"jobId": j.job_id, "kind": "delete"}),
-            DeleteOutcome::DryRun(c) => json!({"dryRun": true, "counts": c}),
-        }),
-        Durable::Restore => app.restore(&req, None).await.map(restore_reply),
+        Durable::Export => match durable::<ExportCommand>(payload, |c| c.command_id.is_some()) {
+            Ok(cmd) => app
+                .export(cmd, None)
+                .await
+                .map(|j| json!({"jobId": j.job_id, "kind": "export"})),
+            Err(e) => Err(e),
+        },
+        Durable::Delete => match durable::<DeleteCommand>(payload, |c| c.command_id.is_some()) {
+            Ok(cmd) => app.delete(cmd, None).await.map(|out| match out {
+                DeleteOutcome::Job(j) => json!({"jobId": j.job_id, "kind": "delete"}),
+                DeleteOutcome::DryRun(c) => json!({"dryRun": true, "counts": c}),
+            }),
+            Err(e) => Err(e),
+        },
+        Durable::Restore => match durable::<RestoreCommand>(payload, |c| c.command_id.is_some()) {
+            Ok(cmd) => app.restore(cmd, None).await.map(restore_reply),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(v) => Ok(v),
         Err(e @ (JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. })) => {
             Err(e)
         }
-        Err(e) => Ok(error_reply(&e)),
+        Err(e) => Ok(json!(error_reply(&e))),
     }
+}
+
+/// A durable command: decoded, and refused without a `commandId`.
+fn durable<C: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    has_command_id: impl Fn(&C) -> bool,
+) -> Result<C, JobError> {
+    let cmd: C = decode(payload)?;
+    if !has_command_id(&cmd) {
+        return Err(ValidationError::new("commandId", "is required for durable submission").into());
+    }
+    Ok(cmd)
 }

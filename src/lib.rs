@@ -124,7 +124,7 @@ impl Service {
             supervisor,
             keys,
             nats,
-            cancel_subject: config.subject("v1.internal.cancel"),
+            cancel_subject: config.subjects().internal_cancel(),
             hub,
             sink,
             webhooks: webhooks.clone(),

@@ -27,45 +27,7 @@ const ALL_CUSTOM: &str = "customFields";
 /// `strftime` pattern of RFC 3339 UTC with milliseconds.
 const RFC3339_MS: &str = "%Y-%m-%dT%H:%M:%S%.3fZ";
 
-/// Output format of an export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// RFC 4180 CSV with a header line, `\n` terminated.
-    #[default]
-    Csv,
-    /// One JSON object per line.
-    Ndjson,
-}
-
-impl Format {
-    /// File extension, without the dot.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Format::Csv => "csv",
-            Format::Ndjson => "ndjson",
-        }
-    }
-
-    /// HTTP content type of the (uncompressed) file.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Csv => "text/csv; charset=utf-8",
-            Format::Ndjson => "application/x-ndjson",
-        }
-    }
-
-    /// Parses a request's format (ASCII case-insensitive); errors name `field`.
-    pub fn parse(s: &str, field: &str) -> Result<Format, ValidationError> {
-        if s.eq_ignore_ascii_case("csv") {
-            Ok(Format::Csv)
-        } else if s.eq_ignore_ascii_case("ndjson") {
-            Ok(Format::Ndjson)
-        } else {
-            Err(ValidationError::new(field, "must be one of csv, ndjson"))
-        }
-    }
-}
+pub use contact_bulk_protocol::filter::Format;
 
 /// One exported column.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +165,31 @@ impl ColumnSpec {
                 return Err(ValidationError::new(
                     at(),
                     format!("duplicate field \"{name}\""),
+                ));
+            }
+            columns.push(column);
+        }
+        Ok(ColumnSpec(columns))
+    }
+
+    /// The columns named in a request's `fields` (already capped by the
+    /// protocol); errors name `field[i]`.
+    pub fn from_names(
+        names: &[contact_bulk_protocol::Text],
+        field: &str,
+    ) -> Result<ColumnSpec, ValidationError> {
+        if names.is_empty() {
+            return Err(ValidationError::new(field, "must not be empty"));
+        }
+        let mut seen = HashSet::with_capacity(names.len());
+        let mut columns = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let at = || format!("{field}[{i}]");
+            let column = Column::parse(name).map_err(|m| ValidationError::new(at(), m))?;
+            if !seen.insert(name.as_str()) {
+                return Err(ValidationError::new(
+                    at(),
+                    format!("duplicate field \"{}\"", name.as_str()),
                 ));
             }
             columns.push(column);

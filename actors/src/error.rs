@@ -1,29 +1,6 @@
 //! Error types of the actors crate: what callers (intake, HTTP) act on.
 
-use serde::Serialize;
-
-/// A request that cannot be accepted as given. Nothing has been changed.
-///
-/// `field` is the JSON path of the offending value as the caller sent it,
-/// e.g. `filter.stageIds[1]` or `filter.advancedParams.createdAfter`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
-#[error("{field}: {message}")]
-pub struct ValidationError {
-    /// JSON path of the offending value.
-    pub field: String,
-    /// Lowercase, human readable reason.
-    pub message: String,
-}
-
-impl ValidationError {
-    /// Builds a validation error for `field`.
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use contact_bulk_protocol::ValidationError;
 
 /// Errors of job operations, mapped one to one onto the contract's error codes.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +36,7 @@ pub enum JobError {
 }
 
 /// The servers a job depends on; what a waiting job waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dependency {
     /// The NATS server (events, `contact_removed`).
@@ -87,12 +64,20 @@ impl std::fmt::Display for Dependency {
 impl JobError {
     /// The contract's error code for this error.
     pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
+    }
+
+    /// The contract's error code, typed.
+    pub fn error_code(&self) -> contact_bulk_protocol::error::ErrorCode {
+        use contact_bulk_protocol::error::ErrorCode;
         match self {
-            JobError::Validation(_) => "validation_error",
-            JobError::NotFound(_) => "not_found",
-            JobError::Conflict(_) => "conflict",
-            JobError::Gone(_) => "gone",
-            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => "internal",
+            JobError::Validation(_) => ErrorCode::ValidationError,
+            JobError::NotFound(_) => ErrorCode::NotFound,
+            JobError::Conflict(_) => ErrorCode::Conflict,
+            JobError::Gone(_) => ErrorCode::Gone,
+            JobError::Mongo(_) | JobError::Internal(_) | JobError::Unavailable { .. } => {
+                ErrorCode::Internal
+            }
         }
     }
 

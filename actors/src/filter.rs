@@ -10,27 +10,23 @@ use std::hash::Hash;
 
 use bson::{doc, oid::ObjectId, Bson, Document};
 use chrono::{DateTime, Utc};
+use contact_bulk_protocol::filter::{DeleteFilter, ExportFilter, FilterSpec};
+use contact_bulk_protocol::limits::{self, List, Text};
+use contact_bulk_protocol::parse::decode_value;
+use contact_bulk_protocol::types::{Id, RowLimit, LIMIT_MSG, OBJECT_ID_MSG};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ValidationError;
 
-/// The largest accepted `limit`.
-pub const MAX_LIMIT: u64 = 100_000_000;
-
-/// Most items any list of a command or body may hold (contract section 10).
-pub const MAX_LIST: usize = 1_000;
-
-/// Most characters any string of a command or body may hold (contract section 10).
-pub const MAX_STRING: usize = 256;
+pub use contact_bulk_protocol::filter::{OwnerFilter, PipelineType};
+pub use contact_bulk_protocol::limits::{MAX_LIST, MAX_STRING};
+pub use contact_bulk_protocol::types::MAX_LIMIT;
 
 /// Refuses a list of more than [`MAX_LIST`] items, naming `field` and the limit.
 pub fn check_list_len(len: usize, field: &str) -> Result<(), ValidationError> {
     if len > MAX_LIST {
-        return Err(ValidationError::new(
-            field,
-            format!("must hold at most {MAX_LIST} items (got {len})"),
-        ));
+        return Err(ValidationError::new(field, limits::list_too_long()));
     }
     Ok(())
 }
@@ -38,103 +34,9 @@ pub fn check_list_len(len: usize, field: &str) -> Result<(), ValidationError> {
 /// Refuses a string of more than [`MAX_STRING`] characters, naming `field` and the limit.
 pub fn check_string_len(value: &str, field: &str) -> Result<(), ValidationError> {
     if value.chars().nth(MAX_STRING).is_some() {
-        return Err(ValidationError::new(
-            field,
-            format!("must be at most {MAX_STRING} characters"),
-        ));
+        return Err(ValidationError::new(field, limits::string_too_long()));
     }
     Ok(())
-}
-
-/// Keys allowed at the top level of a filter.
-const FILTER_KEYS: &[&str] = &[
-    "stageIds",
-    "orgWide",
-    "pipelineType",
-    "ownerFilter",
-    "advancedParams",
-    "limit",
-];
-
-/// Keys allowed inside `advancedParams`.
-const ADVANCED_KEYS: &[&str] = &[
-    "createdAfter",
-    "createdBefore",
-    "tags",
-    "anyTags",
-    "ownerIds",
-];
-
-const OBJECT_ID_MSG: &str = "must be a 24-hex ObjectId string";
-const OBJECT_ID_ARRAY_MSG: &str = "must be an array of 24-hex ObjectId strings";
-const STRING_ARRAY_MSG: &str = "must be an array of strings";
-const DATE_MSG: &str = "must be an RFC 3339 date-time string";
-const LIMIT_MSG: &str = "must be a positive integer no greater than 100000000";
-
-/// Which pipeline (and so which collection) the filter selects from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum PipelineType {
-    /// `contacts`.
-    #[default]
-    Contact,
-    /// `applications`.
-    Application,
-}
-
-impl PipelineType {
-    /// The MongoDB collection holding this pipeline's documents.
-    pub fn collection(self) -> &'static str {
-        match self {
-            PipelineType::Contact => "contacts",
-            PipelineType::Application => "applications",
-        }
-    }
-
-    /// The wire name: `"Contact"` or `"Application"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PipelineType::Contact => "Contact",
-            PipelineType::Application => "Application",
-        }
-    }
-
-    /// Parses the wire name (exact, case-sensitive).
-    pub fn parse(s: &str) -> Option<PipelineType> {
-        match s {
-            "Contact" => Some(PipelineType::Contact),
-            "Application" => Some(PipelineType::Application),
-            _ => None,
-        }
-    }
-}
-
-/// Restricts the selection by whether a contact has an owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OwnerFilter {
-    /// `ownerId` is set (neither null nor missing).
-    Owned,
-    /// `ownerId` is null or missing.
-    Unowned,
-}
-
-impl OwnerFilter {
-    /// The wire name: `"owned"` or `"unowned"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OwnerFilter::Owned => "owned",
-            OwnerFilter::Unowned => "unowned",
-        }
-    }
-
-    /// Parses the wire name (exact, case-sensitive).
-    pub fn parse(s: &str) -> Option<OwnerFilter> {
-        match s {
-            "owned" => Some(OwnerFilter::Owned),
-            "unowned" => Some(OwnerFilter::Unowned),
-            _ => None,
-        }
-    }
 }
 
 /// The `advancedParams` of a filter. Empty lists mean "no constraint".
@@ -181,37 +83,39 @@ pub struct ParseOptions<'a> {
 }
 
 impl Filter {
-    /// Validates `value` (the filter object).
-    ///
-    /// Unknown keys, wrong types and malformed values are refused with the
-    /// offending field's path (under `opts.prefix`).
+    /// Validates `value` (the filter object): decoded as the protocol's
+    /// [`FilterSpec`] (closed keys, typed values, capped lists), then checked
+    /// by [`Filter::from_spec`]. Errors name the offending field's path under
+    /// `opts.prefix`.
     pub fn from_json(value: &Value, opts: ParseOptions<'_>) -> Result<Filter, ValidationError> {
-        let prefix = opts.prefix;
-        let obj = value.as_object().ok_or_else(|| {
-            let field = if prefix.is_empty() { "body" } else { prefix };
-            ValidationError::new(field, "must be a JSON object")
-        })?;
-        reject_unknown(obj, FILTER_KEYS, prefix)?;
+        if opts.allow_limit {
+            Filter::from_spec(
+                decode_value::<ExportFilter>(value.clone(), opts.prefix)?,
+                opts.prefix,
+            )
+        } else {
+            Filter::from_spec(
+                decode_value::<DeleteFilter>(value.clone(), opts.prefix)?,
+                opts.prefix,
+            )
+        }
+    }
 
-        let org_wide = match present(obj, "orgWide") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(ValidationError::new(
-                    field_path(prefix, "orgWide"),
-                    "must be a boolean",
-                ))
-            }
-        };
-
-        // With orgWide the stage list is ignored entirely: not validated, not used.
+    /// The filter a decoded [`FilterSpec`] (found at `prefix`) asks for:
+    /// `stageIds` required unless `orgWide` (and then ignored entirely), lists
+    /// deduplicated keeping the first occurrence, nulls meaning "not given".
+    pub fn from_spec<L: RowLimit>(
+        spec: FilterSpec<L>,
+        prefix: &str,
+    ) -> Result<Filter, ValidationError> {
+        let org_wide = spec.org_wide.unwrap_or(false);
         let stage_ids = if org_wide {
             Vec::new()
         } else {
             let field = field_path(prefix, "stageIds");
-            let ids = match present(obj, "stageIds") {
+            let ids = match spec.stage_ids {
                 None => Vec::new(),
-                Some(v) => object_id_array(v, &field)?,
+                Some(raw) => ids(raw.decode(&field)?),
             };
             if ids.is_empty() {
                 return Err(ValidationError::new(
@@ -221,54 +125,20 @@ impl Filter {
             }
             ids
         };
-
-        let pipeline_type = match present(obj, "pipelineType") {
-            None => PipelineType::default(),
-            Some(v) => v.as_str().and_then(PipelineType::parse).ok_or_else(|| {
-                ValidationError::new(
-                    field_path(prefix, "pipelineType"),
-                    "must be \"Contact\" or \"Application\"",
-                )
-            })?,
-        };
-
-        let owner_filter = match present(obj, "ownerFilter") {
-            None => None,
-            Some(v) => Some(v.as_str().and_then(OwnerFilter::parse).ok_or_else(|| {
-                ValidationError::new(
-                    field_path(prefix, "ownerFilter"),
-                    "must be \"owned\" or \"unowned\"",
-                )
-            })?),
-        };
-
-        let advanced = match present(obj, "advancedParams") {
-            None => AdvancedParams::default(),
-            Some(v) => parse_advanced(v, &field_path(prefix, "advancedParams"))?,
-        };
-
-        let limit = match present(obj, "limit") {
-            None => None,
-            Some(_) if !opts.allow_limit => {
-                return Err(ValidationError::new(
-                    field_path(prefix, "limit"),
-                    "limit applies only to exports",
-                ))
-            }
-            Some(v) => Some(
-                v.as_u64()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| ValidationError::new(field_path(prefix, "limit"), LIMIT_MSG))?,
-            ),
-        };
-
+        let advanced = spec.advanced_params.unwrap_or_default();
         Ok(Filter {
             stage_ids,
             org_wide,
-            pipeline_type,
-            owner_filter,
-            advanced,
-            limit,
+            pipeline_type: spec.pipeline_type.unwrap_or_default(),
+            owner_filter: spec.owner_filter,
+            advanced: AdvancedParams {
+                created_after: advanced.created_after.map(|t| t.0),
+                created_before: advanced.created_before.map(|t| t.0),
+                tags: texts(advanced.tags),
+                any_tags: texts(advanced.any_tags),
+                owner_ids: advanced.owner_ids.map(ids).unwrap_or_default(),
+            },
+            limit: spec.limit.and_then(|l| l.rows()),
         })
     }
 
@@ -329,8 +199,8 @@ impl Filter {
 pub fn parse_object_id(value: &Value, field: &str) -> Result<ObjectId, ValidationError> {
     value
         .as_str()
-        .filter(|s| s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .and_then(|s| ObjectId::parse_str(s).ok())
+        .and_then(Id::parse)
+        .map(|id| id.0)
         .ok_or_else(|| ValidationError::new(field, OBJECT_ID_MSG))
 }
 
@@ -408,93 +278,18 @@ pub fn filter_from_query_params(
     )
 }
 
-/// The value of `key`, treating JSON null as absent.
-fn present<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).filter(|v| !v.is_null())
+fn ids(list: List<Id>) -> Vec<ObjectId> {
+    dedupe(list.into_vec().into_iter().map(|id| id.0).collect())
 }
 
-/// Refuses the first key (in key order) not in `allowed`, naming it under `prefix`.
-fn reject_unknown(
-    obj: &Map<String, Value>,
-    allowed: &[&str],
-    prefix: &str,
-) -> Result<(), ValidationError> {
-    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ValidationError::new(field_path(prefix, k), "unknown key")),
-        None => Ok(()),
-    }
-}
-
-fn parse_advanced(value: &Value, field: &str) -> Result<AdvancedParams, ValidationError> {
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ValidationError::new(field, "must be an object or null"))?;
-    reject_unknown(obj, ADVANCED_KEYS, field)?;
-    let date = |key: &str| -> Result<Option<DateTime<Utc>>, ValidationError> {
-        present(obj, key)
-            .map(|v| parse_date(v, &field_path(field, key)))
-            .transpose()
-    };
-    let strings = |key: &str| -> Result<Vec<String>, ValidationError> {
-        match present(obj, key) {
-            None => Ok(Vec::new()),
-            Some(v) => string_list(v, &field_path(field, key)),
-        }
-    };
-    let owner_ids = match present(obj, "ownerIds") {
-        None => Vec::new(),
-        Some(v) => object_id_array(v, &field_path(field, "ownerIds"))?,
-    };
-    Ok(AdvancedParams {
-        created_after: date("createdAfter")?,
-        created_before: date("createdBefore")?,
-        tags: strings("tags")?,
-        any_tags: strings("anyTags")?,
-        owner_ids,
-    })
-}
-
-fn parse_date(value: &Value, field: &str) -> Result<DateTime<Utc>, ValidationError> {
-    value
-        .as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|d| d.with_timezone(&Utc))
-        .ok_or_else(|| ValidationError::new(field, DATE_MSG))
-}
-
-/// An array of ObjectId strings, deduplicated (first occurrence kept).
-fn object_id_array(value: &Value, field: &str) -> Result<Vec<ObjectId>, ValidationError> {
-    let items = value
-        .as_array()
-        .ok_or_else(|| ValidationError::new(field, OBJECT_ID_ARRAY_MSG))?;
-    check_list_len(items.len(), field)?;
-    let ids = items
-        .iter()
-        .enumerate()
-        .map(|(i, v)| parse_object_id(v, &field_path(field, &format!("[{i}]"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(dedupe(ids))
-}
-
-/// An array of strings, deduplicated (first occurrence kept).
-fn string_list(value: &Value, field: &str) -> Result<Vec<String>, ValidationError> {
-    let items = value
-        .as_array()
-        .ok_or_else(|| ValidationError::new(field, STRING_ARRAY_MSG))?;
-    check_list_len(items.len(), field)?;
-    let strings = items
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let at = || field_path(field, &format!("[{i}]"));
-            let s = v
-                .as_str()
-                .ok_or_else(|| ValidationError::new(at(), "must be a string"))?;
-            check_string_len(s, &at())?;
-            Ok(s.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(dedupe(strings))
+fn texts(list: Option<List<Text>>) -> Vec<String> {
+    dedupe(
+        list.map(List::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .map(Text::into_string)
+            .collect(),
+    )
 }
 
 fn dedupe<T: Eq + Hash + Clone>(items: Vec<T>) -> Vec<T> {

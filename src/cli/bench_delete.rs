@@ -7,6 +7,7 @@
 //! Node per-contact cascade of `yardsticks/`). Contacts/s side by side, the
 //! ratios, the service's peak RSS and where the CPU went.
 
+use contact_bulk_protocol::subjects::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -207,7 +208,7 @@ async fn delete_job(h: &Harness, org: ObjectId) -> anyhow::Result<Side> {
     let reply = h
         .nats
         .request(
-            "v1.delete",
+            Command::Delete,
             &json!({"orgId": org, "filter": {"orgWide": true}}),
         )
         .await?;

@@ -5,6 +5,7 @@
 //! and `_id` sort, batches of 1,000) and what a user would write instead (the
 //! Node export of `yardsticks/`), plus the service's peak RSS, at each size.
 
+use contact_bulk_protocol::subjects::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -198,7 +199,7 @@ async fn export_job(h: &Harness, n: u64, org: ObjectId) -> anyhow::Result<(Durat
     let reply = h
         .nats
         .request(
-            "v1.export",
+            Command::Export,
             &json!({"orgId": org, "format": "csv", "filter": {"orgWide": true}}),
         )
         .await?;

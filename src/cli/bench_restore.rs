@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use bson::{doc, oid::ObjectId, Document, RawDocumentBuf};
 use clap::Args;
+use contact_bulk_protocol::subjects::Command;
 use futures::TryStreamExt;
 use serde_json::json;
 
@@ -148,7 +149,7 @@ async fn run_one(h: &mut Harness, n: u64) -> anyhow::Result<RunResult> {
     let source = run_job(
         h,
         &hex,
-        "v1.delete",
+        Command::Delete,
         json!({"orgId": hex, "filter": {"orgWide": true}}),
     )
     .await?;
@@ -200,7 +201,7 @@ async fn run_one(h: &mut Harness, n: u64) -> anyhow::Result<RunResult> {
     let restored = run_job(
         h,
         &hex,
-        "v1.restore",
+        Command::Restore,
         json!({"orgId": hex, "jobId": source_id}),
     )
     .await?;
@@ -234,7 +235,7 @@ async fn run_one(h: &mut Harness, n: u64) -> anyhow::Result<RunResult> {
 async fn run_job(
     h: &Harness,
     org: &str,
-    subject: &str,
+    subject: Command,
     body: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
     let mut events = h.nats.job_events(org, None).await?;

@@ -6,9 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use async_nats::Subscriber;
+use contact_bulk_protocol::commands::{JobId, JobQuery};
+use contact_bulk_protocol::error::ErrorReply;
+use contact_bulk_protocol::events::JobEvent;
+use contact_bulk_protocol::subjects::{Command, Subjects};
+use contact_bulk_protocol::Id;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 /// How long a command may take to be answered (dry runs count large organisations).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,7 +37,7 @@ pub struct ReplyError {
 pub struct Nats {
     /// The client.
     pub client: async_nats::Client,
-    prefix: String,
+    subjects: Subjects,
 }
 
 impl Nats {
@@ -51,18 +57,13 @@ impl Nats {
             .with_context(|| format!("connecting to nats at {url}"))?;
         Ok(Nats {
             client,
-            prefix: prefix.to_string(),
+            subjects: Subjects::new(prefix),
         })
-    }
-
-    /// `subject("v1.export")` = `bulk.v1.export`.
-    pub fn subject(&self, tail: &str) -> String {
-        format!("{}.{tail}", self.prefix)
     }
 
     /// Subscribes to the job events of `org`: one job, or all of them (`None`).
     pub async fn job_events(&self, org: &str, job_id: Option<&str>) -> anyhow::Result<Subscriber> {
-        let subject = self.subject(&format!("v1.events.{org}.job.{}", job_id.unwrap_or(">")));
+        let subject = self.subjects.job_events(org, job_id.unwrap_or(">"));
         let sub = self.client.subscribe(subject).await?;
         // Make sure the server has the subscription before anything is asked.
         self.client.flush().await?;
@@ -70,8 +71,8 @@ impl Nats {
     }
 
     /// Sends a command and returns its reply; an error reply becomes a [`ReplyError`].
-    pub async fn request(&self, tail: &str, body: &Value) -> anyhow::Result<Value> {
-        let subject = self.subject(tail);
+    pub async fn request(&self, cmd: Command, body: &impl Serialize) -> anyhow::Result<Value> {
+        let subject = self.subjects.command(cmd);
         let payload = serde_json::to_vec(body)?;
         let sent = self.client.request(subject.clone(), payload.into());
         let msg = match tokio::time::timeout(REQUEST_TIMEOUT, sent).await {
@@ -86,12 +87,13 @@ impl Nats {
         let reply: Value = serde_json::from_slice(&msg.payload)
             .with_context(|| format!("reply on {subject} is not JSON"))?;
         // A snapshot has `"error": null` (or a string); an error reply has an object.
-        if let Some(err) = reply.get("error").filter(|e| e.is_object()) {
-            let text = |k: &str| err.get(k).and_then(Value::as_str).map(String::from);
+        if reply.get("error").is_some_and(Value::is_object) {
+            let ErrorReply { error } = serde_json::from_value(reply)
+                .with_context(|| format!("error reply on {subject} is malformed"))?;
             return Err(ReplyError {
-                code: text("code").unwrap_or_else(|| "internal".into()),
-                field: text("field"),
-                message: text("message").unwrap_or_else(|| err.to_string()),
+                code: error.code.as_str().to_string(),
+                field: error.field,
+                message: error.message,
             }
             .into());
         }
@@ -100,8 +102,17 @@ impl Nats {
 
     /// The job snapshot (`bulk.v1.job`).
     pub async fn job(&self, org: &str, job_id: &str) -> anyhow::Result<Value> {
-        self.request("v1.job", &json!({"orgId": org, "jobId": job_id}))
-            .await
+        let query = JobQuery {
+            // A bad id is an answer about the request, never an outage to wait out.
+            org_id: Some(Id::parse(org).ok_or_else(|| ReplyError {
+                code: "validation_error".into(),
+                field: Some("orgId".into()),
+                message: format!("{org:?} is not a 24-hex ObjectId string"),
+            })?),
+            job_id: Some(JobId(job_id.to_string())),
+            command_id: None,
+        };
+        self.request(Command::Job, &query).await
     }
 
     /// Follows a job until it is terminal and returns its last snapshot.
@@ -119,7 +130,7 @@ impl Nats {
         events: &mut Subscriber,
         view: &mut JobView,
     ) -> anyhow::Result<Value> {
-        let wanted = self.subject(&format!("v1.events.{org}.job.{job_id}"));
+        let wanted = self.subjects.job_events(org, job_id);
         let mut snap: Option<Value> = None;
         let mut poll = true;
         loop {
@@ -141,10 +152,9 @@ impl Nats {
             } else {
                 match tokio::time::timeout(POLL_EVERY, events.next()).await {
                     Ok(Some(msg)) if msg.subject.as_str() == wanted => {
-                        let event = serde_json::from_slice::<Value>(&msg.payload).ok();
-                        match event.and_then(|e| e.get("job").filter(|j| j.is_object()).cloned()) {
-                            Some(job) => job,
-                            None => continue,
+                        match serde_json::from_slice::<JobEvent<Value>>(&msg.payload) {
+                            Ok(event) if event.job.is_object() => event.job,
+                            _ => continue,
                         }
                     }
                     Ok(Some(_)) => continue,
@@ -299,6 +309,7 @@ fn bar_style() -> ProgressStyle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn reply_errors_name_their_field() {

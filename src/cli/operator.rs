@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use contact_bulk_protocol::subjects::Command;
 use serde_json::{json, Map, Value};
 
 use super::client::{counts, is_terminal, status, JobView, Nats};
@@ -168,11 +169,11 @@ async fn connect(conn: &Conn) -> anyhow::Result<Nats> {
 
 /// Sends a job-creating command; retried once on a lost reply, which is safe
 /// because it carries a `commandId`.
-async fn submit(nats: &Nats, tail: &str, body: &Value) -> anyhow::Result<String> {
-    let reply = match nats.request(tail, body).await {
+async fn submit(nats: &Nats, cmd: Command, body: &Value) -> anyhow::Result<String> {
+    let reply = match nats.request(cmd, body).await {
         Err(e) if e.to_string().starts_with("no reply") => {
             eprintln!("no reply yet, asking again with the same commandId");
-            nats.request(tail, body).await?
+            nats.request(cmd, body).await?
         }
         r => r?,
     };
@@ -220,7 +221,7 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     }
     // Subscribed before the job exists, so its last event cannot be missed.
     let mut events = nats.job_events(org, None).await?;
-    let job_id = submit(&nats, "v1.export", &body).await?;
+    let job_id = submit(&nats, Command::Export, &body).await?;
     println!("export job {job_id} accepted");
     let snap = nats
         .follow(org, &job_id, &mut events, &mut JobView::stderr())
@@ -257,7 +258,7 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     if let Some(r) = &args.requested_by {
         body["requestedBy"] = json!(r);
     }
-    let dry = nats.request("v1.delete", &body).await?;
+    let dry = nats.request(Command::Delete, &body).await?;
     let (c, v, m) = counts(&dry);
     println!(
         "will delete {c} contacts, {v} conversations, {m} messages{}",
@@ -293,7 +294,7 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
         body["hardDelete"] = json!(true);
     }
     let mut events = nats.job_events(org, None).await?;
-    let job_id = submit(&nats, "v1.delete", &body).await?;
+    let job_id = submit(&nats, Command::Delete, &body).await?;
     println!("delete job {job_id} accepted");
     let snap = nats
         .follow(org, &job_id, &mut events, &mut JobView::stderr())
@@ -315,7 +316,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     if let Some(r) = &args.requested_by {
         body["requestedBy"] = json!(r);
     }
-    let dry = nats.request("v1.restore", &body).await?;
+    let dry = nats.request(Command::Restore, &body).await?;
     let (c, v, m) = counts(&dry);
     println!(
         "will restore {c} contacts, {v} conversations, {m} messages removed by delete {}",
@@ -340,7 +341,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     }
     body["commandId"] = json!(command_id(&args.command_id));
     let mut events = nats.job_events(org, None).await?;
-    let job_id = submit(&nats, "v1.restore", &body).await?;
+    let job_id = submit(&nats, Command::Restore, &body).await?;
     println!("restore job {job_id} accepted");
     let snap = nats
         .follow(org, &job_id, &mut events, &mut JobView::stderr())
@@ -371,7 +372,7 @@ pub async fn cancel(args: JobArgs) -> anyhow::Result<()> {
     let nats = connect(&args.conn).await?;
     let snap = nats
         .request(
-            "v1.cancel",
+            Command::Cancel,
             &json!({"orgId": args.conn.org, "jobId": args.job_id}),
         )
         .await?;

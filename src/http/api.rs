@@ -8,52 +8,57 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bson::{doc, Document};
-use contact_bulk_actors::filter::{Filter, ParseOptions};
+use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{JobKind, JobRecord};
 use contact_bulk_actors::store::names;
 use contact_bulk_actors::{JobError, ValidationError};
+use contact_bulk_protocol::commands::{
+    DeleteCommand, ExportCommand, JobId, RestoreBody, RestoreCommand,
+};
+use contact_bulk_protocol::filter::{DeleteFilter, FilterSpec};
+use contact_bulk_protocol::parse::decode;
+use contact_bulk_protocol::replies::CountReply;
+use contact_bulk_protocol::types::{Limit, RowLimit};
+use contact_bulk_protocol::Id;
 use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use super::{ApiError, Auth};
-use crate::auth::{SCOPE_DELETE, SCOPE_EXPORT, SCOPE_PURGE, SCOPE_READ};
+use crate::auth::{Caller, SCOPE_DELETE, SCOPE_EXPORT, SCOPE_PURGE, SCOPE_READ};
 use crate::commands::{App, DeleteOutcome, RestoreOutcome};
 
 type ApiResult = Result<Response, ApiError>;
 
-/// Parses a JSON body, naming the problem instead of axum's plain-text rejection.
-fn json_body(body: &Bytes) -> Result<Value, ApiError> {
-    if body.is_empty() {
-        return Ok(json!({}));
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::from_job(ValidationError::new("body", format!("not valid JSON: {e}")).into())
+/// Decodes a JSON body as `T`; an empty body is `{}`. Errors name the body's
+/// own keys, and nothing of the body reaches the use case undecoded.
+fn decode_body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { bytes };
+    decode(bytes).map_err(|e| ApiError::from_job(e.into()))
+}
+
+/// A body that is the filter itself (the delete and count endpoints).
+fn filter_body<L: RowLimit + serde::de::DeserializeOwned>(
+    bytes: &Bytes,
+) -> Result<Filter, ApiError> {
+    let spec: FilterSpec<L> = decode_body(bytes)?;
+    Filter::from_spec(spec, "").map_err(|e| ApiError::from_job(e.into()))
+}
+
+/// A delete command from a body that is its filter, asked by `caller`.
+fn delete_command(
+    bytes: &Bytes,
+    caller: &Caller,
+    dry_run: bool,
+) -> Result<DeleteCommand, ApiError> {
+    // Validated here, at the body's own paths (`stageIds[1]`, not `filter.…`).
+    let spec: DeleteFilter = decode_body(bytes)?;
+    Filter::from_spec(spec.clone(), "").map_err(|e| ApiError::from_job(e.into()))?;
+    Ok(DeleteCommand {
+        filter: Some(spec),
+        requested_by: caller.user.map(Id),
+        dry_run: Some(dry_run),
+        ..DeleteCommand::default()
     })
-}
-
-/// A body that must be the filter object: anything else is refused naming `body`
-/// (the delete command would name its own `filter` key, which the caller never sent).
-fn filter_object(body: &Bytes) -> Result<Value, ApiError> {
-    let v = json_body(body)?;
-    if !v.is_object() {
-        return Err(ApiError::from_job(
-            ValidationError::new("body", "must be a JSON object").into(),
-        ));
-    }
-    Ok(v)
-}
-
-/// A filter body validated as a command's filter.
-fn filter_body(body: &Bytes, allow_limit: bool) -> Result<Filter, ApiError> {
-    let v = json_body(body)?;
-    Filter::from_json(
-        &v,
-        ParseOptions {
-            prefix: "",
-            allow_limit,
-        },
-    )
-    .map_err(|e| ApiError::from_job(e.into()))
 }
 
 /// `GET /healthz`: 200 when MongoDB and NATS answer, 503 otherwise.
@@ -77,9 +82,9 @@ pub async fn healthz(State(app): State<Arc<App>>) -> Response {
 /// `POST /api/contacts/query-count`.
 pub async fn query_count(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
     let caller = auth.require_any(&[SCOPE_EXPORT, SCOPE_DELETE, SCOPE_READ])?;
-    let filter = filter_body(&body, true)?;
+    let filter = filter_body::<Limit>(&body)?;
     let count = app.count(caller.org, &filter).await?;
-    Ok(Json(json!({"count": count})).into_response())
+    Ok(Json(CountReply { count }).into_response())
 }
 
 /// `DELETE /api/contacts/query-bulk-delete`: 202 `{jobId, message}`; the job is
@@ -104,9 +109,9 @@ pub async fn query_bulk_delete(
         // An erasure keeps nothing to restore: it takes its own scope.
         auth.require(SCOPE_PURGE)?;
     }
-    let filter = filter_object(&body)?;
-    let req = json!({"filter": filter, "requestedBy": caller.user.map(|u| u.to_hex()), "hardDelete": hard});
-    match app.delete(&req, Some(caller.org)).await? {
+    let mut cmd = delete_command(&body, &caller, false)?;
+    cmd.hard_delete = Some(hard);
+    match app.delete(cmd, Some(caller.org)).await? {
         DeleteOutcome::Job(job) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({"jobId": job.job_id, "message": "Bulk delete started"})),
@@ -125,9 +130,8 @@ pub async fn query_delete_preview(
     body: Bytes,
 ) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
-    let filter = filter_object(&body)?;
-    let req = json!({"filter": filter, "dryRun": true});
-    match app.delete(&req, Some(caller.org)).await? {
+    let cmd = delete_command(&body, &caller, true)?;
+    match app.delete(cmd, Some(caller.org)).await? {
         DeleteOutcome::DryRun(counts) => {
             Ok(Json(json!({"dryRun": true, "counts": counts})).into_response())
         }
@@ -186,24 +190,15 @@ pub async fn restore_job(
     body: Bytes,
 ) -> ApiResult {
     let caller = auth.require(SCOPE_DELETE)?.clone();
-    let mut req = json_body(&body)?;
-    let Some(obj) = req.as_object_mut() else {
-        return Err(ApiError::from_job(
-            ValidationError::new("body", "must be a JSON object").into(),
-        ));
+    let req: RestoreBody = decode_body(&body)?;
+    let cmd = RestoreCommand {
+        job_id: Some(JobId(job_id)),
+        requested_by: caller.user.map(Id),
+        command_id: req.command_id,
+        dry_run: req.dry_run,
+        org_id: None,
     };
-    for key in ["jobId", "orgId", "requestedBy"] {
-        if obj.contains_key(key) {
-            return Err(ApiError::from_job(
-                ValidationError::new(key, "unknown key").into(),
-            ));
-        }
-    }
-    obj.insert("jobId".into(), json!(job_id));
-    if let Some(user) = caller.user {
-        obj.insert("requestedBy".into(), json!(user.to_hex()));
-    }
-    match app.restore(&req, Some(caller.org)).await {
+    match app.restore(cmd, Some(caller.org)).await {
         Ok(RestoreOutcome::Job(job)) => {
             Ok((StatusCode::ACCEPTED, Json(app.snapshot(&job))).into_response())
         }
@@ -219,16 +214,14 @@ pub async fn restore_job(
 /// `POST /api/exports`: 202 with the snapshot.
 pub async fn create_export(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> ApiResult {
     let caller = auth.require(SCOPE_EXPORT)?.clone();
-    let mut req = json_body(&body)?;
-    if let Some(obj) = req.as_object_mut() {
-        if let Some(user) = caller.user {
-            obj.insert("requestedBy".into(), json!(user.to_hex()));
-        }
+    let mut cmd: ExportCommand = decode_body(&body)?;
+    if let Some(user) = caller.user {
+        cmd.requested_by = Some(Id(user));
     }
     let job = app
-        .export(&req, Some(caller.org))
+        .export(cmd, Some(caller.org))
         .await
-        .map_err(ApiError::from_job_nested)?;
+        .map_err(ApiError::from_job)?;
     Ok((StatusCode::ACCEPTED, Json(app.snapshot(&job))).into_response())
 }
 

@@ -137,19 +137,10 @@ impl ApiError {
         )
     }
 
-    /// A validation error whose field names the HTTP body's own keys: the
-    /// body *is* the filter, so the `filter.` prefix of commands is dropped.
+    /// The HTTP error of a use case's error; a validation error keeps its
+    /// field path, which decoding made the body's own (`stageIds[1]` for a
+    /// body that is the filter, `filter.stageIds[1]` for one holding it).
     pub fn from_job(e: JobError) -> ApiError {
-        ApiError::from_job_fields(e, true)
-    }
-
-    /// As [`ApiError::from_job`] for bodies holding the filter under their own
-    /// `filter` key (`POST /api/exports`): field paths are kept as they are.
-    pub fn from_job_nested(e: JobError) -> ApiError {
-        ApiError::from_job_fields(e, false)
-    }
-
-    fn from_job_fields(e: JobError, strip_filter_prefix: bool) -> ApiError {
         let (status, error) = match &e {
             JobError::Validation(_) => (StatusCode::BAD_REQUEST, "validation_error"),
             JobError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -161,15 +152,7 @@ impl ApiError {
             }
         };
         let (message, field) = match &e {
-            JobError::Validation(v) => {
-                let field = v
-                    .field
-                    .strip_prefix("filter.")
-                    .filter(|_| strip_filter_prefix)
-                    .unwrap_or(&v.field)
-                    .to_string();
-                (format!("{field}: {}", v.message), Some(field))
-            }
+            JobError::Validation(v) => (v.to_string(), Some(v.field.clone())),
             _ => (e.to_string(), None),
         };
         ApiError {

@@ -13,12 +13,15 @@ use axum::Json;
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use contact_bulk_actors::model::rfc3339;
 use contact_bulk_actors::{JobError, ValidationError};
+use contact_bulk_protocol::commands::{WebhookEvent, WebhookRequest, MAX_URL};
+use contact_bulk_protocol::parse::decode;
+use contact_bulk_protocol::List;
 use futures::TryStreamExt;
 use rand::RngCore;
 use serde_json::{json, Value};
 
 use super::{ssrf, EVENTS, MAX_PER_ORG, SCOPE_WEBHOOKS};
-use crate::commands::{reject_unknown, App};
+use crate::commands::App;
 use crate::http::{ApiError, Auth};
 
 type ApiResult = Result<Response, ApiError>;
@@ -36,22 +39,19 @@ pub async fn create(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> Api
     let org = auth.require(SCOPE_WEBHOOKS)?.org;
     let hooks = &app.webhooks;
     let allow_private = hooks.config().allow_private;
-    let req: Value = serde_json::from_slice(&body)
-        .map_err(|e| invalid("body", format!("not valid JSON: {e}")))?;
-    let obj = req
-        .as_object()
-        .ok_or_else(|| invalid("body", "must be a JSON object"))?;
-    reject_unknown(obj, &["url", "events"]).map_err(|e| ApiError::from_job(e.into()))?;
-    let raw_url = match obj.get("url") {
-        None | Some(Value::Null) => return Err(invalid("url", "is required")),
-        Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(invalid("url", "must be a string")),
-    };
-    let url = ssrf::check_url(raw_url, allow_private).map_err(|m| invalid("url", m))?;
+    let req: WebhookRequest = decode(&body).map_err(|e| ApiError::from_job(e.into()))?;
+    let raw_url = req.url.ok_or_else(|| invalid("url", "is required"))?;
+    if raw_url.len() > MAX_URL {
+        return Err(invalid(
+            "url",
+            format!("must be at most {MAX_URL} characters"),
+        ));
+    }
+    let url = ssrf::check_url(&raw_url, allow_private).map_err(|m| invalid("url", m))?;
     ssrf::check_resolved(&url, allow_private)
         .await
         .map_err(|m| invalid("url", m))?;
-    let events = events(obj.get("events"))?;
+    let events = events(req.events)?;
 
     let id = ObjectId::new();
     let now = DateTime::now();
@@ -101,30 +101,19 @@ pub async fn create(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> Api
         .into_response())
 }
 
-/// `events`: a non-empty list of known event names (absent: all of them).
-fn events(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
-    let list = match v {
-        None | Some(Value::Null) => return Ok(EVENTS.iter().map(|e| e.to_string()).collect()),
-        Some(Value::Array(a)) => a,
-        Some(_) => return Err(invalid("events", "must be a list of event names")),
+/// `events`: a non-empty list of known event names (absent: all of them),
+/// deduplicated in order.
+fn events(list: Option<List<WebhookEvent>>) -> Result<Vec<String>, ApiError> {
+    let Some(list) = list else {
+        return Ok(EVENTS.iter().map(|e| e.to_string()).collect());
     };
     if list.is_empty() {
         return Err(invalid("events", "must name at least one event"));
     }
     let mut out: Vec<String> = Vec::new();
-    for (i, e) in list.iter().enumerate() {
-        match e.as_str() {
-            Some(name) if EVENTS.contains(&name) => {
-                if !out.iter().any(|o| o == name) {
-                    out.push(name.to_string());
-                }
-            }
-            _ => {
-                return Err(invalid(
-                    &format!("events[{i}]"),
-                    format!("must be one of {}", EVENTS.join(", ")),
-                ))
-            }
+    for e in list.iter() {
+        if !out.iter().any(|o| o == e.as_str()) {
+            out.push(e.as_str().to_string());
         }
     }
     Ok(out)

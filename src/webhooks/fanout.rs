@@ -11,8 +11,10 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use contact_bulk_actors::model::rfc3339;
+use contact_bulk_protocol::events::{JobEvent, JobEventType, JobHead, WebhookDelivery};
 use futures::{StreamExt, TryStreamExt};
-use serde_json::{json, Value};
+use serde::Deserialize as _;
+use serde_json::Value;
 
 use super::Webhooks;
 use crate::config::Config;
@@ -36,7 +38,7 @@ pub(super) async fn consumer(
             pull::Config {
                 durable_name: Some(DURABLE.into()),
                 description: Some("webhook deliveries of terminal job events".into()),
-                filter_subject: config.subject("v1.events.*.job.*"),
+                filter_subject: config.subjects().job_events("*", "*"),
                 deliver_policy: DeliverPolicy::New,
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
@@ -103,28 +105,30 @@ impl Webhooks {
     /// Records the deliveries a job event calls for: none unless it is the
     /// terminal `job.status` of a job.
     async fn on_event(&self, payload: &[u8]) -> anyhow::Result<()> {
-        let Ok(event) = serde_json::from_slice::<Value>(payload) else {
+        let Ok(event) = serde_json::from_slice::<JobEvent<Value>>(payload) else {
             tracing::warn!("unreadable job event skipped by webhooks");
             return Ok(());
         };
-        if event["type"] != "job.status" {
+        if event.kind != JobEventType::Status {
             return Ok(());
         }
-        let job = &event["job"];
-        let Some(status @ ("completed" | "failed" | "cancelled")) = job["status"].as_str() else {
+        let job = &event.job;
+        let Ok(head) = JobHead::deserialize(job) else {
+            tracing::warn!("job event without orgId, jobId or status skipped by webhooks");
             return Ok(());
         };
-        let (Some(org), Some(job_id)) = (
-            job["orgId"]
-                .as_str()
-                .and_then(|o| ObjectId::parse_str(o).ok()),
-            job["jobId"].as_str(),
-        ) else {
-            tracing::warn!("job event without orgId or jobId skipped by webhooks");
+        let status = head.status.as_str();
+        if !matches!(status, "completed" | "failed" | "cancelled") {
+            return Ok(());
+        }
+        let Ok(org) = ObjectId::parse_str(&head.org_id) else {
+            tracing::warn!("job event with a malformed orgId skipped by webhooks");
             return Ok(());
         };
-        let finished = job["finishedAt"]
-            .as_str()
+        let job_id = head.job_id.as_str();
+        let finished = head
+            .finished_at
+            .as_deref()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| DateTime::from_millis(t.timestamp_millis()))
             .unwrap_or_else(DateTime::now);
@@ -163,12 +167,12 @@ impl Webhooks {
             }
             let id = ObjectId::new();
             let now = DateTime::now();
-            let body = json!({
-                "id": id.to_hex(),
-                "type": event_type,
-                "createdAt": rfc3339(now),
-                "job": job,
-            });
+            let body = WebhookDelivery {
+                id: id.to_hex(),
+                kind: event_type.to_string(),
+                created_at: rfc3339(now),
+                job,
+            };
             let insert = doc! {
                 "_id": id,
                 "orgId": org,

@@ -2,8 +2,8 @@
 //! synthetic `job.progress` events published straight to JetStream, and the
 //! time from publish to arrival at each client.
 //!
-//! It carries a deliberately small WebSocket client (text frames, ping/pong,
-//! close) so the library does not need a client crate.
+//! The clients are `tokio-tungstenite` WebSockets; events are written with
+//! the protocol's types, on the protocol's subjects.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,13 +11,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use base64::Engine as _;
 use bson::oid::ObjectId;
-use futures::StreamExt;
+use contact_bulk_protocol::events::{JobEvent, JobEventType};
+use contact_bulk_protocol::subjects::Subjects;
+use contact_bulk_protocol::ws::ServerFrame;
+use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Time between two published events (about 50 a second, five times the
 /// contract's per-job progress rate).
@@ -76,15 +78,19 @@ pub async fn bench_latency_with_prefix(
         .context("connecting to nats")?;
     let js = async_nats::jetstream::new(nats);
     let job_id = uuid::Uuid::new_v4().to_string();
-    let subject = format!("{prefix}.v1.events.{}.job.{job_id}", org.to_hex());
+    let subject = Subjects::new(prefix).job_events(&org.to_hex(), &job_id);
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     for i in 0..=events {
         tick.tick().await;
         let last = i == events;
-        let body = json!({
-            "type": if last { "job.status" } else { "job.progress" },
-            "job": fake_job(&job_id, org, i, events, last),
-        });
+        let body = JobEvent {
+            kind: if last {
+                JobEventType::Status
+            } else {
+                JobEventType::Progress
+            },
+            job: fake_job(&job_id, org, i, events, last),
+        };
         let payload = serde_json::to_vec(&body)?;
         let at = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         sent[i].store(at, Ordering::Release);
@@ -134,53 +140,37 @@ fn processed(frame: &str) -> Option<usize> {
     rest[..end].parse().ok()
 }
 
-/// A minimal WebSocket client.
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// One benchmark client: a `tokio-tungstenite` WebSocket on topic `jobs`.
 struct Client {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    socket: Socket,
 }
 
 impl Client {
     /// Connects, subscribes to topic `jobs` and waits for the pong that
     /// proves the subscription is in place.
     async fn connect(addr: SocketAddr, token: &str) -> anyhow::Result<Client> {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let (read, mut writer) = tcp.into_split();
-        let mut reader = BufReader::new(read);
-        let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-        let request = format!(
-            "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        writer.write_all(request.as_bytes()).await?;
-        let mut status = String::new();
-        reader.read_line(&mut status).await?;
-        anyhow::ensure!(
-            status.contains(" 101 "),
-            "upgrade refused: {}",
-            status.trim()
-        );
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).await? == 0 {
-                anyhow::bail!("connection closed during the handshake");
-            }
-            if line == "\r\n" {
-                break;
-            }
+        let url = format!("ws://{addr}/ws?token={token}");
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+            .await
+            .context("websocket upgrade")?;
+        let mut client = Client { socket };
+        for op in [
+            json!({"op": "subscribe", "topic": "jobs"}),
+            json!({"op": "ping"}),
+        ] {
+            client.socket.send(Message::text(op.to_string())).await?;
         }
-        let mut client = Client { reader, writer };
-        client
-            .send(br#"{"op":"subscribe","topic":"jobs"}"#, 0x1)
-            .await?;
-        client.send(br#"{"op":"ping"}"#, 0x1).await?;
         loop {
             let text = client
                 .next_text()
                 .await?
                 .context("closed before the pong")?;
-            if text.contains(r#""type":"pong""#) {
+            if matches!(
+                serde_json::from_str::<ServerFrame<Value>>(&text),
+                Ok(ServerFrame::Pong)
+            ) {
                 return Ok(client);
             }
         }
@@ -209,59 +199,17 @@ impl Client {
         anyhow::bail!("connection closed before the final event")
     }
 
-    /// Sends one masked frame.
-    async fn send(&mut self, payload: &[u8], opcode: u8) -> anyhow::Result<()> {
-        let mut frame = Vec::with_capacity(payload.len() + 14);
-        frame.push(0x80 | opcode);
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= usize::from(u16::MAX) => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let mask: [u8; 4] = rand::random();
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.writer.write_all(&frame).await?;
-        Ok(())
-    }
-
-    /// The next text message (answering pings on the way); `None` on close.
+    /// The next text frame; `None` once the server closed.
     async fn next_text(&mut self) -> anyhow::Result<Option<String>> {
-        let mut message = Vec::new();
-        loop {
-            let mut head = [0u8; 2];
-            if self.reader.read_exact(&mut head).await.is_err() {
-                return Ok(None);
-            }
-            let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
-            let len = match head[1] & 0x7f {
-                126 => u64::from(self.reader.read_u16().await?),
-                127 => self.reader.read_u64().await?,
-                n => u64::from(n),
-            };
-            anyhow::ensure!(head[1] & 0x80 == 0, "server frames are never masked");
-            anyhow::ensure!(len <= 16 << 20, "frame of {len} bytes");
-            let mut payload = vec![0u8; usize::try_from(len)?];
-            self.reader.read_exact(&mut payload).await?;
-            match opcode {
-                0x8 => return Ok(None),
-                0x9 => self.send(&payload, 0xA).await?,
-                0xA => {}
-                0x0..=0x2 => {
-                    message.extend_from_slice(&payload);
-                    if fin {
-                        return Ok(Some(String::from_utf8(message)?));
-                    }
-                }
-                other => anyhow::bail!("unexpected opcode {other}"),
+        while let Some(msg) = self.socket.next().await {
+            match msg? {
+                Message::Text(t) => return Ok(Some(t.as_str().to_string())),
+                Message::Close(_) => return Ok(None),
+                // tungstenite answers pings itself.
+                _ => continue,
             }
         }
+        Ok(None)
     }
 }
 

@@ -13,8 +13,13 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::Context;
 use axum::extract::ws::Utf8Bytes;
 use bson::oid::ObjectId;
+use contact_bulk_protocol::events::{
+    self as wire, ContactEvent, ContactEventType, JobEventType, JobHead,
+};
+use contact_bulk_protocol::subjects::{EventSubject, Subjects};
+use contact_bulk_protocol::ws::ServerFrame;
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 
@@ -80,6 +85,7 @@ struct Inner {
     stream: Stream,
     /// `<prefix>.v1.events`
     events_prefix: String,
+    subjects: Subjects,
 }
 
 impl std::fmt::Debug for Hub {
@@ -101,7 +107,8 @@ impl Hub {
         config: &Config,
         tasks: &mut JoinSet<()>,
     ) -> anyhow::Result<Hub> {
-        let events_prefix = config.subject("v1.events");
+        let subjects = config.subjects();
+        let events_prefix = subjects.events_root();
         let mut stream = js
             .get_stream(config.events_stream())
             .await
@@ -114,7 +121,7 @@ impl Hub {
             .context("events stream info")?
             .state
             .last_sequence;
-        let filter = format!("{events_prefix}.>");
+        let filter = subjects.events_all();
         let messages = consumer(&stream, &filter, DeliverPolicy::New).await?;
         let (tx, _) = broadcast::channel(CHANNEL_CAPACITY);
         let hub = Hub {
@@ -122,6 +129,7 @@ impl Hub {
                 tx,
                 stream,
                 events_prefix,
+                subjects,
             }),
         };
         let reader = hub.clone();
@@ -217,7 +225,7 @@ impl Hub {
 
     /// The subject of one job's events.
     pub(crate) fn job_subject(&self, org: ObjectId, job_id: &str) -> String {
-        format!("{}.{}.job.{job_id}", self.inner.events_prefix, org.to_hex())
+        self.inner.subjects.job_events(&org.to_hex(), job_id)
     }
 
     /// Sequence of the last event stored on `subject`, 0 when there is none.
@@ -261,7 +269,7 @@ impl Hub {
     /// Parses and checks one message: the subject names the organisation
     /// (and job), the payload must agree, or the event is refused.
     pub(crate) fn parse(&self, subject: &str, seq: u64, payload: &[u8]) -> anyhow::Result<Event> {
-        parse_event(&self.inner.events_prefix, subject, seq, payload)
+        parse_event(&self.inner.subjects, subject, seq, payload)
     }
 }
 
@@ -277,80 +285,79 @@ async fn consumer(stream: &Stream, filter: &str, policy: DeliverPolicy) -> anyho
     Ok(consumer.messages().await?)
 }
 
-/// Parses `<events_prefix>.<org>.job.<jobId>` and `<events_prefix>.<org>.contact_removed`
-/// (or `.contact_restored`).
+/// Parses `<prefix>.v1.events.<org>.job.<jobId>` and
+/// `<prefix>.v1.events.<org>.contact_removed` (or `.contact_restored`) with the
+/// protocol's event types; the subject and the payload must name the same
+/// organisation (and job).
 pub(crate) fn parse_event(
-    events_prefix: &str,
+    subjects: &Subjects,
     subject: &str,
     seq: u64,
     payload: &[u8],
 ) -> anyhow::Result<Event> {
-    let rest = subject
-        .strip_prefix(events_prefix)
-        .and_then(|s| s.strip_prefix('.'))
-        .context("subject outside the events prefix")?;
-    let mut tokens = rest.split('.');
-    let org_hex = tokens.next().unwrap_or_default();
-    let org = ObjectId::parse_str(org_hex).context("subject org is not an ObjectId")?;
-    let kind = (tokens.next(), tokens.next(), tokens.next());
-    let payload: Value = serde_json::from_slice(payload).context("payload is not JSON")?;
-    let ty = payload["type"].as_str().unwrap_or_default();
-    let body = match kind {
-        (Some("job"), Some(job_id), None) => {
-            let status = match ty {
-                "job.status" => true,
-                "job.progress" => false,
-                other => anyhow::bail!("job event of type {other:?}"),
-            };
-            let job = &payload["job"];
+    let (org_hex, body) = match subjects
+        .parse_event(subject)
+        .context("unknown event subject")?
+    {
+        EventSubject::Job { org, job: job_id } => {
+            let event: wire::JobEvent<Box<RawValue>> =
+                serde_json::from_slice(payload).context("job event payload")?;
+            let head: JobHead =
+                serde_json::from_str(event.job.get()).context("job event snapshot")?;
+            anyhow::ensure!(head.org_id == org, "payload orgId differs from the subject");
             anyhow::ensure!(
-                job["orgId"].as_str() == Some(org_hex),
-                "payload orgId differs from the subject"
-            );
-            anyhow::ensure!(
-                job["jobId"].as_str() == Some(job_id),
+                head.job_id == job_id,
                 "payload jobId differs from the subject"
             );
-            let frame = json!({"type": ty, "seq": seq, "job": job});
-            EventBody::Job(JobEvent {
+            let status = event.kind == JobEventType::Status;
+            let job = event.job;
+            let frame = match event.kind {
+                JobEventType::Status => ServerFrame::Status { seq, job },
+                JobEventType::Progress => ServerFrame::Progress { seq, job },
+            };
+            let body = EventBody::Job(JobEvent {
                 job_id: job_id.to_string(),
                 status,
-                processed: job["processed"].as_i64().unwrap_or(0),
-                frame: Utf8Bytes::from(frame.to_string()),
-            })
+                processed: head.processed,
+                frame: super::protocol::frame(&frame),
+            });
+            (org, body)
         }
-        (Some(kind @ ("contact_removed" | "contact_restored")), None, None) => {
-            anyhow::ensure!(ty == kind, "contact event of type {ty:?}");
+        EventSubject::Contact { org, kind } => {
+            let event: ContactEvent =
+                serde_json::from_slice(payload).context("contact event payload")?;
+            anyhow::ensure!(event.kind == kind, "contact event of another type");
             anyhow::ensure!(
-                payload["orgId"].as_str() == Some(org_hex),
+                event.org_id == org,
                 "payload orgId differs from the subject"
             );
-            let contact_id = payload["contactId"]
-                .as_str()
-                .context("contactId missing")?
-                .to_string();
-            if kind == "contact_removed" {
-                EventBody::ContactRemoved { contact_id }
-            } else {
-                EventBody::ContactRestored { contact_id }
-            }
+            let contact_id = event.contact_id;
+            let body = match kind {
+                ContactEventType::Removed => EventBody::ContactRemoved { contact_id },
+                ContactEventType::Restored => EventBody::ContactRestored { contact_id },
+            };
+            (org, body)
         }
-        _ => anyhow::bail!("unknown event subject"),
     };
+    let org = ObjectId::parse_str(org_hex).context("subject org is not an ObjectId")?;
     Ok(Event { seq, org, body })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+
+    fn subjects(prefix: &str) -> Subjects {
+        Subjects::new(prefix)
+    }
 
     #[test]
     fn job_events_must_agree_with_their_subject() {
         let org = ObjectId::new().to_hex();
         let subject = format!("bulk.v1.events.{org}.job.j1");
-        let good =
-            json!({"type": "job.progress", "job": {"jobId": "j1", "orgId": org, "processed": 7}});
-        let ev = parse_event("bulk.v1.events", &subject, 9, good.to_string().as_bytes()).unwrap();
+        let good = json!({"type": "job.progress", "job": {"jobId": "j1", "orgId": org, "processed": 7, "status": "processing"}});
+        let ev = parse_event(&subjects("bulk"), &subject, 9, good.to_string().as_bytes()).unwrap();
         assert_eq!(ev.seq, 9);
         let EventBody::Job(job) = ev.body else {
             panic!("not a job event")
@@ -362,30 +369,47 @@ mod tests {
         assert_eq!(frame["job"]["processed"], 7);
 
         let other = ObjectId::new().to_hex();
-        let forged = json!({"type": "job.status", "job": {"jobId": "j1", "orgId": other}});
-        assert!(parse_event("bulk.v1.events", &subject, 1, forged.to_string().as_bytes()).is_err());
-        let wrong_job = json!({"type": "job.status", "job": {"jobId": "j2", "orgId": org}});
+        let forged = json!({"type": "job.status", "job": {"jobId": "j1", "orgId": other, "status": "failed"}});
         assert!(parse_event(
-            "bulk.v1.events",
+            &subjects("bulk"),
+            &subject,
+            1,
+            forged.to_string().as_bytes()
+        )
+        .is_err());
+        let wrong_job =
+            json!({"type": "job.status", "job": {"jobId": "j2", "orgId": org, "status": "failed"}});
+        assert!(parse_event(
+            &subjects("bulk"),
             &subject,
             1,
             wrong_job.to_string().as_bytes()
         )
         .is_err());
-        assert!(parse_event("bulk.v1.events", &subject, 1, b"nope").is_err());
-        assert!(parse_event("other.v1.events", &subject, 1, good.to_string().as_bytes()).is_err());
+        assert!(parse_event(&subjects("bulk"), &subject, 1, b"nope").is_err());
+        assert!(parse_event(&subjects("other"), &subject, 1, good.to_string().as_bytes()).is_err());
     }
 
     #[test]
     fn contact_events_must_agree_with_their_subject() {
         let org = ObjectId::new().to_hex();
         let subject = format!("bulk.v1.events.{org}.contact_removed");
-        let good = json!({"type": "contact_removed", "orgId": org, "contactId": "c1"});
-        let ev = parse_event("bulk.v1.events", &subject, 3, good.to_string().as_bytes()).unwrap();
+        let event = |org: &str| {
+            json!({"type": "contact_removed", "orgId": org, "contactId": "c1", "jobId": "j",
+                   "pipelineType": "Contact", "ownerId": null, "at": "2026-01-01T00:00:00.000Z"})
+        };
+        let good = event(&org);
+        let ev = parse_event(&subjects("bulk"), &subject, 3, good.to_string().as_bytes()).unwrap();
         assert!(
             matches!(ev.body, EventBody::ContactRemoved { ref contact_id } if contact_id == "c1")
         );
-        let forged = json!({"type": "contact_removed", "orgId": ObjectId::new().to_hex(), "contactId": "c1"});
-        assert!(parse_event("bulk.v1.events", &subject, 3, forged.to_string().as_bytes()).is_err());
+        let forged = event(&ObjectId::new().to_hex());
+        assert!(parse_event(
+            &subjects("bulk"),
+            &subject,
+            3,
+            forged.to_string().as_bytes()
+        )
+        .is_err());
     }
 }

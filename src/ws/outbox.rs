@@ -15,7 +15,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use axum::extract::ws::Utf8Bytes;
-use serde_json::json;
 use tokio::sync::Notify;
 
 /// Queued frames beyond which a session is closed as too slow.
@@ -236,8 +235,7 @@ impl Outbox {
                         }
                         s.contacts.remove(&id).map(|c| {
                             let counted: usize = c.ids.iter().map(|i| i.len() + 3).sum();
-                            let frame = json!({"type": c.kind, "seq": c.seq, "contactIds": c.ids});
-                            let frame = Utf8Bytes::from(frame.to_string());
+                            let frame = super::protocol::contacts(c.kind, c.seq, c.ids);
                             // Uncounted below by its own length.
                             s.bytes = (s.bytes + frame.as_str().len()).saturating_sub(counted);
                             frame
@@ -288,6 +286,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn text(n: Option<Next>) -> String {
         match n {

@@ -220,7 +220,7 @@ impl Session {
             self.touch();
             match msg {
                 Message::Text(text) => self.handle(text.as_str()),
-                Message::Binary(_) => self.outbox.push(protocol::binary().frame()),
+                Message::Binary(_) => self.outbox.push(protocol::binary()),
                 Message::Ping(_) | Message::Pong(_) => {}
                 Message::Close(_) => return,
             }
@@ -295,15 +295,14 @@ impl Session {
     /// One client frame. Never fails: bad frames get error frames.
     fn handle(self: &Arc<Self>, text: &str) {
         if text.len() > MAX_CLIENT_FRAME {
-            self.outbox
-                .push(protocol::too_large(MAX_CLIENT_FRAME).frame());
+            self.outbox.push(protocol::too_large(MAX_CLIENT_FRAME));
             return;
         }
         let op = match protocol::parse_op(text) {
             Ok(op) => op,
             Err(e) => {
                 tracing::debug!(org_id = %self.org, code = e.code, "ws bad frame");
-                self.outbox.push(e.frame());
+                self.outbox.push(protocol::refused(e));
                 return;
             }
         };

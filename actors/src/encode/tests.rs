@@ -90,9 +90,11 @@ fn format_basics() {
     assert_eq!(Format::Ndjson.extension(), "ndjson");
     assert_eq!(Format::Csv.content_type(), "text/csv; charset=utf-8");
     assert_eq!(Format::Ndjson.content_type(), "application/x-ndjson");
-    assert_eq!(Format::parse("csv", "format"), Ok(Format::Csv));
-    assert_eq!(Format::parse("NDJSON", "format"), Ok(Format::Ndjson));
-    let e = Format::parse("xlsx", "format").unwrap_err();
+    let parse =
+        |v: serde_json::Value| contact_bulk_protocol::parse::decode_value::<Format>(v, "format");
+    assert_eq!(parse(json!("csv")), Ok(Format::Csv));
+    assert_eq!(parse(json!("NDJSON")), Ok(Format::Ndjson));
+    let e = parse(json!("xlsx")).unwrap_err();
     assert_eq!(e.field, "format");
     assert_eq!(
         serde_json::to_value(Format::Ndjson).unwrap(),
