@@ -267,14 +267,8 @@ pub async fn seed_org(
     })
 }
 
-/// If `contacts` is empty: seeds the demo organisation ([`SeedSpec::demo`])
-/// under a new org id and returns it; else `None`.
-pub async fn seed_demo_if_empty(db: &Database) -> anyhow::Result<Option<SeededOrg>> {
-    seed_demo_if_empty_with(db, &SeedSpec::demo()).await
-}
-
-/// Like [`seed_demo_if_empty`] with another spec (checks `contacts`, seeds
-/// `spec.collection`).
+/// If `contacts` is empty: seeds an organisation by `spec` (the demo one is
+/// [`SeedSpec::demo`]) under a new org id and returns it; else `None`.
 pub async fn seed_demo_if_empty_with(
     db: &Database,
     spec: &SeedSpec,

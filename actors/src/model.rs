@@ -171,9 +171,6 @@ pub struct JobRecord {
     pub filter: Filter,
     /// Export settings (exports only).
     pub export: Option<ExportSpec>,
-    /// Delete preview only: no job is created for dry runs, kept for symmetry.
-    #[serde(default)]
-    pub dry_run: bool,
     /// Upper bound on `_id` frozen when the job started; `None` before start or when nothing matched.
     pub snapshot_max_id: Option<ObjectId>,
     /// Whether the start-up phase (snapshot, total, header) is done.
@@ -267,7 +264,6 @@ impl JobRecord {
             status: JobStatus::Pending,
             filter,
             export,
-            dry_run: false,
             snapshot_max_id: None,
             initialised: false,
             total: None,

@@ -56,13 +56,27 @@ pub async fn count(
     bound: Option<ObjectId>,
     limit: Option<u64>,
 ) -> Result<i64, JobError> {
+    count_hinted(db, collection, query, bound, limit, None).await
+}
+
+/// [`count`] with the index to use (`hint`, a key pattern).
+pub async fn count_hinted(
+    db: &Database,
+    collection: &str,
+    query: &Document,
+    bound: Option<ObjectId>,
+    limit: Option<u64>,
+    hint: Option<Document>,
+) -> Result<i64, JobError> {
     let mut query = query.clone();
     if let Some(bound) = bound {
         query.insert("_id", doc! {"$lte": bound});
     }
-    let reply = db
-        .run_command(doc! {"count": collection, "query": query})
-        .await?;
+    let mut command = doc! {"count": collection, "query": query};
+    if let Some(hint) = hint {
+        command.insert("hint", hint);
+    }
+    let reply = db.run_command(command).await?;
     let n = match reply.get("n") {
         Some(Bson::Int32(n)) => *n as i64,
         Some(Bson::Int64(n)) => *n,
