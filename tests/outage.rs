@@ -223,7 +223,9 @@ async fn nats_down_longer_than_every_retry_together_costs_no_attempt() {
 async fn mongodb_down_longer_than_every_retry_together_costs_no_attempt() {
     let mut stack = Stack::start().await;
     let db = stack.db().await;
-    let (org, ids) = seed(&db, 8000).await;
+    // Large enough that the export is still running when MongoDB goes away,
+    // even on a loaded box (at 8,000 it once finished first).
+    let (org, ids) = seed(&db, 40_000).await;
     let _svc = stack
         .service_with(|c| {
             impatient(c);

@@ -66,26 +66,41 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         // both, keep the children's contact alive until they are gone.
         let messages = db.collection::<Document>(names::MESSAGES);
         let conversations = db.collection::<Document>(names::CONVERSATIONS);
-        let (message_filter, conversation_filter) = if job.hard_delete {
+        if job.hard_delete {
             let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
-            (children.clone(), children)
+            futures::try_join!(
+                messages.delete_many(children.clone()).into_future(),
+                conversations.delete_many(children).into_future(),
+            )?;
         } else {
             // Kept first, then exactly what was kept is deleted: a crash
             // anywhere after the keep leaves it kept, and a batch redone keeps
-            // what is left (the rest is kept already).
-            crate::failpoint::hit("delete.keep");
-            let kept = crate::restore::kept::keep(&db, &job, &ids).await?;
-            crate::failpoint::hit("delete.kept");
-            laps.lap("keep");
-            (
-                doc! {"_id": {"$in": kept.messages}, "orgId": org},
-                doc! {"_id": {"$in": kept.conversations}, "orgId": org},
-            )
-        };
-        futures::try_join!(
-            messages.delete_many(message_filter).into_future(),
-            conversations.delete_many(conversation_filter).into_future(),
-        )?;
+            // what is left (the rest is kept already). A child written for one
+            // of these contacts after the keep read it is caught by the next
+            // pass, so none is left behind without its contact.
+            loop {
+                crate::failpoint::hit("delete.keep");
+                let kept = crate::restore::kept::keep(&db, &job, &ids).await?;
+                crate::failpoint::hit("delete.kept");
+                laps.lap("keep");
+                futures::try_join!(
+                    messages
+                        .delete_many(doc! {"_id": {"$in": kept.messages}, "orgId": org})
+                        .into_future(),
+                    conversations
+                        .delete_many(doc! {"_id": {"$in": kept.conversations}, "orgId": org})
+                        .into_future(),
+                )?;
+                let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
+                let (message, conversation) = futures::try_join!(
+                    messages.find_one(children.clone()).into_future(),
+                    conversations.find_one(children).into_future(),
+                )?;
+                if message.is_none() && conversation.is_none() {
+                    break;
+                }
+            }
+        }
         crate::failpoint::hit("delete.children");
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
