@@ -11,6 +11,10 @@ NATS_VERSION=2.15.1
 SECANTUS_VERSION=0.5.3-beta.196
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/contact-bulk"
 mkdir -p "$CACHE"
+# One install at a time: concurrent runs (parallel test harnesses, two clones)
+# would share secantusd-rs's cargo target dir and race on its removal.
+exec 9>"$CACHE/.install.lock"
+flock 9
 
 log() { echo "install-servers: $*" >&2; }
 
