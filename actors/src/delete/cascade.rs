@@ -42,8 +42,9 @@ pub(super) struct Batch {
 /// the list right.
 pub(crate) type Sampled = Arc<Mutex<HashMap<ObjectId, usize>>>;
 
-/// Deletes, notifies and announces one batch.
-pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
+/// Deletes, notifies and announces one batch. Returns the children it kept
+/// and deleted (a job that keeps; a hard delete counted them beforehand).
+pub(super) async fn apply(batch: Batch) -> Result<super::keep::Pass, JobError> {
     let Batch {
         db,
         sink,
@@ -60,6 +61,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         .filter_map(|a| a.get_object_id("contactId").ok())
         .collect();
     let org = job.org_id;
+    let mut kept = super::keep::Pass::default();
     if !ids.is_empty() {
         // Children first, so no message or conversation ever outlives its contact.
         // Messages and conversations go together: the contacts, deleted only after
@@ -73,41 +75,38 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
                 conversations.delete_many(children).into_future(),
             )?;
         } else {
-            // Kept first, then exactly what was kept is deleted: a crash
-            // anywhere after the keep leaves it kept, and a batch redone keeps
-            // what is left (the rest is kept already). A child written for one
-            // of these contacts after the keep read it is caught by the next
-            // pass, so none is left behind without its contact.
+            // Kept first, each child deleted once kept (`keep.rs`). A child
+            // written for one of these contacts after the keep read it is
+            // caught by another pass, so none is left behind without its
+            // contact.
             loop {
                 crate::failpoint::hit("delete.keep");
-                let kept = crate::restore::kept::keep(&db, &job, &ids).await?;
-                crate::failpoint::hit("delete.kept");
+                let pass = super::keep::keep(&db, &job, &ids).await?;
+                kept.conversations += pass.conversations;
+                kept.messages += pass.messages;
+                kept.contacts.extend(pass.contacts);
                 laps.lap("keep");
-                futures::try_join!(
-                    messages
-                        .delete_many(doc! {"_id": {"$in": kept.messages}, "orgId": org})
-                        .into_future(),
-                    conversations
-                        .delete_many(doc! {"_id": {"$in": kept.conversations}, "orgId": org})
-                        .into_future(),
-                )?;
-                let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
-                let (message, conversation) = futures::try_join!(
-                    messages.find_one(children.clone()).into_future(),
-                    conversations.find_one(children).into_future(),
-                )?;
-                if message.is_none() && conversation.is_none() {
+                if !children_left(&db, org, &ids).await? {
                     break;
                 }
             }
+            kept.contacts.sort_unstable();
+            kept.contacts.dedup();
         }
         crate::failpoint::hit("delete.children");
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
-        // filter since (its children already may have).
-        contacts(&db, &job.filter)
-            .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
-            .await?;
+        // filter since (its children already may have). A job that keeps
+        // deletes the contacts it kept.
+        let doomed = match job.hard_delete {
+            true => &ids,
+            false => &kept.contacts,
+        };
+        if !doomed.is_empty() {
+            contacts(&db, &job.filter)
+                .delete_many(doc! {"_id": {"$in": doomed}, "orgId": org})
+                .await?;
+        }
         crate::failpoint::hit("delete.contacts");
     }
     laps.lap("contacts");
@@ -132,7 +131,27 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         // The next batch may be gone already (a failed step): nothing to tell.
         let _ = applied.send(());
     }
-    Ok(())
+    Ok(kept)
+}
+
+/// Whether a conversation or message of these contacts is still there.
+async fn children_left(db: &Database, org: ObjectId, ids: &[ObjectId]) -> Result<bool, JobError> {
+    let children = doc! {"orgId": org, "contactId": {"$in": ids}};
+    let (messages, conversations) = (
+        db.collection::<Document>(names::MESSAGES),
+        db.collection::<Document>(names::CONVERSATIONS),
+    );
+    let (message, conversation) = futures::try_join!(
+        messages
+            .find_one(children.clone())
+            .projection(doc! {"_id": 1})
+            .into_future(),
+        conversations
+            .find_one(children)
+            .projection(doc! {"_id": 1})
+            .into_future(),
+    )?;
+    Ok(message.is_some() || conversation.is_some())
 }
 
 /// This job's CONTACT_DELETE entries for contacts in `(after, upto]`: the

@@ -26,7 +26,7 @@ pub async fn dry_run(db: &Database, org: ObjectId, filter: &Filter) -> Result<Co
             .iter()
             .filter_map(|d| d.get_object_id("_id").ok())
             .collect();
-        let (conversations, messages) = children_counts(db, org, &ids).await?;
+        let (conversations, messages) = children_counts(db, org, &ids, true).await?;
         counts.contacts += ids.len() as u64;
         counts.conversations += conversations;
         counts.messages += messages;

@@ -1,5 +1,5 @@
 //! Steps 1–3 of a delete batch: take the next candidates, decide which go (the
-//! audit entries), count their children. Nothing is deleted here, so all of it
+//! audit entries), count their children (a hard delete). Nothing is deleted here, so all of it
 //! may run while the previous batch's deletes do, and is undone by
 //! `release_undecided` when the batch never gets its `inflight` record.
 
@@ -39,7 +39,7 @@ fn snapshot_projection() -> Document {
 ///    the batch's `_id` range, with the fields the audit keeps), each written
 ///    as a CONTACT_DELETE entry. An entry is unique per contact, so a contact
 ///    that another delete job has decided on is left to that job.
-/// 3. Beside it, their conversations and messages are counted.
+/// 3. Beside it, a hard delete counts their conversations and messages.
 pub(super) async fn prepare(
     db: &Database,
     job: &JobRecord,
@@ -96,9 +96,12 @@ pub(super) async fn prepare(
         .filter_map(|d| d.get_object_id("_id").ok())
         .collect();
     let entries = audit_entries(job, &current);
+    // A hard delete counts the children now, so the counts survive a crash
+    // mid-batch; a delete that keeps counts them as it keeps them (`keep.rs`).
+    let counting = job.hard_delete;
     let (written, counted) = futures::try_join!(
         write_audits(db, entries),
-        children_counts(db, job.org_id, &ids)
+        children_counts(db, job.org_id, &ids, counting)
     )?;
     let (audits, (conversations, messages)) = match written {
         Some(entries) => (entries, counted),
@@ -110,7 +113,7 @@ pub(super) async fn prepare(
                 .iter()
                 .filter_map(|a| a.get_object_id("contactId").ok())
                 .collect();
-            let counted = children_counts(db, job.org_id, &ids).await?;
+            let counted = children_counts(db, job.org_id, &ids, counting).await?;
             (audits, counted)
         }
     };
@@ -190,13 +193,14 @@ async fn write_audits(
     }
 }
 
-/// Conversations and messages of these contacts.
+/// Conversations and messages of these contacts (when `counting`).
 pub(super) async fn children_counts(
     db: &Database,
     org: ObjectId,
     ids: &[ObjectId],
+    counting: bool,
 ) -> Result<(u64, u64), JobError> {
-    if ids.is_empty() {
+    if ids.is_empty() || !counting {
         return Ok((0, 0));
     }
     // The `count` command: about half the server's work of `countDocuments`
