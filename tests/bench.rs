@@ -85,7 +85,11 @@ async fn bench_delete_runs_both_yardsticks_and_prints_the_ratios() {
         }
         // Two interleaved pairs, each with its ratio and the load it ran under.
         assert_eq!(run["pairRatios"].as_array().map(Vec::len), Some(2), "{run}");
-        assert_eq!(run["loadAverage"].as_array().map(Vec::len), Some(2), "{run}");
+        assert_eq!(
+            run["loadAverage"].as_array().map(Vec::len),
+            Some(2),
+            "{run}"
+        );
     }
 }
 
@@ -99,7 +103,13 @@ async fn bench_restore_runs_its_yardstick_and_prints_the_ratio() {
     assert_eq!(run["contacts"], 200, "{run}");
     // 1 contact, 2 conversations, 6 messages each: all kept, all put back.
     assert_eq!(run["documents"], 9 * 200, "{run}");
-    for key in ["deleteSeconds", "restoreSeconds", "insertManySeconds", "ratio", "peakRssMb"] {
+    for key in [
+        "deleteSeconds",
+        "restoreSeconds",
+        "insertManySeconds",
+        "ratio",
+        "peakRssMb",
+    ] {
         positive(run, key);
     }
     assert_eq!(run["runRatios"].as_array().map(Vec::len), Some(2), "{run}");

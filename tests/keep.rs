@@ -97,9 +97,14 @@ async fn check_kept_once(
         let contact = kept::contact_of(k).unwrap();
         let id = |d: &bson::RawDocument| d.get_object_id("_id").unwrap().to_hex();
         if key.starts_with(&format!("{job}:c:")) {
-            *seen.entry(("contacts".into(), id(kept::original(k).unwrap()))).or_default() += 1;
+            *seen
+                .entry(("contacts".into(), id(kept::original(k).unwrap())))
+                .or_default() += 1;
             let mut bytes = 0;
-            for (kind, coll) in [(Kind::Conversation, "conversations"), (Kind::Message, "messages")] {
+            for (kind, coll) in [
+                (Kind::Conversation, "conversations"),
+                (Kind::Message, "messages"),
+            ] {
                 let children = kept::embedded(k, kind).unwrap();
                 assert_eq!(
                     kept::embedded_count(k, kind),
@@ -111,7 +116,10 @@ async fn check_kept_once(
                     *seen.entry((coll.into(), id(c))).or_default() += 1;
                 }
             }
-            assert!(bytes <= EMBED_BYTES, "a bundle holds {bytes} bytes of children");
+            assert!(
+                bytes <= EMBED_BYTES,
+                "a bundle holds {bytes} bytes of children"
+            );
             if kept::spilled(k) {
                 spilled.insert(contact);
             }
@@ -121,7 +129,9 @@ async fn check_kept_once(
             } else {
                 "conversations"
             };
-            *seen.entry((coll.into(), id(kept::original(k).unwrap()))).or_default() += 1;
+            *seen
+                .entry((coll.into(), id(kept::original(k).unwrap())))
+                .or_default() += 1;
             apart.insert(contact);
         }
     }
@@ -131,7 +141,10 @@ async fn check_kept_once(
     let kept: BTreeSet<_> = seen.keys().cloned().collect();
     let removed: BTreeSet<_> = before.keys().cloned().collect();
     assert_eq!(kept, removed, "kept exactly what was removed");
-    assert!(apart.is_subset(&spilled), "a bundle with children apart says spilled");
+    assert!(
+        apart.is_subset(&spilled),
+        "a bundle with children apart says spilled"
+    );
     let n = |c: &str| seen.keys().filter(|(k, _)| k == c).count();
     (n("contacts"), n("conversations"), n("messages"))
 }
@@ -263,8 +276,16 @@ async fn a_crash_while_children_are_kept_apart_loses_nothing_and_keeps_each_once
             "{point}: counts after the crash"
         );
         let done = restore(&client, org, job).await;
-        assert_eq!(done["result"], json!({"restored": 61, "skipped": 0}), "{point}: {done}");
-        assert_eq!(raw_state(&db, org).await, before, "{point}: every byte back");
+        assert_eq!(
+            done["result"],
+            json!({"restored": 61, "skipped": 0}),
+            "{point}: {done}"
+        );
+        assert_eq!(
+            raw_state(&db, org).await,
+            before,
+            "{point}: every byte back"
+        );
         bin.kill().await.unwrap();
     }
 }
@@ -330,8 +351,13 @@ async fn a_restore_that_fails_with_a_contact_half_back_is_finished_by_the_next()
         .unwrap();
     assert_eq!(entries.len(), 200);
     let second_id = second["jobId"].as_str().unwrap();
-    assert!(entries.iter().all(|e| e.get_str("jobId").unwrap() == second_id));
-    let adopted = entries.iter().filter(|e| e.get_str("adoptedFrom").is_ok()).count();
+    assert!(entries
+        .iter()
+        .all(|e| e.get_str("jobId").unwrap() == second_id));
+    let adopted = entries
+        .iter()
+        .filter(|e| e.get_str("adoptedFrom").is_ok())
+        .count();
     assert_eq!(adopted, back.len(), "the first job's half-done contacts");
     drop(svc);
 }

@@ -38,6 +38,10 @@ pub struct DeleteBench {
     /// freshly seeded organisations); the ratio is the median of the pairs'.
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
+    /// Leave out the Node yardstick (it takes minutes per size; for
+    /// iterating on the job against the server's limit).
+    #[arg(long)]
+    pub skip_node: bool,
     /// Print one JSON line for scripts after the table.
     #[arg(long)]
     pub json: bool,
@@ -142,11 +146,14 @@ pub async fn run(args: DeleteBench) -> anyhow::Result<()> {
     let mut sizes: Vec<u64> = args.contacts.iter().map(|&n| n.max(1)).collect();
     sizes.sort_unstable();
     sizes.dedup();
-    let node = Yardsticks::install().await?;
+    let node = match args.skip_node {
+        true => None,
+        false => Some(Yardsticks::install().await?),
+    };
     let mut h = Harness::start(&args.common).await?;
     let mut results = Vec::new();
     for n in sizes {
-        let r = run_one(&mut h, &node, n, args.repeat.max(1)).await?;
+        let r = run_one(&mut h, node.as_ref(), n, args.repeat.max(1)).await?;
         eprintln!(
             "{n} contacts: job {:.0}/s, batched deleteMany {:.0}/s ({:.2}x, pairs {:?}), node cascade {:.0}/s ({:.2}x), peak rss {:.1} MB, load {:?}",
             r.job.contacts_rps(),
@@ -185,17 +192,16 @@ async fn seed(h: &Harness, n: u64, count: usize) -> anyhow::Result<Vec<crate::se
         6 * n
     );
     let t = Instant::now();
-    let orgs = futures::future::try_join_all(
-        (0..count).map(|_| seed_org(&h.db, ObjectId::new(), &spec)),
-    )
-    .await?;
+    let orgs =
+        futures::future::try_join_all((0..count).map(|_| seed_org(&h.db, ObjectId::new(), &spec)))
+            .await?;
     eprintln!("seeded in {:.1} s", t.elapsed().as_secs_f64());
     Ok(orgs)
 }
 
 async fn run_one(
     h: &mut Harness,
-    node: &Yardsticks,
+    node: Option<&Yardsticks>,
     n: u64,
     repeat: u32,
 ) -> anyhow::Result<RunResult> {
@@ -206,8 +212,9 @@ async fn run_one(
     let mut node_org = None;
     for rep in 0..repeat {
         // Fresh organisations for each pair (and the Node one with the first).
-        let mut orgs = seed(h, n, if rep == 0 { 3 } else { 2 }).await?;
-        if rep == 0 {
+        let with_node = rep == 0 && node.is_some();
+        let mut orgs = seed(h, n, if with_node { 3 } else { 2 }).await?;
+        if with_node {
             node_org = orgs.pop();
         }
         let (a, b) = (orgs[0].org_id, orgs[1].org_id);
@@ -226,7 +233,12 @@ async fn run_one(
             job.contacts_rps() / batched.contacts_rps().max(f64::MIN_POSITIVE),
             load.last().copied().unwrap_or(0.0)
         );
-        check_removed(h, n, &[("job", &job, a), ("batched deleteMany", &batched, b)]).await?;
+        check_removed(
+            h,
+            n,
+            &[("job", &job, a), ("batched deleteMany", &batched, b)],
+        )
+        .await?;
         if job.docs != expected_docs || batched.docs != expected_docs {
             bail!(
                 "documents removed: job {}, batched {}, expected {expected_docs}",
@@ -241,21 +253,30 @@ async fn run_one(
         // pair runs against a database of the same size.
         clean_up(h, a).await?;
     }
-    let c = node_org.context("no organisation for the node yardstick")?;
-    let stage = *c.stage_ids.first().context("seeded without a stage")?;
-    let before = probe.sample();
-    let run = node
-        .delete(&h.mongo.uri(), super::bench::DB, c.org_id, stage)
-        .await?;
-    let node_cpu = probe.sample().json_since(&before);
-    let mem = service.stop().await;
-    let node_side = Side {
-        contacts: run.count,
-        docs: run.count * 9,
-        took: run.took,
-        cpu: node_cpu,
+    let node_side = match (node, node_org) {
+        (Some(node), Some(c)) => {
+            let stage = *c.stage_ids.first().context("seeded without a stage")?;
+            let before = probe.sample();
+            let run = node
+                .delete(&h.mongo.uri(), super::bench::DB, c.org_id, stage)
+                .await?;
+            let side = Side {
+                contacts: run.count,
+                docs: run.count * 9,
+                took: run.took,
+                cpu: probe.sample().json_since(&before),
+            };
+            check_removed(h, n, &[("node cascade", &side, c.org_id)]).await?;
+            side
+        }
+        _ => Side {
+            contacts: 0,
+            docs: 0,
+            took: Duration::ZERO,
+            cpu: json!({}),
+        },
     };
-    check_removed(h, n, &[("node cascade", &node_side, c.org_id)]).await?;
+    let mem = service.stop().await;
     Ok(RunResult {
         contacts: n,
         job: median_run(jobs).context("no job run")?,
@@ -268,7 +289,11 @@ async fn run_one(
 }
 
 /// Fails unless each side removed all `n` contacts and left nothing of its organisation.
-async fn check_removed(h: &Harness, n: u64, sides: &[(&str, &Side, ObjectId)]) -> anyhow::Result<()> {
+async fn check_removed(
+    h: &Harness,
+    n: u64,
+    sides: &[(&str, &Side, ObjectId)],
+) -> anyhow::Result<()> {
     for (name, side, org) in sides {
         let mut left = 0;
         for coll in ["contacts", "conversations", "messages"] {

@@ -224,53 +224,54 @@ impl Keep<'_> {
     /// hold. A bundle written already (an earlier pass) is left as it is, and
     /// what it does not hold of the gathered children is kept apart.
     async fn seal(&mut self, contacts: Vec<ObjectId>, spilled: bool) -> Result<(), JobError> {
-        let mut gathered = Vec::with_capacity(contacts.len());
+        // Each contact's gathered documents move into its bundle (one copy
+        // of the batch at a time); the children's ids are kept aside.
+        let mut sealed = Vec::with_capacity(contacts.len());
+        let mut bundles = Vec::with_capacity(contacts.len());
         for id in contacts {
-            if let Some(Slot::Open(g)) = self.slots.insert(
+            let previous = self.slots.insert(
                 id,
                 Slot::Sealed {
                     held: HashSet::new(),
                 },
-            ) {
-                self.buffered = self
-                    .buffered
-                    .saturating_sub(g.bytes + g.contact.as_bytes().len());
-                gathered.push((id, g));
+            );
+            let Some(Slot::Open(g)) = previous else {
+                if let Some(previous) = previous {
+                    self.slots.insert(id, previous);
+                }
+                continue;
+            };
+            self.buffered = self
+                .buffered
+                .saturating_sub(g.bytes + g.contact.as_bytes().len());
+            let mut children = Vec::with_capacity(g.conversations.len() + g.messages.len());
+            for c in &g.conversations {
+                children.push((Kind::Conversation, child_id(c)?));
             }
+            for c in &g.messages {
+                children.push((Kind::Message, child_id(c)?));
+            }
+            sealed.push((id, children));
+            bundles.push(
+                self.keeper
+                    .bundle(id, g.contact, g.conversations, g.messages, spilled),
+            );
         }
-        let bundles: Vec<RawDocumentBuf> = gathered
-            .iter()
-            .map(|(id, g)| {
-                self.keeper.bundle(
-                    *id,
-                    g.contact.clone(),
-                    &g.conversations,
-                    &g.messages,
-                    spilled,
-                )
-            })
-            .collect();
         let taken = write_bundles(self.db, &bundles).await?;
-        drop(bundles);
         crate::failpoint::hit("delete.kept");
         let mut doomed = Doomed::default();
-        let mut earlier: Vec<(ObjectId, Gathered)> = Vec::new();
-        for (i, (id, g)) in gathered.into_iter().enumerate() {
+        let mut earlier: Vec<(ObjectId, RawDocumentBuf)> = Vec::new();
+        for (i, ((id, children), bundle)) in sealed.into_iter().zip(bundles).enumerate() {
             if taken.contains(&i) {
                 // Written before: what it holds must be known unless nothing
                 // of this contact is left to keep.
-                if spilled || !g.conversations.is_empty() || !g.messages.is_empty() {
-                    earlier.push((id, g));
+                if spilled || !children.is_empty() {
+                    earlier.push((id, bundle));
                 }
                 continue;
             }
-            for (kind, list) in [
-                (Kind::Conversation, &g.conversations),
-                (Kind::Message, &g.messages),
-            ] {
-                for c in list {
-                    doomed.push(kind, child_id(c)?);
-                }
+            for (kind, child) in children {
+                doomed.push(kind, child);
             }
         }
         delete_children(self.db, self.keeper.org, doomed).await?;
@@ -280,9 +281,13 @@ impl Keep<'_> {
         Ok(())
     }
 
-    /// Bundles an earlier pass wrote: what they hold is deleted, the rest of
-    /// the gathered children is kept apart (and the bundle marked spilled).
-    async fn reconcile(&mut self, earlier: Vec<(ObjectId, Gathered)>) -> Result<(), JobError> {
+    /// Bundles an earlier pass wrote, where this pass's bundles (`earlier`:
+    /// what it gathered) were duplicates: what they hold is deleted, the rest
+    /// of the gathered children is kept apart (and the bundle marked spilled).
+    async fn reconcile(
+        &mut self,
+        earlier: Vec<(ObjectId, RawDocumentBuf)>,
+    ) -> Result<(), JobError> {
         let keys: Vec<String> = earlier
             .iter()
             .map(|(id, _)| kept::contact_key(self.keeper.job_id, *id))
@@ -303,23 +308,24 @@ impl Keep<'_> {
             held.insert(kept::contact_of(&b)?, (ids, kept::spilled(&b)));
         }
         let mut mark = Vec::new();
-        for (id, g) in earlier {
+        for (id, gathered) in earlier {
             let (ids, mut spilled) = held.remove(&id).unwrap_or_default();
-            for (kind, list) in [(Kind::Conversation, g.conversations), (Kind::Message, g.messages)] {
-                for c in list {
+            for kind in [Kind::Conversation, Kind::Message] {
+                for c in kept::embedded(&gathered, kind)? {
+                    let c = c.to_raw_document_buf();
                     let bson_id = child_id(&c)?;
                     if ids.contains(&kept::id_text(id_ref(&c)?)) {
                         self.page_ids.push(kind, bson_id);
-                    } else {
-                        if !spilled {
-                            mark.push(kept::contact_key(self.keeper.job_id, id));
-                            spilled = true;
-                        }
-                        let single = self.keeper.single(kind, id, c)?;
-                        self.page_bytes += single.as_bytes().len();
-                        self.page.push(single);
-                        self.page_ids.push(kind, bson_id);
+                        continue;
                     }
+                    if !spilled {
+                        mark.push(kept::contact_key(self.keeper.job_id, id));
+                        spilled = true;
+                    }
+                    let single = self.keeper.single(kind, id, c)?;
+                    self.page_bytes += single.as_bytes().len();
+                    self.page.push(single);
+                    self.page_ids.push(kind, bson_id);
                 }
             }
             self.slots.insert(id, Slot::Sealed { held: ids });
@@ -362,10 +368,8 @@ async fn read_children(
     db: &Database,
     org: ObjectId,
     ids: &[ObjectId],
-) -> Result<
-    impl futures::Stream<Item = Result<(Kind, RawDocumentBuf), JobError>> + Unpin,
-    JobError,
-> {
+) -> Result<impl futures::Stream<Item = Result<(Kind, RawDocumentBuf), JobError>> + Unpin, JobError>
+{
     let filter = doc! {"orgId": org, "contactId": {"$in": ids}};
     let (conversations_coll, messages_coll) = (
         db.collection::<RawDocumentBuf>(names::CONVERSATIONS),
@@ -378,8 +382,10 @@ async fn read_children(
             .into_future(),
         messages_coll.find(filter).batch_size(1000).into_future(),
     )?;
-    let tag = |kind: Kind| move |r: mongodb::error::Result<RawDocumentBuf>| {
-        r.map(|d| (kind, d)).map_err(JobError::from)
+    let tag = |kind: Kind| {
+        move |r: mongodb::error::Result<RawDocumentBuf>| {
+            r.map(|d| (kind, d)).map_err(JobError::from)
+        }
     };
     Ok(futures::stream::select(
         conversations.map(tag(Kind::Conversation)),
@@ -407,7 +413,10 @@ async fn write_singles(db: &Database, page: Vec<RawDocumentBuf>) -> Result<(), J
 /// Marks bundles as having children kept apart.
 async fn mark_spilled(db: &Database, keys: Vec<String>) -> Result<(), JobError> {
     kept::collection(db)
-        .update_many(doc! {"_id": {"$in": keys}}, doc! {"$set": {"spilled": true}})
+        .update_many(
+            doc! {"_id": {"$in": keys}},
+            doc! {"$set": {"spilled": true}},
+        )
         .await?;
     Ok(())
 }

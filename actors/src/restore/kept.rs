@@ -93,7 +93,12 @@ pub fn range(
 
 /// The key of a child kept on its own (`kind`: a conversation or a message).
 pub fn child_key(job_id: &str, kind: Kind, contact: ObjectId, id: RawBsonRef<'_>) -> String {
-    format!("{job_id}:{}:{}:{}", kind.tag(), contact.to_hex(), id_text(id))
+    format!(
+        "{job_id}:{}:{}:{}",
+        kind.tag(),
+        contact.to_hex(),
+        id_text(id)
+    )
 }
 
 /// A document's `_id` as text (hex for an ObjectId), as keys name it.
@@ -144,14 +149,15 @@ impl Keeper<'_> {
         &self,
         contact: ObjectId,
         original: RawDocumentBuf,
-        conversations: &[RawDocumentBuf],
-        messages: &[RawDocumentBuf],
+        conversations: Vec<RawDocumentBuf>,
+        messages: Vec<RawDocumentBuf>,
         spilled: bool,
     ) -> RawDocumentBuf {
-        let array = |docs: &[RawDocumentBuf]| {
+        let counts = (conversations.len() as i64, messages.len() as i64);
+        let array = |docs: Vec<RawDocumentBuf>| {
             let mut a = RawArrayBuf::new();
             for d in docs {
-                a.push(d.clone());
+                a.push(d);
             }
             a
         };
@@ -165,8 +171,8 @@ impl Keeper<'_> {
             "conversations": array(conversations),
             "messages": array(messages),
             "counts": {
-                "conversations": conversations.len() as i64,
-                "messages": messages.len() as i64,
+                "conversations": counts.0,
+                "messages": counts.1,
             },
             "spilled": spilled,
         }
@@ -235,12 +241,9 @@ pub async fn insert_new(
     match coll.insert_many(docs).with_options(opts).await {
         Ok(_) => Ok(Vec::new()),
         Err(e) if is_duplicate_key(&e) => match e.kind.as_ref() {
-            mongodb::error::ErrorKind::InsertMany(m) => Ok(m
-                .write_errors
-                .iter()
-                .flatten()
-                .map(|w| w.index)
-                .collect()),
+            mongodb::error::ErrorKind::InsertMany(m) => {
+                Ok(m.write_errors.iter().flatten().map(|w| w.index).collect())
+            }
             _ => Ok((0..docs.len()).collect()),
         },
         Err(e) => Err(e.into()),

@@ -62,6 +62,8 @@ pub struct RestoreState {
     unfinished: Option<batch::Unfinished>,
     /// The batch being put back in the background.
     applying: Option<Applying>,
+    /// A step failed: the next batch is put back within its step.
+    redo: bool,
 }
 
 impl JobStep for RestoreState {
@@ -77,6 +79,7 @@ impl JobStep for RestoreState {
             sampled: Default::default(),
             unfinished: None,
             applying: None,
+            redo: false,
         })
     }
 
@@ -88,6 +91,7 @@ impl JobStep for RestoreState {
         // A failed step: the batch in the background is redone from the
         // checkpoint.
         self.applying = None;
+        self.redo = true;
     }
 
     async fn step(&mut self) -> Result<bool, JobError> {
@@ -173,7 +177,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         checkpoint(run, &done).await?;
     }
     let upto = decided.upto;
-    let task = tokio::spawn(batch::put_back(
+    let put_back = batch::put_back(
         batch::PutBack {
             db,
             sink: run.env.sink.clone(),
@@ -182,7 +186,16 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
             sampled: s.sampled.clone(),
         },
         decided,
-    ));
+    );
+    if s.redo {
+        // After a failed step the batch is put back within the step, so a
+        // failure that persists fails steps in a row (and counts).
+        let done = run.alive(put_back).await?;
+        checkpoint(run, &done).await?;
+        s.redo = false;
+        return Ok(true);
+    }
+    let task = tokio::spawn(put_back);
     s.applying = Some(Applying { upto, task });
     Ok(true)
 }
