@@ -101,8 +101,7 @@ impl Service {
             .await
             .context("reading the database's clock")?;
         let artifacts = Artifacts::new(&db);
-        let webhooks =
-            webhooks::Webhooks::new(&db, store.clone(), &config.webhooks, keys.clone());
+        let webhooks = webhooks::Webhooks::new(&db, store.clone(), &config.webhooks, keys.clone());
         webhooks
             .ensure_indexes()
             .await

@@ -316,17 +316,13 @@ async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
         .await
         .unwrap();
     // "a" wakes up: every write it tries is refused and changes nothing.
-    let stale = store
-        .update_held(&id, &a_lease, ttl, &processed(99))
-        .await;
+    let stale = store.update_held(&id, &a_lease, ttl, &processed(99)).await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
     let stale = artifacts
         .put(&id, 1, a_lease.epoch, b"stale".to_vec())
         .await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
-    let stale = store
-        .finish(&id, &a_lease, &Ending::Completed(None))
-        .await;
+    let stale = store.finish(&id, &a_lease, &Ending::Completed(None)).await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
     store.release(&id, &a_lease).await.unwrap();
     let now = store.get_any(&id).await.unwrap().unwrap();

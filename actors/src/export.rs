@@ -22,8 +22,8 @@ use crate::error::JobError;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::lookup::NameCache;
 use crate::model::{Checkpoint, ExportFile, ExportSpec, JobRecord};
-use crate::repo::{Ending, JobPatch};
 use crate::pending_chunk::PendingChunk;
+use crate::repo::{Ending, JobPatch};
 
 /// The export actor.
 pub type ExportActor = JobActor<ExportState>;

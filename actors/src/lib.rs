@@ -24,5 +24,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Dependency, JobError, ValidationError};

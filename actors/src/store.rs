@@ -144,10 +144,7 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), JobError> {
         let keys = model.keys.clone();
         let started = std::time::Instant::now();
         tracing::info!(collection = coll, keys = %keys, "ensuring index");
-        db
-            .collection::<Document>(coll)
-            .create_index(model)
-            .await?;
+        db.collection::<Document>(coll).create_index(model).await?;
         tracing::info!(collection = coll, keys = %keys, elapsed_ms = started.elapsed().as_millis() as u64, "index ready");
     }
     Ok(())

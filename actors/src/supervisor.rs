@@ -115,6 +115,9 @@ pub struct SupervisorState {
     running: HashMap<ActorId, Running>,
     draining: Option<Vec<RpcReplyPort<()>>>,
     counters: SupervisorCounters,
+    /// Jobs restarting after a failure, and when their backoff ends: until
+    /// then the scan leaves them alone here.
+    backoff: HashMap<String, tokio::time::Instant>,
 }
 
 impl Actor for Supervisor {
@@ -136,6 +139,7 @@ impl Actor for Supervisor {
             running: HashMap::new(),
             draining: None,
             counters: SupervisorCounters::default(),
+            backoff: HashMap::new(),
         })
     }
 
@@ -244,7 +248,11 @@ async fn on_failure(
     if record.attempts >= env.settings.max_attempts {
         tracing::error!(job_id, attempts = record.attempts, error, "job failed");
         let message = format!("gave up after {} attempts: {error}", record.attempts);
-        match env.jobs.finish(job_id, lease, &Ending::Failed(message)).await {
+        match env
+            .jobs
+            .finish(job_id, lease, &Ending::Failed(message))
+            .await
+        {
             Ok(job) => {
                 // What the job had decided on but not done goes back (a
                 // delete's undeleted contacts, an export's partial file).
@@ -284,6 +292,9 @@ async fn on_failure(
     );
     state.counters.restarts += 1;
     let job_id = job_id.to_string();
+    state
+        .backoff
+        .insert(job_id.clone(), tokio::time::Instant::now() + delay);
     myself.send_after(delay, move || SupervisorMsg::Start(job_id));
 }
 
@@ -295,6 +306,8 @@ async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
         return;
     }
     state.counters.scans += 1;
+    let now = tokio::time::Instant::now();
+    state.backoff.retain(|_, until| *until > now);
     if let Err(e) = state.env.jobs.sync_clock().await {
         tracing::debug!(error = %e, "database clock not read");
     }
@@ -353,6 +366,13 @@ async fn start_record(
     if state.running.values().any(|r| r.job_id == job.job_id) {
         return Ok(());
     }
+    if let Some(until) = state.backoff.get(&job.job_id) {
+        if tokio::time::Instant::now() < *until {
+            // Restarting after a failure: its `Start` comes when the backoff ends.
+            return Ok(());
+        }
+        state.backoff.remove(&job.job_id);
+    }
     let org_running = state
         .running
         .values()
@@ -382,10 +402,7 @@ async fn start_record(
         owner: env.instance.clone(),
         epoch: job.lease_epoch,
     };
-    let spawned = state
-        .kinds
-        .spawn(env.clone(), job, myself.get_cell())
-        .await;
+    let spawned = state.kinds.spawn(env.clone(), job, myself.get_cell()).await;
     let actor = match spawned {
         Ok(actor) => actor,
         Err(e) => {
@@ -407,3 +424,6 @@ async fn start_record(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

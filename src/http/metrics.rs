@@ -17,11 +17,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// wait in the database, not in any one process); if the database does not
 /// answer within a second the last value stays.
 pub async fn scrape(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let pending = tokio::time::timeout(
-        Duration::from_secs(1),
-        app.store.count_pending(None),
-    )
-    .await;
+    let pending = tokio::time::timeout(Duration::from_secs(1), app.store.count_pending(None)).await;
     match pending {
         Ok(Ok(n)) => metrics::set_jobs_pending(n as i64),
         Ok(Err(e)) => tracing::debug!(error = %e, "pending jobs not counted"),

@@ -109,8 +109,7 @@ pub trait JobRepo: Send + Sync + std::fmt::Debug + 'static {
     async fn get_any(&self, job_id: &str) -> Result<Option<JobRecord>, JobError>;
 
     /// A job of this organisation by its command id; `NotFound` otherwise.
-    async fn get_by_command(&self, org: ObjectId, command_id: &str)
-        -> Result<JobRecord, JobError>;
+    async fn get_by_command(&self, org: ObjectId, command_id: &str) -> Result<JobRecord, JobError>;
 
     /// The organisation's most recent jobs, newest first.
     async fn list(&self, org: ObjectId, limit: i64) -> Result<Vec<JobRecord>, JobError>;

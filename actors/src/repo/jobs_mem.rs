@@ -93,19 +93,24 @@ impl MemJobs {
         DateTime::from_millis(self.base.timestamp_millis() + elapsed)
     }
 
-    /// A record as stored (tests).
+    /// A record as stored, outage or not (tests).
     pub fn peek(&self, job_id: &str) -> Option<JobRecord> {
-        self.lock().ok()?.jobs.get(job_id).map(|e| e.job.clone())
+        self.records().jobs.get(job_id).map(|e| e.job.clone())
     }
 
-    /// Every record, oldest first (tests).
+    /// Every record, oldest first, outage or not (tests).
     pub fn all(&self) -> Vec<JobRecord> {
-        let Ok(r) = self.lock() else { return vec![] };
+        let r = self.records();
         let mut all: Vec<&Entry> = r.jobs.values().collect();
         all.sort_by_key(|e| (e.job.created_at, e.seq));
         all.into_iter().map(|e| e.job.clone()).collect()
     }
 
+    fn records(&self) -> MutexGuard<'_, Records> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The records, or the error of an outage while set down.
     fn lock(&self) -> Result<MutexGuard<'_, Records>, JobError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(JobError::Unavailable {
@@ -113,7 +118,7 @@ impl MemJobs {
                 message: "in-memory store set down".into(),
             });
         }
-        Ok(self.records.lock().unwrap_or_else(|e| e.into_inner()))
+        Ok(self.records())
     }
 
     fn until(&self, ttl: Duration) -> DateTime {
@@ -228,11 +233,7 @@ impl JobRepo for MemJobs {
         Ok(self.lock()?.jobs.get(job_id).map(|e| e.job.clone()))
     }
 
-    async fn get_by_command(
-        &self,
-        org: ObjectId,
-        command_id: &str,
-    ) -> Result<JobRecord, JobError> {
+    async fn get_by_command(&self, org: ObjectId, command_id: &str) -> Result<JobRecord, JobError> {
         let key = format!("{}:{command_id}", org.to_hex());
         self.lock()?
             .jobs
@@ -265,7 +266,12 @@ impl JobRepo for MemJobs {
             .lock()?
             .jobs
             .values()
-            .filter(|e| e.job.restore_key.as_deref().is_some_and(|k| k.starts_with(&prefix)))
+            .filter(|e| {
+                e.job
+                    .restore_key
+                    .as_deref()
+                    .is_some_and(|k| k.starts_with(&prefix))
+            })
             .map(|e| e.job.clone())
             .collect())
     }

@@ -101,7 +101,10 @@ fn patch_set(patch: &JobPatch) -> Result<Document, JobError> {
         set.insert("inflightNext", bson::to_bson(next)?);
     }
     if let Some(waiting) = patch.waiting {
-        set.insert("waiting", waiting.map_or(Bson::Null, |w| Bson::from(w.as_str())));
+        set.insert(
+            "waiting",
+            waiting.map_or(Bson::Null, |w| Bson::from(w.as_str())),
+        );
     }
     Ok(set)
 }
@@ -208,11 +211,7 @@ impl JobRepo for MongoJobs {
         Ok(self.jobs.find_one(doc! {"_id": job_id}).await?)
     }
 
-    async fn get_by_command(
-        &self,
-        org: ObjectId,
-        command_id: &str,
-    ) -> Result<JobRecord, JobError> {
+    async fn get_by_command(&self, org: ObjectId, command_id: &str) -> Result<JobRecord, JobError> {
         let key = format!("{}:{command_id}", org.to_hex());
         self.jobs
             .find_one(doc! {"commandKey": key, "orgId": org})
