@@ -15,3 +15,6 @@ pub mod jobs_mongo;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;
+
+#[cfg(test)]
+mod tests;
