@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::artifact::Artifacts;
 use crate::error::{Dependency, JobError};
 use crate::events::{EventSink, JobEventKind, ProgressThrottle};
 use crate::model::JobRecord;
@@ -82,7 +81,7 @@ pub struct JobEnv {
     /// The CRM database, for the queries of exports and restores.
     pub db: mongodb::Database,
     /// Export files.
-    pub artifacts: Artifacts,
+    pub artifacts: Arc<dyn crate::repo::ChunkRepo>,
     /// Event publishing.
     pub sink: Arc<dyn EventSink>,
     /// Tunables.

@@ -11,14 +11,13 @@ use bson::oid::ObjectId;
 use futures::future::BoxFuture;
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 
-use crate::artifact::Artifacts;
 use crate::error::JobError;
 use crate::events::{EventSink, JobEventKind, RemovedContact, RestoredContact};
 use crate::filter::Filter;
 use crate::job::{JobActor, JobEnv, JobMsg, JobRun, JobSettings, JobStep};
 use crate::kinds::JobKinds;
 use crate::model::{JobKind, JobRecord, JobStatus};
-use crate::repo::{Crm, Ending, JobPatch, JobRepo, MemCrm, MemJobs};
+use crate::repo::{Crm, Ending, JobPatch, JobRepo, MemChunks, MemCrm, MemJobs};
 
 /// One event the sink got: kind, status and `processed` of the snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,7 +118,7 @@ pub fn env_with(jobs: &MemJobs, crm: &MemCrm, instance: &str, sink: Arc<Recordin
     JobEnv {
         jobs: Arc::new(jobs.clone()),
         crm: Crm::of(Arc::new(crm.clone())),
-        artifacts: Artifacts::new(&db),
+        artifacts: Arc::new(MemChunks::new()),
         db,
         sink,
         settings: settings(),
