@@ -79,6 +79,15 @@ impl Artifacts {
             .deleted_count)
     }
 
+    /// Drops every chunk of these jobs (retention); how many went.
+    pub async fn remove_jobs(&self, job_ids: &[String]) -> Result<u64, JobError> {
+        Ok(self
+            .chunks
+            .delete_many(doc! {"jobId": {"$in": job_ids}})
+            .await?
+            .deleted_count)
+    }
+
     /// The file's bytes in order, a chunk at a time (memory stays at a couple
     /// of chunks): chunks below `chunks` when the file says how many it has.
     pub async fn stream(

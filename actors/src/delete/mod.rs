@@ -46,7 +46,8 @@ pub use dry_run::dry_run;
 use crate::error::JobError;
 use crate::filter::Filter;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
-use crate::model::{DeleteInflight, JobRecord, JobStatus};
+use crate::model::{Checkpoint, Counts, DeleteInflight, JobRecord};
+use crate::repo::{Ending, JobPatch};
 use crate::snapshot;
 use crate::store::names;
 
@@ -146,13 +147,16 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     } else if !run.job.hard_delete && run.job.restorable_until.is_none() {
         // A job recorded before deletes kept anything: it keeps from now on.
         let until = restorable_until(DateTime::now(), run.env.settings.restore_retention);
-        run.update(doc! {"$set": {"restorableUntil": until}})
-            .await?;
+        run.update(JobPatch {
+            restorable_until: Some(until),
+            ..JobPatch::default()
+        })
+        .await?;
     }
     if s.applying.is_empty() {
         if let Some(inflight) = run.job.inflight.clone() {
             // A batch left by a crash or a failed step: redo it from its entries.
-            let db = run.env.store.db().clone();
+            let db = run.env.db.clone();
             let after = run.job.checkpoint.last_id;
             let audits = cascade::recorded(&db, &run.job, after, Some(inflight.upto)).await?;
             let redo = cascade::apply(cascade::Batch {
@@ -179,14 +183,14 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         settle(s).await?;
         let run = &mut s.run;
         release_held(run).await?;
-        run.finish(JobStatus::Cancelled, doc! {}).await?;
+        run.finish(Ending::Cancelled).await?;
         return Ok(false);
     }
     let Some(max_id) = run.job.snapshot_max_id else {
         settle(s).await?;
         return complete(s).await;
     };
-    let db = run.env.store.db().clone();
+    let db = run.env.db.clone();
     let after = s
         .applying
         .back()
@@ -272,14 +276,11 @@ async fn record<'a>(
     done: Option<&DeleteInflight>,
     in_flight: impl Iterator<Item = &'a DeleteInflight>,
 ) -> Result<(), JobError> {
-    let mut slots = in_flight.map(bson::to_bson);
-    let mut slot = || {
-        slots
-            .next()
-            .transpose()
-            .map(|b| b.unwrap_or(bson::Bson::Null))
+    let mut slots = in_flight.cloned();
+    let mut patch = JobPatch {
+        inflight: Some((slots.next(), slots.next())),
+        ..JobPatch::default()
     };
-    let mut set = doc! {"inflight": slot()?, "inflightNext": slot()?};
     if let Some(done) = done {
         // Absolute values from the record as last written (the write is fenced
         // by the lease, so nobody else moved them): a write that was applied
@@ -287,20 +288,19 @@ async fn record<'a>(
         // the batch counts once.
         let job = &run.job;
         let counts = job.counts;
-        set.insert("checkpoint.lastId", done.upto);
-        set.insert("processed", job.processed + done.contacts as i64);
-        set.insert("counts.contacts", (counts.contacts + done.contacts) as i64);
-        set.insert(
-            "counts.conversations",
-            (counts.conversations + done.conversations) as i64,
-        );
-        set.insert("counts.messages", (counts.messages + done.messages) as i64);
+        patch.checkpoint = Some(Checkpoint {
+            last_id: Some(done.upto),
+            ..job.checkpoint.clone()
+        });
+        patch.processed = Some(job.processed + done.contacts as i64);
+        patch.counts = Some(Counts {
+            contacts: counts.contacts + done.contacts,
+            conversations: counts.conversations + done.conversations,
+            messages: counts.messages + done.messages,
+        });
     }
-    run.update_at(
-        crate::failpoint::DELETE_RECORD_LOST_REPLY,
-        doc! {"$set": set},
-    )
-    .await?;
+    run.update_at(crate::failpoint::DELETE_RECORD_LOST_REPLY, patch)
+        .await?;
     if done.is_some() {
         run.progress_event().await;
     }
@@ -310,7 +310,7 @@ async fn record<'a>(
 /// Freezes the snapshot and counts `total`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     let job = &run.job;
-    let db = run.env.store.db().clone();
+    let db = run.env.db.clone();
     let collection = job.filter.pipeline_type.collection();
     let query = job.filter.query(job.org_id);
     let max_id = snapshot::bound(&db, collection, &query).await?;
@@ -320,23 +320,19 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
         return Ok(());
     };
     let now = DateTime::now();
-    let mut set = doc! {
-        "initialised": true,
-        "status": "processing",
-        "startedAt": run.env.store.now(),
-        "snapshotMaxId": max_id,
-        "total": total,
-        "processed": 0i64,
+    let mut patch = JobPatch {
+        started_at: Some(run.env.jobs.now()),
+        snapshot_max_id: Some(max_id),
+        total: Some(Some(total)),
+        processed: Some(0),
+        ..JobPatch::default()
     };
     if !run.job.hard_delete {
         // Everything the job removes is kept until then (one date for the
         // whole job, so its restore is all or nothing in time).
-        set.insert(
-            "restorableUntil",
-            restorable_until(now, run.env.settings.restore_retention),
-        );
+        patch.restorable_until = Some(restorable_until(now, run.env.settings.restore_retention));
     }
-    run.update(doc! {"$set": set}).await?;
+    run.update(patch).await?;
     run.status_event().await;
     tracing::info!(job_id = %run.job.job_id, total, "delete started");
     Ok(())
@@ -352,8 +348,8 @@ fn restorable_until(now: DateTime, retention: std::time::Duration) -> DateTime {
 /// fenced write) right before, so a holder that lost it while paused cannot
 /// give back contacts the new holder has recorded as in flight.
 async fn release_held(run: &mut JobRun) -> Result<(), JobError> {
-    run.update(doc! {}).await?;
-    release_undecided(run.env.store.db(), &run.job).await
+    run.update(JobPatch::default()).await?;
+    release_undecided(&run.env.db, &run.job).await
 }
 
 /// Removes this job's CONTACT_DELETE entries beyond its checkpoint whose
@@ -398,7 +394,7 @@ pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), Job
 async fn complete(s: &mut DeleteState) -> Result<bool, JobError> {
     let run = &mut s.run;
     release_held(run).await?;
-    run.finish(JobStatus::Completed, doc! {}).await?;
+    run.finish(Ending::Completed(None)).await?;
     Ok(false)
 }
 
