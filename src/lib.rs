@@ -113,6 +113,9 @@ impl Service {
         ));
         let env = JobEnv {
             jobs: store.clone(),
+            crm: contact_bulk_actors::repo::Crm::of(Arc::new(
+                contact_bulk_actors::repo::MongoCrm::new(&db),
+            )),
             db: db.clone(),
             artifacts: artifacts.clone(),
             sink: sink.clone(),

@@ -77,7 +77,9 @@ impl Default for JobSettings {
 pub struct JobEnv {
     /// Job records and leases.
     pub jobs: Arc<dyn JobRepo>,
-    /// The CRM database, for the steps' own queries.
+    /// The CRM data a delete works on.
+    pub crm: crate::repo::Crm,
+    /// The CRM database, for the queries of exports and restores.
     pub db: mongodb::Database,
     /// Export files.
     pub artifacts: Artifacts,

@@ -60,7 +60,7 @@ impl JobKinds for Actors {
         match job.kind {
             // The contacts its unfinished batches had not deleted go back
             // to being anyone's: a later job may delete them.
-            JobKind::Delete => crate::delete::release_undecided(&env.db, job).await,
+            JobKind::Delete => crate::delete::release_undecided(&env.crm, job).await,
             // No file will ever be read.
             JobKind::Export => env.artifacts.remove_from(&job.job_id, 0).await.map(drop),
             // Likewise the contacts a restore decided on but did not put

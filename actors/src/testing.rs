@@ -18,7 +18,7 @@ use crate::filter::Filter;
 use crate::job::{JobActor, JobEnv, JobMsg, JobRun, JobSettings, JobStep};
 use crate::kinds::JobKinds;
 use crate::model::{JobKind, JobRecord, JobStatus};
-use crate::repo::{Ending, JobPatch, JobRepo, MemJobs};
+use crate::repo::{Crm, Ending, JobPatch, JobRepo, MemCrm, MemJobs};
 
 /// One event the sink got: kind, status and `processed` of the snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,11 +108,17 @@ pub fn settings() -> JobSettings {
     }
 }
 
-/// The environment of instance `instance` over `jobs`.
+/// The environment of instance `instance` over `jobs` (and empty CRM data).
 pub fn env(jobs: &MemJobs, instance: &str, sink: Arc<RecordingSink>) -> JobEnv {
+    env_with(jobs, &MemCrm::new(), instance, sink)
+}
+
+/// The environment of instance `instance` over `jobs` and `crm`.
+pub fn env_with(jobs: &MemJobs, crm: &MemCrm, instance: &str, sink: Arc<RecordingSink>) -> JobEnv {
     let db = unused_db();
     JobEnv {
         jobs: Arc::new(jobs.clone()),
+        crm: Crm::of(Arc::new(crm.clone())),
         artifacts: Artifacts::new(&db),
         db,
         sink,

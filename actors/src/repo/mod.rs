@@ -8,10 +8,16 @@
 //! implementation and an in-memory fake with the same semantics, so the job
 //! logic is unit-tested without servers, on tokio's paused clock.
 
+pub mod crm;
+pub mod crm_mem;
+pub mod crm_mongo;
 pub mod jobs;
 pub mod jobs_mem;
 pub mod jobs_mongo;
 
+pub use crm::{AuditRepo, ContactRepo, Crm, Kept, KeptRepo, NotificationRepo};
+pub use crm_mem::MemCrm;
+pub use crm_mongo::MongoCrm;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;

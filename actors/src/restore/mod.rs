@@ -110,6 +110,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     let started = std::time::Instant::now();
     let done = batch::restore(batch::Batch {
         db: &db,
+        notifications: run.env.crm.notifications.as_ref(),
         sink: run.env.sink.as_ref(),
         job: &run.job,
         source: &src,
