@@ -28,7 +28,7 @@ pub mod names {
     pub const PIPELINES: &str = "pipelines";
     /// CRM users (assignees).
     pub const USERS: &str = "users";
-    /// What deletes removed, kept for restores (`restore::kept`).
+    /// What deletes removed, kept for restores (`repo::kept`).
     pub const KEPT: &str = "bulk_kept";
 }
 

@@ -97,8 +97,7 @@ impl Applying {
 /// Batches recorded and applied at once: one announced while the next is deleted.
 const DEPTH: usize = 2;
 
-/// The most contact ids a notification lists; `count` stays exact.
-pub const NOTIFICATION_SAMPLE: i32 = 1000;
+pub use crate::repo::crm::NOTIFICATION_SAMPLE;
 
 impl JobStep for DeleteState {
     fn start(env: JobEnv, job: JobRecord) -> Result<DeleteState, JobError> {

@@ -16,6 +16,9 @@ use futures::stream::BoxStream;
 use crate::error::JobError;
 use crate::model::JobRecord;
 
+/// The most contact ids a notification lists; its `count` stays exact.
+pub const NOTIFICATION_SAMPLE: i32 = 1000;
+
 /// Ids read from a cursor, a batch at a time.
 pub type IdStream = BoxStream<'static, Result<ObjectId, JobError>>;
 

@@ -496,7 +496,7 @@ impl NotificationRepo for MemCrm {
             if list {
                 note.contact_ids.extend_from_slice(contacts);
                 note.contact_ids
-                    .truncate(crate::delete::NOTIFICATION_SAMPLE as usize);
+                    .truncate(super::crm::NOTIFICATION_SAMPLE as usize);
             }
         })
     }

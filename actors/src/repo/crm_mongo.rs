@@ -296,7 +296,7 @@ impl NotificationRepo for MongoCrm {
             // size limit; `count` is exact.
             update.insert(
                 "$push",
-                doc! {"contactIds": {"$each": contacts, "$slice": crate::delete::NOTIFICATION_SAMPLE}},
+                doc! {"contactIds": {"$each": contacts, "$slice": super::crm::NOTIFICATION_SAMPLE}},
             );
         }
         let res = self
@@ -319,6 +319,6 @@ impl NotificationRepo for MongoCrm {
 #[async_trait]
 impl KeptRepo for MongoCrm {
     async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<Kept, JobError> {
-        crate::restore::kept::keep(&self.db, job, ids).await
+        super::kept::keep(&self.db, job, ids).await
     }
 }

@@ -14,6 +14,7 @@ pub mod crm_mongo;
 pub mod jobs;
 pub mod jobs_mem;
 pub mod jobs_mongo;
+pub mod kept;
 
 pub use crm::{AuditRepo, ContactRepo, Crm, Kept, KeptRepo, NotificationRepo};
 pub use crm_mem::MemCrm;

@@ -25,7 +25,7 @@ pub(super) struct Batch<'a> {
     /// The delete undone.
     pub source: &'a str,
     pub after: Option<ObjectId>,
-    /// Kept contact documents (`kept.rs`).
+    /// Kept contact documents (`repo/kept.rs`).
     pub contacts: Vec<RawDocumentBuf>,
     pub sampled: &'a Sampled,
 }

@@ -24,7 +24,7 @@
 //! that already happened is a duplicate key.
 
 mod batch;
-pub mod kept;
+pub use crate::repo::kept;
 mod start;
 
 use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf};

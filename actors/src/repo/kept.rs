@@ -85,7 +85,7 @@ fn child_key(job_id: &str, kind: Kind, contact: ObjectId, id: RawBsonRef<'_>) ->
     format!("{job_id}:{}:{}:{id}", kind.tag(), contact.to_hex())
 }
 
-pub use crate::repo::Kept;
+pub use super::crm::Kept;
 
 /// Keeps the contacts `ids` of the delete `job` that still exist, with their
 /// conversations and messages, before the batch deletes them: one read per
