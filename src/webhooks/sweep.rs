@@ -133,7 +133,7 @@ impl Webhooks {
                         .is_ok_and(|id| !have.contains(&(id, job.job_id.clone())))
             });
             if missing {
-                let snapshot = serde_json::to_value(decorate(&self.inner.keys, job))?;
+                let snapshot = decorate(&self.inner.keys, job);
                 self.enqueue(job.org_id, &job.job_id, &event_type, finished, &snapshot)
                     .await?;
                 recovered += 1;
