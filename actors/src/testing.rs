@@ -114,11 +114,22 @@ pub fn env(jobs: &MemJobs, instance: &str, sink: Arc<RecordingSink>) -> JobEnv {
 
 /// The environment of instance `instance` over `jobs` and `crm`.
 pub fn env_with(jobs: &MemJobs, crm: &MemCrm, instance: &str, sink: Arc<RecordingSink>) -> JobEnv {
+    env_full(jobs, crm, &MemChunks::new(), instance, sink)
+}
+
+/// The environment of instance `instance` over `jobs`, `crm` and `chunks`.
+pub fn env_full(
+    jobs: &MemJobs,
+    crm: &MemCrm,
+    chunks: &MemChunks,
+    instance: &str,
+    sink: Arc<RecordingSink>,
+) -> JobEnv {
     let db = unused_db();
     JobEnv {
         jobs: Arc::new(jobs.clone()),
         crm: Crm::of(Arc::new(crm.clone())),
-        artifacts: Arc::new(MemChunks::new()),
+        artifacts: Arc::new(chunks.clone()),
         db,
         sink,
         settings: settings(),

@@ -52,6 +52,8 @@ type Chunks = BTreeMap<(String, i64), (i64, Vec<u8>)>;
 #[derive(Debug, Clone, Default)]
 pub struct MemChunks {
     chunks: Arc<Mutex<Chunks>>,
+    /// Writes still to fail as during an outage.
+    failing: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl MemChunks {
@@ -62,6 +64,11 @@ impl MemChunks {
 
     fn lock(&self) -> MutexGuard<'_, Chunks> {
         self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next `n` writes fail as during a MongoDB outage.
+    pub fn fail_writes(&self, n: u32) {
+        self.failing.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The chunk numbers stored for a job (tests).
@@ -77,6 +84,17 @@ impl MemChunks {
 #[async_trait]
 impl ChunkRepo for MemChunks {
     async fn put(&self, job_id: &str, n: i64, epoch: i64, data: Vec<u8>) -> Result<(), JobError> {
+        use std::sync::atomic::Ordering;
+        let failing = &self.failing;
+        if failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |f| f.checked_sub(1))
+            .is_ok()
+        {
+            return Err(JobError::Unavailable {
+                service: crate::error::Dependency::Mongodb,
+                message: "in-memory chunks set down".into(),
+            });
+        }
         let mut chunks = self.lock();
         let key = (job_id.to_string(), n);
         if chunks.get(&key).is_some_and(|(e, _)| *e > epoch) {
