@@ -24,7 +24,7 @@ pub(super) struct Batch<'a> {
     /// The delete undone.
     pub source: &'a str,
     pub after: Option<ObjectId>,
-    /// Kept contact documents (`kept.rs`).
+    /// Kept contact documents (`repo/kept.rs`).
     pub contacts: Vec<RawDocumentBuf>,
     /// Ended restores of the same delete whose last batch this one may finish.
     pub unfinished: &'a Unfinished,
@@ -47,6 +47,7 @@ pub(super) struct Decided {
 /// the background while the next batch is decided).
 pub(super) struct PutBack {
     pub db: Database,
+    pub notifications: Arc<dyn crate::repo::NotificationRepo>,
     pub sink: Arc<dyn EventSink>,
     pub job: Arc<JobRecord>,
     pub source: String,
@@ -201,6 +202,7 @@ pub(super) async fn decide(b: Batch<'_>) -> Result<Decided, JobError> {
 pub(super) async fn put_back(p: PutBack, d: Decided) -> Result<Done, JobError> {
     let PutBack {
         db,
+        notifications,
         sink,
         job,
         source,
@@ -258,7 +260,14 @@ pub(super) async fn put_back(p: PutBack, d: Decided) -> Result<Done, JobError> {
     crate::failpoint::hit("restore.children");
     // 5. Notifications and events, to different servers, together.
     futures::try_join!(
-        notify(db, job, "contacts_restored", upto, &mine, &sampled),
+        notify(
+            notifications.as_ref(),
+            job,
+            "contacts_restored",
+            upto,
+            &mine,
+            &sampled
+        ),
         announce(sink.as_ref(), job, source, &mine),
     )?;
     Ok(Done {

@@ -33,7 +33,7 @@
 //! puts back what is missing (duplicates are left as they are).
 
 mod batch;
-pub mod kept;
+pub use crate::repo::kept;
 mod start;
 
 use std::sync::Arc;
@@ -47,7 +47,8 @@ pub use start::{dry_run, existing, source, RestoreCounts};
 
 use crate::error::JobError;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
-use crate::model::{JobRecord, JobStatus};
+use crate::model::{Checkpoint, Counts, JobRecord};
+use crate::repo::{Ending, JobPatch};
 use crate::store::names;
 
 /// The restore actor.
@@ -121,7 +122,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     if !run.job.initialised {
         initialise(run).await?;
     }
-    let db = run.env.store.db().clone();
+    let db = run.env.db.clone();
     if run.cancel {
         // The batch being put back is finished first, so a cancelled job never
         // leaves a contact back without its children; likewise a batch a
@@ -129,14 +130,14 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         settle(s).await?;
         let run = &mut s.run;
         if undecided(&db, &run.job).await?.is_empty() {
-            run.finish(JobStatus::Cancelled, doc! {}).await?;
+            run.finish(Ending::Cancelled).await?;
             return Ok(false);
         }
     }
     let run = &mut s.run;
     let src = source_id(&run.job)?.to_string();
     if s.unfinished.is_none() {
-        s.unfinished = Some(start::unfinished(run.env.store.jobs(), &src, &run.job.job_id).await?);
+        s.unfinished = Some(start::unfinished(run.env.jobs.as_ref(), &src, &run.job.job_id).await?);
     }
     let after = s
         .applying
@@ -148,7 +149,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         settle(s).await?;
         let run = &mut s.run;
         release_undecided(&db, &run.job).await?;
-        run.finish(JobStatus::Completed, doc! {}).await?;
+        run.finish(Ending::Completed(None)).await?;
         return Ok(false);
     }
     // This batch is decided while the previous one is put back (other
@@ -180,6 +181,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     let put_back = batch::put_back(
         batch::PutBack {
             db,
+            notifications: run.env.crm.notifications.clone(),
             sink: run.env.sink.clone(),
             job: Arc::new(run.job.clone()),
             source: src,
@@ -237,19 +239,23 @@ async fn settle(s: &mut RestoreState) -> Result<(), JobError> {
 /// the record as last written (a repeated write cannot count twice).
 async fn checkpoint(run: &mut JobRun, done: &batch::Done) -> Result<(), JobError> {
     let job = &run.job;
-    let counts = doc! {
-        "contacts": (job.counts.contacts + done.restored) as i64,
-        "conversations": (job.counts.conversations + done.conversations) as i64,
-        "messages": (job.counts.messages + done.messages) as i64,
+    let counts = Counts {
+        contacts: job.counts.contacts + done.restored,
+        conversations: job.counts.conversations + done.conversations,
+        messages: job.counts.messages + done.messages,
     };
     let skipped = job.skipped + done.skipped as i64;
     let processed = job.processed + (done.restored + done.skipped) as i64;
-    run.update(doc! {"$set": {
-        "checkpoint.lastId": done.upto,
-        "counts": counts,
-        "skipped": skipped,
-        "processed": processed,
-    }})
+    run.update(JobPatch {
+        checkpoint: Some(Checkpoint {
+            last_id: Some(done.upto),
+            ..run.job.checkpoint.clone()
+        }),
+        counts: Some(counts),
+        skipped: Some(skipped),
+        processed: Some(processed),
+        ..JobPatch::default()
+    })
     .await?;
     tracing::debug!(job_id = %run.job.job_id, restored = done.restored, skipped = done.skipped, "restore batch done");
     run.progress_event().await;
@@ -285,21 +291,20 @@ async fn next_bundles(
 
 /// Counts the kept contacts (`total`) and moves the job to `processing`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
-    let db = run.env.store.db().clone();
+    let db = run.env.db.clone();
     let src = source_id(&run.job)?.to_string();
     let range = kept::range(&src, kept::Kind::Contact, None, None);
     let count = crate::snapshot::count(&db, names::KEPT, &range, None, None);
     let Some(total) = run.listening(count).await? else {
         return Ok(());
     };
-    run.update(doc! {"$set": {
-        "initialised": true,
-        "status": "processing",
-        "startedAt": DateTime::now(),
-        "total": total,
-        "processed": 0i64,
-        "skipped": 0i64,
-    }})
+    run.update(JobPatch {
+        started_at: Some(DateTime::now()),
+        total: Some(Some(total)),
+        processed: Some(0),
+        skipped: Some(0),
+        ..JobPatch::default()
+    })
     .await?;
     run.status_event().await;
     tracing::info!(job_id = %run.job.job_id, source_job_id = %src, total, "restore started");

@@ -1,7 +1,7 @@
 //! What a delete keeps so that a restore can put it back: every contact it
 //! removes, with its conversations and messages, as the raw BSON documents they
 //! were (byte for byte), in one collection (`bulk_kept`) until the delete's
-//! `restorableUntil`. The keeping itself is `delete/keep.rs`; this is the format.
+//! `restorableUntil`. The keeping itself is `keep.rs`; this is the format.
 //!
 //! One kept document per contact, its **bundle**:
 //! `{_id: "<jobId>:c:<contactId>", orgId, jobId, contactId, expiresAt, doc,

@@ -1,5 +1,5 @@
-//! The keep step of a delete batch (`cascade.rs` calls it before deleting the
-//! contacts): every contact of the batch, with its conversations and
+//! The keep step of a delete batch on MongoDB ([`super::KeptRepo::keep`];
+//! `delete/cascade.rs` calls it before deleting the contacts): every contact of the batch, with its conversations and
 //! messages, is kept in `bulk_kept` (format: `restore/kept.rs`), and each
 //! child is deleted right after it is known kept. Nothing is deleted unkept.
 //!
@@ -26,9 +26,10 @@ use bson::{doc, oid::ObjectId, Bson, Document, RawBsonRef, RawDocumentBuf};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 
+use super::crm::Pass;
+use super::kept::{self, raw_err, Keeper, Kind, EMBED_BYTES};
 use crate::error::JobError;
 use crate::model::JobRecord;
-use crate::restore::kept::{self, raw_err, Keeper, Kind, EMBED_BYTES};
 use crate::store::names;
 
 /// Most bytes of contacts and children gathered before bundles are written.
@@ -39,17 +40,6 @@ pub const PAGE_DOCS: usize = 1000;
 const PAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Most bundles per `insertMany`.
 const BUNDLES_PER_WRITE: usize = 1000;
-
-/// What one pass kept and deleted.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Pass {
-    /// The contacts kept (now or by an earlier pass), to be deleted.
-    pub contacts: Vec<ObjectId>,
-    /// Conversations kept (now or by an earlier pass) and deleted.
-    pub conversations: u64,
-    /// Messages kept (now or by an earlier pass) and deleted.
-    pub messages: u64,
-}
 
 /// A contact of the pass.
 enum Slot {
