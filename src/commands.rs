@@ -7,9 +7,9 @@ use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
+use contact_bulk_actors::repo::JobRepo;
 use contact_bulk_actors::restore::{self, RestoreCounts};
 use contact_bulk_actors::snapshot;
-use contact_bulk_actors::store::JobStore;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
 use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand, JobQuery, RestoreCommand};
@@ -26,9 +26,9 @@ pub struct App {
     /// The CRM database.
     pub db: Database,
     /// Job records.
-    pub store: JobStore,
+    pub store: std::sync::Arc<dyn JobRepo>,
     /// Export files.
-    pub artifacts: contact_bulk_actors::artifact::Artifacts,
+    pub artifacts: std::sync::Arc<dyn contact_bulk_actors::repo::ChunkRepo>,
     /// The supervisor.
     pub supervisor: ActorRef<SupervisorMsg>,
     /// Token and link keys.
@@ -190,14 +190,14 @@ impl App {
                 Err(e) => return Err(e),
             }
         }
-        let source = restore::source(self.store.jobs(), org, &job_id).await?;
+        let source = restore::source(self.store.as_ref(), org, &job_id).await?;
         if dry {
             self.quota.admit(org, Admission::Check).await?;
             return Ok(RestoreOutcome::DryRun(
                 restore::dry_run(&self.db, &source).await?,
             ));
         }
-        let (live, n) = restore::existing(self.store.jobs(), &source.job_id).await?;
+        let (live, n) = restore::existing(self.store.as_ref(), &source.job_id).await?;
         if let Some(job) = live {
             return Ok(RestoreOutcome::Job(Box::new(job)));
         }

@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::Context;
 use contact_bulk_actors::artifact::Artifacts;
 use contact_bulk_actors::job::JobEnv;
-use contact_bulk_actors::store::JobStore;
+use contact_bulk_actors::repo::{JobRepo, MongoJobs};
 use contact_bulk_actors::supervisor::{Supervisor, SupervisorCounters, SupervisorMsg};
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinSet;
@@ -91,14 +91,18 @@ impl Service {
         // Retried for up to 30 s: a cluster may still be electing its leaders.
         events::ensure_streams(&js, &config).await?;
 
-        let store = JobStore::new(db.clone()).with_clock_offset(config.test_clock_offset_ms);
-        store.ensure_indexes().await.context("ensuring indexes")?;
+        contact_bulk_actors::store::ensure_indexes(&db)
+            .await
+            .context("ensuring indexes")?;
+        let store: Arc<dyn JobRepo> =
+            Arc::new(MongoJobs::new(&db).with_clock_offset(config.test_clock_offset_ms));
         store
             .sync_clock()
             .await
             .context("reading the database's clock")?;
-        let artifacts = Artifacts::new(&db);
-        let webhooks = webhooks::Webhooks::new(&db, &config.webhooks, keys.clone());
+        let artifacts: Arc<dyn contact_bulk_actors::repo::ChunkRepo> =
+            Arc::new(Artifacts::new(&db));
+        let webhooks = webhooks::Webhooks::new(&db, store.clone(), &config.webhooks, keys.clone());
         webhooks
             .ensure_indexes()
             .await
@@ -109,7 +113,11 @@ impl Service {
             &config.subject_prefix,
         ));
         let env = JobEnv {
-            store: store.clone(),
+            jobs: store.clone(),
+            crm: contact_bulk_actors::repo::Crm::of(Arc::new(
+                contact_bulk_actors::repo::MongoCrm::new(&db),
+            )),
+            db: db.clone(),
             artifacts: artifacts.clone(),
             sink: sink.clone(),
             settings: config.job_settings(),
@@ -119,11 +127,16 @@ impl Service {
         // find which instance holds a job from its record's `leaseOwner`.
         tracing::info!(instance = %env.instance, pid = std::process::id(), "instance id");
         let (supervisor, supervisor_handle) =
-            Actor::spawn(None, Supervisor, (env, config.caps())).await?;
+            Actor::spawn(None, Supervisor::new(), (env, config.caps())).await?;
 
         let mut tasks = JoinSet::new();
         let hub = ws::Hub::start(js.clone(), &config, &mut tasks).await?;
-        let quota = quota::Quota::new(&db, config.rate_per_min, config.max_pending_per_org);
+        let quota = quota::Quota::new(
+            &db,
+            store.clone(),
+            config.rate_per_min,
+            config.max_pending_per_org,
+        );
         let app = Arc::new(App {
             db,
             store,

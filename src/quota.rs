@@ -14,8 +14,8 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, DateTime, Document};
-use contact_bulk_actors::model::JobStatus;
-use contact_bulk_actors::store::{is_duplicate_key, names};
+use contact_bulk_actors::repo::JobRepo;
+use contact_bulk_actors::store::is_duplicate_key;
 use contact_bulk_actors::JobError;
 use mongodb::options::{FindOneAndUpdateOptions, ReturnDocument};
 use mongodb::{Collection, Database};
@@ -79,17 +79,22 @@ impl RateSlot {
 #[derive(Clone, Debug)]
 pub struct Quota {
     windows: Collection<Document>,
-    jobs: Collection<Document>,
+    jobs: std::sync::Arc<dyn JobRepo>,
     per_minute: u32,
     max_pending: u64,
 }
 
 impl Quota {
     /// Quotas over `db`; `per_minute == 0` or `max_pending == 0` turn that limit off.
-    pub fn new(db: &Database, per_minute: u32, max_pending: u64) -> Quota {
+    pub fn new(
+        db: &Database,
+        jobs: std::sync::Arc<dyn JobRepo>,
+        per_minute: u32,
+        max_pending: u64,
+    ) -> Quota {
         Quota {
             windows: db.collection(QUOTA_COLLECTION),
-            jobs: db.collection(names::JOBS),
+            jobs,
             per_minute,
             max_pending,
         }
@@ -111,10 +116,7 @@ impl Quota {
             });
         }
         if what == Admission::Job && self.max_pending > 0 {
-            let waiting = self
-                .jobs
-                .count_documents(doc! {"orgId": org, "status": JobStatus::Pending.as_str()})
-                .await?;
+            let waiting = self.jobs.count_pending(Some(org)).await?;
             if waiting >= self.max_pending {
                 RateSlot::put(RateInfo {
                     retry_after_ms: Some(PENDING_RETRY_MS),

@@ -11,20 +11,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, DateTime, Document};
+use bson::DateTime;
 use contact_bulk_actors::metrics;
 use contact_bulk_actors::model::{JobKind, JobRecord};
-use contact_bulk_actors::store::names;
+use contact_bulk_actors::repo::Sweep;
 use contact_bulk_actors::JobError;
-use futures::TryStreamExt;
 use tokio::task::JoinSet;
 
 use crate::commands::App;
 
 /// Records handled per sweep step, so one step never holds many ids.
 const BATCH: i64 = 200;
-
-const ENDED: [&str; 3] = ["completed", "failed", "cancelled"];
 
 /// How long exports and ended jobs are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,86 +93,38 @@ pub fn start(app: Arc<App>, every: Duration, tasks: &mut JoinSet<()>) {
 
 /// One pass: expires due export files, then removes due job records.
 pub async fn sweep(app: &App) -> Result<Swept, JobError> {
-    let jobs = app.db.collection::<Document>(names::JOBS);
-    let chunks = app.db.collection::<Document>(names::CHUNKS);
     let mut swept = Swept::default();
+    let exports_by = DateTime::from_millis(cutoff(app.retention.exports));
     loop {
-        let due = ids(
-            &jobs,
-            doc! {
-                "kind": JobKind::Export.as_str(),
-                "status": {"$in": ENDED.as_slice()},
-                "finishedAt": {"$lte": DateTime::from_millis(cutoff(app.retention.exports))},
-                "expiredAt": {"$exists": false},
-            },
-        )
-        .await?;
+        let due = app.store.due(Sweep::Exports, exports_by, BATCH).await?;
         if due.is_empty() {
             break;
         }
-        chunks.delete_many(doc! {"jobId": {"$in": &due}}).await?;
-        let now = DateTime::now();
-        // Only completed exports have a result to mark; failed and cancelled
-        // ones just lose their partial chunks.
-        jobs.update_many(
-            doc! {"_id": {"$in": &due}, "result": {"$type": "object"}},
-            doc! {"$set": {"result.expired": true}},
-        )
-        .await?;
-        let r = jobs
-            .update_many(
-                doc! {"_id": {"$in": &due}, "expiredAt": {"$exists": false}},
-                doc! {"$set": {"expiredAt": now}},
-            )
-            .await?;
-        metrics::exports_expired(r.modified_count);
-        swept.exports += r.modified_count;
+        app.artifacts.remove_jobs(&due).await?;
+        let expired = app.store.mark_expired(&due).await?;
+        metrics::exports_expired(expired);
+        swept.exports += expired;
         tracing::info!(jobs = ?due, "export files expired");
         if (due.len() as i64) < BATCH {
             break;
         }
     }
+    let records_by = DateTime::from_millis(cutoff(app.retention.jobs));
     loop {
-        let due = ids(
-            &jobs,
-            doc! {
-                "status": {"$in": ENDED.as_slice()},
-                "finishedAt": {"$lte": DateTime::from_millis(cutoff(app.retention.jobs))},
-            },
-        )
-        .await?;
+        let due = app.store.due(Sweep::Records, records_by, BATCH).await?;
         if due.is_empty() {
             break;
         }
         // A record kept shorter than its file: the file goes with it.
-        chunks.delete_many(doc! {"jobId": {"$in": &due}}).await?;
-        let r = jobs
-            .delete_many(doc! {"_id": {"$in": &due}, "status": {"$in": ENDED.as_slice()}})
-            .await?;
-        metrics::jobs_removed(r.deleted_count);
-        swept.jobs += r.deleted_count;
+        app.artifacts.remove_jobs(&due).await?;
+        let removed = app.store.remove_ended(&due).await?;
+        metrics::jobs_removed(removed);
+        swept.jobs += removed;
         if (due.len() as i64) < BATCH {
             break;
         }
     }
     Ok(swept)
-}
-
-async fn ids(
-    jobs: &mongodb::Collection<Document>,
-    filter: Document,
-) -> Result<Vec<String>, JobError> {
-    let docs: Vec<Document> = jobs
-        .find(filter)
-        .projection(doc! {"_id": 1})
-        .limit(BATCH)
-        .await?
-        .try_collect()
-        .await?;
-    Ok(docs
-        .iter()
-        .filter_map(|d| d.get_str("_id").ok().map(String::from))
-        .collect())
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::failpoint;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{ExportSpec, JobKind, JobRecord};
-use contact_bulk_actors::store::{JobStore, Lease};
+use contact_bulk_actors::repo::{ChunkRepo, Ending, JobPatch, JobRepo, Lease, MongoJobs};
 use contact_bulk_actors::JobError;
 use futures::StreamExt;
 use serde_json::json;
@@ -258,12 +258,21 @@ fn export_record(org: ObjectId) -> JobRecord {
     )
 }
 
+fn processed(n: i64) -> JobPatch {
+    JobPatch {
+        processed: Some(n),
+        ..JobPatch::default()
+    }
+}
+
 #[tokio::test]
 async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
     let stack = Stack::start().await;
     let db = stack.db().await;
-    let store = JobStore::new(db.clone());
-    store.ensure_indexes().await.unwrap();
+    let store = MongoJobs::new(&db);
+    contact_bulk_actors::store::ensure_indexes(&db)
+        .await
+        .unwrap();
     let artifacts = Artifacts::new(&db);
     let job = export_record(ObjectId::new());
     let (job, _) = store.create(job).await.unwrap();
@@ -307,22 +316,13 @@ async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
         .await
         .unwrap();
     // "a" wakes up: every write it tries is refused and changes nothing.
-    let stale = store
-        .update_held(&id, &a_lease, ttl, doc! {"$set": {"processed": 99i64}})
-        .await;
+    let stale = store.update_held(&id, &a_lease, ttl, &processed(99)).await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
     let stale = artifacts
         .put(&id, 1, a_lease.epoch, b"stale".to_vec())
         .await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
-    let stale = store
-        .finish(
-            &id,
-            &a_lease,
-            contact_bulk_actors::model::JobStatus::Completed,
-            doc! {},
-        )
-        .await;
+    let stale = store.finish(&id, &a_lease, &Ending::Completed(None)).await;
     assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
     store.release(&id, &a_lease).await.unwrap();
     let now = store.get_any(&id).await.unwrap().unwrap();
@@ -334,7 +334,7 @@ async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
     );
     // The holder's writes go through and renew its lease.
     store
-        .update_held(&id, &b_lease, ttl, doc! {"$set": {"processed": 5i64}})
+        .update_held(&id, &b_lease, ttl, &processed(5))
         .await
         .unwrap();
     let mut file = Vec::new();
@@ -423,7 +423,7 @@ async fn one_organisations_backlog_does_not_hold_back_another_organisations_job(
     let db = stack.db().await;
     let (a, _) = seed(&db, 3000, false).await;
     let (b, b_ids) = seed(&db, 50, false).await;
-    let store = JobStore::new(db.clone());
+    let store = MongoJobs::new(&db);
     // 100 jobs of A, all older than B's: accepted while no instance ran.
     for _ in 0..100 {
         store.create(export_record(a)).await.unwrap();

@@ -1,5 +1,6 @@
 //! Error types of the actors crate: what callers (intake, HTTP) act on.
 
+pub use contact_bulk_protocol::job::Dependency;
 pub use contact_bulk_protocol::ValidationError;
 
 /// Errors of job operations, mapped one to one onto the contract's error codes.
@@ -41,32 +42,6 @@ pub enum JobError {
     /// Anything else.
     #[error("{0}")]
     Internal(String),
-}
-
-/// The servers a job depends on; what a waiting job waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dependency {
-    /// The NATS server (events, `contact_removed`).
-    Nats,
-    /// The MongoDB server (records, contacts, chunks).
-    Mongodb,
-}
-
-impl Dependency {
-    /// The wire name (`waiting` in the snapshot).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dependency::Nats => "nats",
-            Dependency::Mongodb => "mongodb",
-        }
-    }
-}
-
-impl std::fmt::Display for Dependency {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 impl JobError {

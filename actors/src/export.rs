@@ -19,8 +19,9 @@ use crate::error::JobError;
 use crate::id_ranges::{self, IdRange, OpenRange, RangeReader};
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::lookup::NameCache;
-use crate::model::{ExportSpec, JobRecord, JobStatus};
+use crate::model::{Checkpoint, ExportFile, ExportSpec, JobRecord};
 use crate::pending_chunk::PendingChunk;
+use crate::repo::{Ending, JobPatch};
 
 /// The export actor.
 pub type ExportActor = JobActor<ExportState>;
@@ -258,7 +259,7 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
 /// Freezes the snapshot, discovers custom keys when asked, writes the header;
 /// `total` is counted beside the first batches.
 async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
-    let db = s.run.env.store.db().clone();
+    let db = s.run.env.db.clone();
     let collection = s.run.job.filter.pipeline_type.collection();
     let coll = db.collection::<Document>(collection);
     let query = s.run.job.filter.query(s.run.job.org_id);
@@ -302,10 +303,6 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     let job_id = s.run.job.job_id.clone();
     let epoch = s.run.lease.epoch;
     s.run.env.artifacts.put(&job_id, 0, epoch, header).await?;
-    let custom = match &custom_keys {
-        Some(k) => bson::to_bson(k)?,
-        None => bson::Bson::Null,
-    };
     // The count started with the snapshot. A small organisation's has landed by
     // now and the job starts with its `total`; a large one's lands beside the
     // first batches rather than holding them up.
@@ -321,16 +318,19 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
         s.counting = Some(counting);
     }
     s.run
-        .update(doc! {"$set": {
-            "initialised": true,
-            "status": "processing",
-            "startedAt": s.run.env.store.now(),
-            "snapshotMaxId": max_id,
-            "total": total.map_or(bson::Bson::Null, bson::Bson::Int64),
-            "customKeys": custom,
-            "processed": 0i64,
-            "checkpoint": {"lastId": null, "nextChunk": 1i64, "bytes": header_len},
-        }})
+        .update(JobPatch {
+            started_at: Some(s.run.env.jobs.now()),
+            snapshot_max_id: Some(max_id),
+            total: Some(total),
+            custom_keys: Some(custom_keys),
+            processed: Some(0),
+            checkpoint: Some(Checkpoint {
+                last_id: None,
+                next_chunk: 1,
+                bytes: header_len,
+            }),
+            ..JobPatch::default()
+        })
         .await?;
     s.encoder = Some(encoder);
     s.read_last = None;
@@ -381,7 +381,7 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
     let cols = &s.spec.columns;
     s.names
         .resolve(
-            s.run.env.store.db(),
+            &s.run.env.db,
             s.run.job.org_id,
             &docs,
             cols.needs_pipeline() || cols.needs_stage(),
@@ -444,8 +444,7 @@ fn open_reader(s: &mut ExportState, max_id: ObjectId, remaining: Option<i64>) {
     let coll = s
         .run
         .env
-        .store
-        .db()
+        .db
         .collection::<RawDocumentBuf>(job.filter.pipeline_type.collection());
     let batch = s.run.env.settings.export_batch;
     let (ranges, hint) = match job.filter.limit {
@@ -545,7 +544,7 @@ async fn flush(s: &mut ExportState) -> Result<(), JobError> {
 /// document before counting them, an unhinted one only looks at each.
 fn start_count(s: &ExportState, max_id: ObjectId) -> Counting {
     let job = &s.run.job;
-    let db = s.run.env.store.db().clone();
+    let db = s.run.env.db.clone();
     let collection = job.filter.pipeline_type.collection();
     let mut query = job.filter.query(job.org_id);
     query.insert(
@@ -570,7 +569,12 @@ async fn settle_count(s: &mut ExportState, wait: bool) -> Result<(), JobError> {
     let outcome = counting.wait().await;
     s.counting = None;
     let total = outcome?;
-    s.run.update(doc! {"$set": {"total": total}}).await?;
+    s.run
+        .update(JobPatch {
+            total: Some(Some(total)),
+            ..JobPatch::default()
+        })
+        .await?;
     tracing::info!(job_id = %s.run.job.job_id, total, "export counted");
     s.run.progress_event().await;
     Ok(())
@@ -600,14 +604,15 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
             s.run.alive(digest).await?
         }
     };
-    let result = doc! {
-        "fileName": &s.spec.file_name,
-        "format": bson::to_bson(&s.spec.format)?,
-        "gzip": s.spec.gzip,
-        "rows": s.run.job.processed,
-        "bytes": bytes,
-        "sha256": sha256,
-        "chunks": chunks,
+    let result = ExportFile {
+        file_name: s.spec.file_name.clone(),
+        format: s.spec.format,
+        gzip: s.spec.gzip,
+        rows: s.run.job.processed,
+        bytes,
+        sha256,
+        expired: false,
+        chunks: Some(chunks),
     };
     tracing::debug!(
         job_id = %job_id,
@@ -616,9 +621,7 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
         settle_ms = s.laps.settle.as_millis() as u64,
         "export laps"
     );
-    s.run
-        .finish(JobStatus::Completed, doc! {"result": result})
-        .await?;
+    s.run.finish(Ending::Completed(Some(result))).await?;
     // Chunks past the end (a writer that lost its lease, a crash before a
     // checkpoint) are never read; clearing them is housekeeping.
     match s.run.env.artifacts.remove_from(&job_id, chunks).await {
@@ -632,7 +635,7 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
 /// Ends a cancelled export: no file will ever be read, so its chunks go.
 async fn cancelled(s: &mut ExportState) -> Result<bool, JobError> {
     s.pending = None;
-    s.run.finish(JobStatus::Cancelled, doc! {}).await?;
+    s.run.finish(Ending::Cancelled).await?;
     let job_id = s.run.job.job_id.clone();
     if let Err(e) = s.run.env.artifacts.remove_from(&job_id, 0).await {
         tracing::warn!(job_id, error = %e, "chunks of a cancelled export not removed");

@@ -10,14 +10,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::Document;
-use serde::Serialize;
-
-use crate::artifact::Artifacts;
 use crate::error::{Dependency, JobError};
 use crate::events::{EventSink, JobEventKind, ProgressThrottle};
-use crate::model::{JobRecord, JobStatus};
-use crate::store::{JobStore, Lease};
+use crate::model::JobRecord;
+use crate::repo::{Ending, JobPatch, JobRepo, Lease};
 
 /// How often a long single operation renews the lease and looks for a cancel.
 pub const BEAT: Duration = Duration::from_millis(500);
@@ -81,28 +77,20 @@ impl Default for JobSettings {
 /// Handles shared by the supervisor and its job actors.
 #[derive(Clone)]
 pub struct JobEnv {
-    /// Job records.
-    pub store: JobStore,
+    /// Job records and leases.
+    pub jobs: Arc<dyn JobRepo>,
+    /// The CRM data a delete works on.
+    pub crm: crate::repo::Crm,
+    /// The CRM database, for the queries of exports and restores.
+    pub db: mongodb::Database,
     /// Export files.
-    pub artifacts: Artifacts,
+    pub artifacts: Arc<dyn crate::repo::ChunkRepo>,
     /// Event publishing.
     pub sink: Arc<dyn EventSink>,
     /// Tunables.
     pub settings: JobSettings,
     /// This instance's lease owner id.
     pub instance: String,
-}
-
-/// Counters a job actor exposes; progress and tests read them.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct JobCounters {
-    /// Steps run.
-    pub steps: u64,
-    /// Steps that failed and were retried.
-    pub step_failures: u64,
-    /// Checkpoints written.
-    pub checkpoints: u64,
 }
 
 /// State every job actor carries.
@@ -117,8 +105,6 @@ pub struct JobRun {
     pub failures: u32,
     /// Progress rate limit.
     pub throttle: ProgressThrottle,
-    /// Counters.
-    pub counters: JobCounters,
     /// The lease this actor holds the job under.
     pub lease: Lease,
     /// Consecutive steps that met an outage.
@@ -141,23 +127,22 @@ impl JobRun {
             job,
             failures: 0,
             throttle,
-            counters: JobCounters::default(),
         }
     }
 
     /// [`JobRun::update`] with a failure point after the write: armed, the
     /// write is applied and its reply lost (tests of lost replies).
-    pub async fn update_at(&mut self, point: &str, update: Document) -> Result<(), JobError> {
+    pub async fn update_at(&mut self, point: &str, patch: JobPatch) -> Result<(), JobError> {
         let scope = self.job.org_id.to_hex();
         if crate::failpoint::remaining(point, &scope) > 0 {
             let job = self
                 .env
-                .store
+                .jobs
                 .update_held(
                     &self.job.job_id,
                     &self.lease,
                     self.env.settings.lease_ttl,
-                    update.clone(),
+                    &patch,
                 )
                 .await?;
             if crate::failpoint::fires(point, &scope) {
@@ -165,22 +150,21 @@ impl JobRun {
                 return Err(lost_reply(point));
             }
             self.job = job;
-            self.counters.checkpoints += 1;
             return Ok(());
         }
-        self.update(update).await
+        self.update(patch).await
     }
 
-    /// Writes `update` to the held record (renewing the lease) and keeps the result.
-    pub async fn update(&mut self, update: Document) -> Result<(), JobError> {
+    /// Writes `patch` to the held record (renewing the lease) and keeps the result.
+    pub async fn update(&mut self, patch: JobPatch) -> Result<(), JobError> {
         let job = self
             .env
-            .store
+            .jobs
             .update_held(
                 &self.job.job_id,
                 &self.lease,
                 self.env.settings.lease_ttl,
-                update,
+                &patch,
             )
             .await?;
         if job.cancel_requested {
@@ -188,7 +172,6 @@ impl JobRun {
         }
         crate::metrics::checkpointed(&self.job, &job);
         self.job = job;
-        self.counters.checkpoints += 1;
         Ok(())
     }
 
@@ -207,7 +190,7 @@ impl JobRun {
         loop {
             tokio::select! {
                 r = &mut op => return r,
-                _ = beat.tick() => match self.update(bson::doc! {}).await {
+                _ = beat.tick() => match self.update(JobPatch::default()).await {
                     Ok(()) => {}
                     Err(e @ JobError::Conflict(_)) => return Err(e),
                     // The operation meets the same trouble and says so.
@@ -233,7 +216,7 @@ impl JobRun {
             tokio::select! {
                 r = &mut op => return r.map(Some),
                 _ = beat.tick() => {
-                    self.update(bson::doc! {}).await?;
+                    self.update(JobPatch::default()).await?;
                     if self.cancel {
                         return Ok(None);
                     }
@@ -244,11 +227,12 @@ impl JobRun {
 
     /// Moves the job to a terminal state and announces it. A terminal write
     /// whose reply was lost is found done on the retry, and announced then.
-    pub async fn finish(&mut self, status: JobStatus, set: Document) -> Result<(), JobError> {
+    pub async fn finish(&mut self, ending: Ending) -> Result<(), JobError> {
+        let status = ending.status();
         let job = self
             .env
-            .store
-            .finish(&self.job.job_id, &self.lease, status, set)
+            .jobs
+            .finish(&self.job.job_id, &self.lease, &ending)
             .await?;
         crate::metrics::checkpointed(&self.job, &job);
         crate::metrics::job_finished(job.kind.as_str(), status.as_str());
@@ -268,7 +252,7 @@ impl JobRun {
         if self.job.status.is_terminal() {
             return;
         }
-        match self.env.store.get_any(&self.job.job_id).await {
+        match self.env.jobs.get_any(&self.job.job_id).await {
             Ok(Some(job)) if job.status.is_terminal() && job.lease_epoch == self.lease.epoch => {
                 self.job = job;
                 self.terminal_event().await;
@@ -328,8 +312,11 @@ impl JobRun {
             return;
         }
         self.job.waiting = waiting;
-        let value = waiting.map_or(bson::Bson::Null, |w| bson::Bson::from(w.as_str()));
-        if let Err(e) = self.update(bson::doc! {"$set": {"waiting": value}}).await {
+        let patch = JobPatch {
+            waiting: Some(waiting),
+            ..JobPatch::default()
+        };
+        if let Err(e) = self.update(patch).await {
             tracing::debug!(job_id = %self.job.job_id, error = %e, "waiting not recorded");
             self.job.waiting = waiting;
         }
@@ -485,8 +472,6 @@ pub enum JobMsg {
     Cancel,
     /// Stop at this boundary and leave the job resumable (shutdown).
     Drain,
-    /// Reply with the actor's counters.
-    Counters(ractor::RpcReplyPort<JobCounters>),
 }
 
 /// A job actor's batch logic.
@@ -564,9 +549,6 @@ pub async fn handle_job_msg<S: JobStep>(
 ) -> Result<(), ractor::ActorProcessingErr> {
     match msg {
         JobMsg::Cancel => state.run().cancel = true,
-        JobMsg::Counters(reply) => {
-            let _ = reply.send(state.run().counters.clone());
-        }
         JobMsg::Drain => {
             // Writes in flight first: once the lease is free, another
             // instance may start writing the same job.
@@ -577,13 +559,12 @@ pub async fn handle_job_msg<S: JobStep>(
                 return Ok(());
             }
             let run = state.run();
-            if let Err(e) = run.env.store.release(&run.job.job_id, &run.lease).await {
+            if let Err(e) = run.env.jobs.release(&run.job.job_id, &run.lease).await {
                 tracing::warn!(job_id = %run.job.job_id, error = %e, "lease not released on drain");
             }
             myself.stop(Some("drained".into()));
         }
         JobMsg::Step => {
-            state.run().counters.steps += 1;
             match state.step().await {
                 Ok(more) => {
                     let run = state.run();
@@ -617,7 +598,6 @@ pub async fn handle_job_msg<S: JobStep>(
                     state.reset();
                     let run = state.run();
                     run.failures += 1;
-                    run.counters.step_failures += 1;
                     if run.failures > run.env.settings.step_retries {
                         return Err(Box::new(e));
                     }

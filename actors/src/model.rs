@@ -1,84 +1,16 @@
-//! The job model: the record stored in `bulk_jobs`, and the snapshot every caller sees.
+//! The job model: the record stored in `bulk_jobs`, and how it becomes the
+//! snapshot every caller sees (the snapshot's types are the protocol's).
 
 use bson::{oid::ObjectId, DateTime};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
+pub use contact_bulk_protocol::job::{
+    Counts, Dependency, JobKind, JobResult, JobSnapshot, JobStatus, RestoreResult, ResultSnapshot,
+};
+
 use crate::encode::{ColumnSpec, Format};
-use crate::error::Dependency;
 use crate::filter::Filter;
-
-/// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    /// Streams matching contacts into a file.
-    Export,
-    /// Cascade-deletes matching contacts.
-    Delete,
-    /// Puts back what a delete removed.
-    Restore,
-}
-
-impl JobKind {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Export => "export",
-            JobKind::Delete => "delete",
-            JobKind::Restore => "restore",
-        }
-    }
-}
-
-/// Where a job is in its life. Terminal states never change again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    /// Accepted, waiting for a slot.
-    Pending,
-    /// Running (or resumable after a crash).
-    Processing,
-    /// Done; terminal.
-    Completed,
-    /// Gave up after bounded attempts; terminal.
-    Failed,
-    /// Stopped on request at a batch boundary; terminal.
-    Cancelled,
-}
-
-impl JobStatus {
-    /// True for completed, failed and cancelled.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-        )
-    }
-
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Pending => "pending",
-            JobStatus::Processing => "processing",
-            JobStatus::Completed => "completed",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// Documents removed by a delete job, or put back by a restore (zero for exports).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Counts {
-    /// Contacts (or applications) deleted.
-    pub contacts: u64,
-    /// Conversations deleted.
-    pub conversations: u64,
-    /// Messages deleted.
-    pub messages: u64,
-}
 
 /// How an export writes its file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -348,106 +280,4 @@ impl JobRecord {
 /// RFC 3339 UTC with milliseconds, as every time on the wire.
 pub fn rfc3339(t: DateTime) -> String {
     t.to_chrono().to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-/// The export file as callers see it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResultSnapshot {
-    /// Download file name.
-    pub file_name: String,
-    /// CSV or NDJSON.
-    pub format: Format,
-    /// Gzip-compressed.
-    pub gzip: bool,
-    /// Data rows.
-    pub rows: i64,
-    /// File size.
-    pub bytes: i64,
-    /// Hex SHA-256 of the file.
-    pub sha256: String,
-    /// The file's retention has passed: its data is gone and it cannot be downloaded.
-    #[serde(default)]
-    pub expired: bool,
-    /// Signed link, valid 15 minutes.
-    pub download_url: Option<String>,
-    /// When the link expires.
-    pub expires_at: Option<String>,
-}
-
-/// What a restore did, in its snapshot's `result`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RestoreResult {
-    /// Contacts put back (with their conversations and messages, in `counts`).
-    pub restored: u64,
-    /// Contacts left alone because their `_id` exists again.
-    pub skipped: u64,
-}
-
-/// A job's `result`: the export file, or what a restore did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum JobResult {
-    /// Export result.
-    Export(ResultSnapshot),
-    /// Restore result.
-    Restore(RestoreResult),
-}
-
-impl JobResult {
-    /// The export result, if this is one.
-    pub fn export_mut(&mut self) -> Option<&mut ResultSnapshot> {
-        match self {
-            JobResult::Export(r) => Some(r),
-            JobResult::Restore(_) => None,
-        }
-    }
-}
-
-/// The job snapshot of the contract (reply, event payload, HTTP body).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobSnapshot {
-    /// UUID.
-    pub job_id: String,
-    /// Export or delete.
-    pub kind: JobKind,
-    /// 24-hex organisation id.
-    pub org_id: String,
-    /// Idempotency key.
-    pub command_id: Option<String>,
-    /// Lifecycle state.
-    pub status: JobStatus,
-    /// Matching documents at start; null until counted.
-    pub total: Option<i64>,
-    /// Rows exported or contacts handled.
-    pub processed: i64,
-    /// Documents deleted.
-    pub counts: Counts,
-    /// Failure reason.
-    pub error: Option<String>,
-    /// Attempts at the job's work (failures of its own work add one).
-    pub attempts: i32,
-    /// What a running job waits for during an outage: `nats` or `mongodb`;
-    /// absent otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waiting: Option<Dependency>,
-    /// RFC 3339.
-    pub created_at: String,
-    /// RFC 3339.
-    pub started_at: Option<String>,
-    /// RFC 3339.
-    pub finished_at: Option<String>,
-    /// Export or restore result.
-    pub result: Option<JobResult>,
-    /// The delete a restore undoes (restores only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_job_id: Option<String>,
-    /// Until when a delete can be restored (deletes that keep what they remove).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restorable_until: Option<String>,
-    /// Whether a delete was an erasure (deletes only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hard_delete: Option<bool>,
 }

@@ -7,7 +7,10 @@
 //! which a resumed export writes again (or which lies past the file's end and
 //! is never read). Both the chunk and the checkpoint are fenced by the lease.
 
-use bson::{doc, oid::ObjectId};
+use bson::oid::ObjectId;
+
+use crate::model::Checkpoint;
+use crate::repo::JobPatch;
 
 use crate::error::JobError;
 use crate::job::JobRun;
@@ -90,13 +93,14 @@ impl PendingChunk {
         let job = &run.job;
         let bytes = job.checkpoint.bytes + self.data.len() as i64;
         let processed = job.processed + self.rows;
-        run.update(doc! {
-            "$set": {
-                "checkpoint.lastId": self.last_id,
-                "checkpoint.nextChunk": self.n + 1,
-                "checkpoint.bytes": bytes,
-                "processed": processed,
-            },
+        run.update(JobPatch {
+            checkpoint: Some(Checkpoint {
+                last_id: self.last_id,
+                next_chunk: self.n + 1,
+                bytes,
+            }),
+            processed: Some(processed),
+            ..JobPatch::default()
         })
         .await
     }
@@ -123,3 +127,6 @@ impl Drop for PendingChunk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

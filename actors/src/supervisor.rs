@@ -1,26 +1,27 @@
 //! The supervisor: spawns one actor per job, caps how many run (globally and per
 //! organisation), restarts failed job actors with backoff from their last
 //! checkpoint, fails a job after bounded attempts, and resumes unheld jobs it
-//! finds in the database (at start-up and on every scan tick).
+//! finds in the job repository (at start-up and on every scan tick).
 //!
 //! An attempt is spent only by a job actor that failed on its own work; a
 //! drain, a takeover or an outage costs none. The scan looks organisation by
 //! organisation (the one waiting longest first, a few jobs each), so one
-//! organisation's backlog cannot hide another's jobs.
+//! organisation's backlog cannot hide another's jobs. Which actor runs a job
+//! of each kind is a [`JobKinds`] seam: the service uses [`Actors`], the unit
+//! tests (`supervisor/tests.rs`) scripted steps on the in-memory repository.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::oid::ObjectId;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde::Serialize;
 
-use crate::delete::DeleteActor;
-use crate::export::ExportActor;
 use crate::job::{backoff, JobEnv, JobMsg};
-use crate::model::{JobKind, JobRecord};
-use crate::restore::RestoreActor;
-use crate::store::Lease;
+pub use crate::kinds::{Actors, JobKinds};
+use crate::model::JobRecord;
+use crate::repo::{Ending, Lease};
 
 /// Limits on running jobs.
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ pub enum SupervisorMsg {
     Counters(RpcReplyPort<SupervisorCounters>),
 }
 
-/// What the supervisor has done; tests and `/healthz` read it.
+/// What the supervisor has done; tests read it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SupervisorCounters {
@@ -77,7 +78,27 @@ pub struct SupervisorCounters {
 }
 
 /// The supervisor actor.
-pub struct Supervisor;
+pub struct Supervisor {
+    kinds: Arc<dyn JobKinds>,
+}
+
+impl Supervisor {
+    /// The supervisor of the service: export, delete and restore actors.
+    pub fn new() -> Supervisor {
+        Supervisor::with_kinds(Arc::new(Actors))
+    }
+
+    /// A supervisor running jobs with `kinds` (tests script their own).
+    pub fn with_kinds(kinds: Arc<dyn JobKinds>) -> Supervisor {
+        Supervisor { kinds }
+    }
+}
+
+impl Default for Supervisor {
+    fn default() -> Self {
+        Supervisor::new()
+    }
+}
 
 struct Running {
     job_id: String,
@@ -89,10 +110,14 @@ struct Running {
 /// Supervisor state.
 pub struct SupervisorState {
     env: JobEnv,
+    kinds: Arc<dyn JobKinds>,
     caps: Caps,
     running: HashMap<ActorId, Running>,
     draining: Option<Vec<RpcReplyPort<()>>>,
     counters: SupervisorCounters,
+    /// Jobs restarting after a failure, and when their backoff ends: until
+    /// then the scan leaves them alone here.
+    backoff: HashMap<String, tokio::time::Instant>,
 }
 
 impl Actor for Supervisor {
@@ -109,10 +134,12 @@ impl Actor for Supervisor {
         myself.send_interval(caps.scan_interval, || SupervisorMsg::Scan);
         Ok(SupervisorState {
             env,
+            kinds: self.kinds.clone(),
             caps,
             running: HashMap::new(),
             draining: None,
             counters: SupervisorCounters::default(),
+            backoff: HashMap::new(),
         })
     }
 
@@ -209,7 +236,7 @@ async fn on_failure(
     error: String,
 ) {
     let env = &state.env;
-    let record = match env.store.get_any(job_id).await {
+    let record = match env.jobs.get_any(job_id).await {
         Ok(Some(job)) => job,
         Ok(None) => return,
         Err(e) => {
@@ -221,8 +248,17 @@ async fn on_failure(
     if record.attempts >= env.settings.max_attempts {
         tracing::error!(job_id, attempts = record.attempts, error, "job failed");
         let message = format!("gave up after {} attempts: {error}", record.attempts);
-        match env.store.fail_held(job_id, lease, &message).await {
+        match env
+            .jobs
+            .finish(job_id, lease, &Ending::Failed(message))
+            .await
+        {
             Ok(job) => {
+                // What the job had decided on but not done goes back (a
+                // delete's undeleted contacts, an export's partial file).
+                if let Err(e) = state.kinds.abandon(env, &job).await {
+                    tracing::warn!(job_id, error = %e, "failed job not cleaned up");
+                }
                 crate::metrics::job_finished(job.kind.as_str(), job.status.as_str());
                 state.counters.failed += 1;
                 let _ = env
@@ -234,7 +270,7 @@ async fn on_failure(
         }
         return;
     }
-    let counted = match env.store.count_failure(job_id, lease, &error).await {
+    let counted = match env.jobs.count_failure(job_id, lease, &error).await {
         Ok(Some(job)) => job,
         Ok(None) => return,
         Err(e) => {
@@ -256,6 +292,9 @@ async fn on_failure(
     );
     state.counters.restarts += 1;
     let job_id = job_id.to_string();
+    state
+        .backoff
+        .insert(job_id.clone(), tokio::time::Instant::now() + delay);
     myself.send_after(delay, move || SupervisorMsg::Start(job_id));
 }
 
@@ -267,10 +306,12 @@ async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
         return;
     }
     state.counters.scans += 1;
-    if let Err(e) = state.env.store.sync_clock().await {
+    let now = tokio::time::Instant::now();
+    state.backoff.retain(|_, until| *until > now);
+    if let Err(e) = state.env.jobs.sync_clock().await {
         tracing::debug!(error = %e, "database clock not read");
     }
-    let orgs = match state.env.store.resumable_orgs(SCAN_ORGS).await {
+    let orgs = match state.env.jobs.resumable_orgs(SCAN_ORGS).await {
         Ok(orgs) => orgs,
         Err(e) => {
             tracing::warn!(error = %e, "scan for jobs failed");
@@ -288,7 +329,7 @@ async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
         if free == 0 {
             continue;
         }
-        let found = match state.env.store.resumable_of(org, free as i64).await {
+        let found = match state.env.jobs.resumable_of(org, free as i64).await {
             Ok(jobs) => jobs,
             Err(e) => {
                 tracing::warn!(error = %e, "scan for jobs failed");
@@ -311,7 +352,7 @@ async fn try_start(
     if state.draining.is_some() {
         return Ok(());
     }
-    match state.env.store.get_any(job_id).await? {
+    match state.env.jobs.get_any(job_id).await? {
         Some(job) if !job.status.is_terminal() => start_record(myself, state, job).await,
         _ => Ok(()),
     }
@@ -325,6 +366,13 @@ async fn start_record(
     if state.running.values().any(|r| r.job_id == job.job_id) {
         return Ok(());
     }
+    if let Some(until) = state.backoff.get(&job.job_id) {
+        if tokio::time::Instant::now() < *until {
+            // Restarting after a failure: its `Start` comes when the backoff ends.
+            return Ok(());
+        }
+        state.backoff.remove(&job.job_id);
+    }
     let org_running = state
         .running
         .values()
@@ -336,7 +384,7 @@ async fn start_record(
     }
     let env = &state.env;
     let Some(job) = env
-        .store
+        .jobs
         .acquire(&job.job_id, &env.instance, env.settings.lease_ttl)
         .await?
     else {
@@ -344,10 +392,9 @@ async fn start_record(
     };
     let org = job.org_id;
     let job_id = job.job_id.clone();
-    let kind = job.kind;
     tracing::info!(
         job_id,
-        kind = kind.as_str(),
+        kind = job.kind.as_str(),
         attempt = job.attempts,
         "starting job actor"
     );
@@ -355,20 +402,9 @@ async fn start_record(
         owner: env.instance.clone(),
         epoch: job.lease_epoch,
     };
-    let args = (env.clone(), job);
-    let spawned = match kind {
-        JobKind::Export => {
-            Actor::spawn_linked(None, ExportActor::new(), args, myself.get_cell()).await
-        }
-        JobKind::Delete => {
-            Actor::spawn_linked(None, DeleteActor::new(), args, myself.get_cell()).await
-        }
-        JobKind::Restore => {
-            Actor::spawn_linked(None, RestoreActor::new(), args, myself.get_cell()).await
-        }
-    };
+    let spawned = state.kinds.spawn(env.clone(), job, myself.get_cell()).await;
     let actor = match spawned {
-        Ok((actor, _)) => actor,
+        Ok(actor) => actor,
         Err(e) => {
             // The job could not even start: a failure of its own, like any other.
             on_failure(myself, state, &job_id, &lease, e.to_string()).await;
@@ -388,3 +424,6 @@ async fn start_record(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::filter::PipelineType;
+use crate::job::JobStatus;
 
 /// The two kinds of job event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -112,8 +113,8 @@ pub struct JobHead {
     /// Rows or contacts handled.
     #[serde(default)]
     pub processed: i64,
-    /// Lifecycle state (`pending`, … `completed`).
-    pub status: String,
+    /// Lifecycle state.
+    pub status: JobStatus,
     /// Matching documents at start.
     #[serde(default)]
     pub total: Option<i64>,

@@ -9,6 +9,8 @@
 //! - [`parse`]: decoding with errors naming the exact field path
 //!   (`filter.stageIds[1]`) as a [`ValidationError`].
 //! - [`filter`], [`commands`], [`replies`]: what callers send and get back.
+//! - [`job`]: the job snapshot (kinds, statuses, counts, results) every reply,
+//!   event and HTTP body carries.
 //! - [`events`], [`subjects`], [`ws`]: what the service publishes and where.
 //!
 //! This crate depends on nothing of the service: it is the bottom layer.
@@ -17,6 +19,7 @@ pub mod commands;
 pub mod error;
 pub mod events;
 pub mod filter;
+pub mod job;
 pub mod limits;
 pub mod parse;
 pub mod replies;

@@ -1,5 +1,5 @@
 //! Replies of the NATS commands (contract section 4) that are not a job
-//! snapshot. Job kinds, statuses and snapshots are the job core's model types.
+//! snapshot (that is [`crate::job::JobSnapshot`]).
 
 use serde::{Deserialize, Serialize};
 

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use contact_bulk_actors::store::JobStore;
 use mongodb::Database;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -125,8 +124,7 @@ impl Harness {
             .database(DB);
         // The service logs each index; here they are created on empty
         // collections, and stdout is kept for the report.
-        JobStore::new(db.clone())
-            .ensure_indexes()
+        contact_bulk_actors::store::ensure_indexes(&db)
             .with_subscriber(tracing::subscriber::NoSubscriber::default())
             .await
             .context("creating indexes before seeding")?;

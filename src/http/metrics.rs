@@ -6,9 +6,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use bson::{doc, Document};
 use contact_bulk_actors::metrics;
-use contact_bulk_actors::store::names;
 
 use crate::commands::App;
 
@@ -19,13 +17,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// wait in the database, not in any one process); if the database does not
 /// answer within a second the last value stays.
 pub async fn scrape(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let pending = tokio::time::timeout(
-        Duration::from_secs(1),
-        app.db
-            .collection::<Document>(names::JOBS)
-            .count_documents(doc! {"status": "pending"}),
-    )
-    .await;
+    let pending = tokio::time::timeout(Duration::from_secs(1), app.store.count_pending(None)).await;
     match pending {
         Ok(Ok(n)) => metrics::set_jobs_pending(n as i64),
         Ok(Err(e)) => tracing::debug!(error = %e, "pending jobs not counted"),

@@ -11,10 +11,9 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::AckKind;
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use contact_bulk_actors::model::rfc3339;
-use contact_bulk_protocol::events::{JobEvent, JobEventType, JobHead, WebhookDelivery};
+use contact_bulk_protocol::events::{JobEvent, JobEventType, WebhookDelivery};
+use contact_bulk_protocol::job::JobSnapshot;
 use futures::{StreamExt, TryStreamExt};
-use serde::Deserialize as _;
-use serde_json::Value;
 
 use super::Webhooks;
 use crate::config::Config;
@@ -105,28 +104,21 @@ impl Webhooks {
     /// Records the deliveries a job event calls for: none unless it is the
     /// terminal `job.status` of a job.
     async fn on_event(&self, payload: &[u8]) -> anyhow::Result<()> {
-        let Ok(event) = serde_json::from_slice::<JobEvent<Value>>(payload) else {
+        let Ok(event) = serde_json::from_slice::<JobEvent<JobSnapshot>>(payload) else {
             tracing::warn!("unreadable job event skipped by webhooks");
             return Ok(());
         };
-        if event.kind != JobEventType::Status {
+        if event.kind != JobEventType::Status || !event.job.status.is_terminal() {
             return Ok(());
         }
         let job = &event.job;
-        let Ok(head) = JobHead::deserialize(job) else {
-            tracing::warn!("job event without orgId, jobId or status skipped by webhooks");
-            return Ok(());
-        };
-        let status = head.status.as_str();
-        if !matches!(status, "completed" | "failed" | "cancelled") {
-            return Ok(());
-        }
-        let Ok(org) = ObjectId::parse_str(&head.org_id) else {
+        let status = job.status.as_str();
+        let Ok(org) = ObjectId::parse_str(&job.org_id) else {
             tracing::warn!("job event with a malformed orgId skipped by webhooks");
             return Ok(());
         };
-        let job_id = head.job_id.as_str();
-        let finished = head
+        let job_id = job.job_id.as_str();
+        let finished = job
             .finished_at
             .as_deref()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
@@ -144,7 +136,7 @@ impl Webhooks {
         job_id: &str,
         event_type: &str,
         finished: DateTime,
-        job: &Value,
+        job: &JobSnapshot,
     ) -> anyhow::Result<()> {
         let hooks: Vec<Document> = self
             .inner

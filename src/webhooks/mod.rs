@@ -29,6 +29,8 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use contact_bulk_actors::repo::JobRepo;
+
 use crate::auth::Keys;
 use crate::config::Config;
 
@@ -153,7 +155,8 @@ pub struct Webhooks {
 }
 
 struct Inner {
-    db: Database,
+    /// Job records (the sweep reads recently ended jobs).
+    jobs: Arc<dyn JobRepo>,
     hooks: Collection<Document>,
     deliveries: Collection<Document>,
     config: WebhookConfig,
@@ -172,10 +175,15 @@ impl std::fmt::Debug for Webhooks {
 
 impl Webhooks {
     /// The handle; nothing runs until [`Webhooks::start`].
-    pub fn new(db: &Database, config: &WebhookConfig, keys: Keys) -> Webhooks {
+    pub fn new(
+        db: &Database,
+        jobs: Arc<dyn JobRepo>,
+        config: &WebhookConfig,
+        keys: Keys,
+    ) -> Webhooks {
         Webhooks {
             inner: Arc::new(Inner {
-                db: db.clone(),
+                jobs,
                 hooks: db.collection(WEBHOOKS),
                 deliveries: db.collection(DELIVERIES),
                 config: config.clone(),

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use contact_bulk_actors::model::JobRecord;
-use contact_bulk_actors::store::names;
 use futures::TryStreamExt;
 
 use super::Webhooks;
@@ -92,16 +91,8 @@ impl Webhooks {
         let grace = Duration::from_millis(self.inner.config.sweep_grace_ms);
         let jobs: Vec<JobRecord> = self
             .inner
-            .db
-            .collection::<JobRecord>(names::JOBS)
-            .find(doc! {
-                "orgId": {"$in": &orgs},
-                "createdAt": {"$gte": ago(CREATED_WITHIN)},
-                "status": {"$in": ["completed", "failed", "cancelled"]},
-                "finishedAt": {"$gte": ago(WINDOW), "$lte": ago(grace)},
-            })
-            .await?
-            .try_collect()
+            .jobs
+            .ended_within(&orgs, ago(CREATED_WITHIN), (ago(WINDOW), ago(grace)))
             .await?;
         if jobs.is_empty() {
             return Ok(0);
@@ -142,7 +133,7 @@ impl Webhooks {
                         .is_ok_and(|id| !have.contains(&(id, job.job_id.clone())))
             });
             if missing {
-                let snapshot = serde_json::to_value(decorate(&self.inner.keys, job))?;
+                let snapshot = decorate(&self.inner.keys, job);
                 self.enqueue(job.org_id, &job.job_id, &event_type, finished, &snapshot)
                     .await?;
                 recovered += 1;

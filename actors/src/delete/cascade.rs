@@ -4,25 +4,21 @@
 //! so a batch is finished after a crash by running them again from its entries.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 
-use bson::{doc, oid::ObjectId, DateTime, Document};
-use futures::TryStreamExt;
-use mongodb::options::UpdateOptions;
-use mongodb::Database;
+use bson::{oid::ObjectId, DateTime, Document};
 use tokio::sync::oneshot;
 
-use super::{contacts, NOTIFICATION_SAMPLE};
+use super::NOTIFICATION_SAMPLE;
 use crate::error::JobError;
 use crate::events::{EventSink, RemovedContact};
 use crate::model::JobRecord;
-use crate::store::{is_duplicate_key, names};
+use crate::repo::{Crm, NotificationRepo};
 
 /// One batch to apply: the contacts of `audits` (this job's CONTACT_DELETE
 /// entries for the batch), up to `upto`.
 pub(super) struct Batch {
-    pub db: Database,
+    pub crm: Crm,
     pub sink: Arc<dyn EventSink>,
     pub job: Arc<JobRecord>,
     pub upto: ObjectId,
@@ -45,7 +41,7 @@ pub(crate) type Sampled = Arc<Mutex<HashMap<ObjectId, usize>>>;
 /// Deletes, notifies and announces one batch.
 pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
     let Batch {
-        db,
+        crm,
         sink,
         job,
         upto,
@@ -64,14 +60,8 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         // Children first, so no message or conversation ever outlives its contact.
         // Messages and conversations go together: the contacts, deleted only after
         // both, keep the children's contact alive until they are gone.
-        let messages = db.collection::<Document>(names::MESSAGES);
-        let conversations = db.collection::<Document>(names::CONVERSATIONS);
         if job.hard_delete {
-            let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
-            futures::try_join!(
-                messages.delete_many(children.clone()).into_future(),
-                conversations.delete_many(children).into_future(),
-            )?;
+            crm.contacts.delete_children_of(org, &ids).await?;
         } else {
             // Kept first, then exactly what was kept is deleted: a crash
             // anywhere after the keep leaves it kept, and a batch redone keeps
@@ -80,23 +70,13 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
             // pass, so none is left behind without its contact.
             loop {
                 crate::failpoint::hit("delete.keep");
-                let kept = crate::restore::kept::keep(&db, &job, &ids).await?;
+                let kept = crm.kept.keep(&job, &ids).await?;
                 crate::failpoint::hit("delete.kept");
                 laps.lap("keep");
-                futures::try_join!(
-                    messages
-                        .delete_many(doc! {"_id": {"$in": kept.messages}, "orgId": org})
-                        .into_future(),
-                    conversations
-                        .delete_many(doc! {"_id": {"$in": kept.conversations}, "orgId": org})
-                        .into_future(),
-                )?;
-                let children = doc! {"orgId": org, "contactId": {"$in": &ids}};
-                let (message, conversation) = futures::try_join!(
-                    messages.find_one(children.clone()).into_future(),
-                    conversations.find_one(children).into_future(),
-                )?;
-                if message.is_none() && conversation.is_none() {
+                crm.contacts
+                    .delete_children(org, &kept.conversations, &kept.messages)
+                    .await?;
+                if !crm.contacts.children_left(org, &ids).await? {
                     break;
                 }
             }
@@ -105,9 +85,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
         // filter since (its children already may have).
-        contacts(&db, &job.filter)
-            .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
-            .await?;
+        crm.contacts.delete(&job, &ids).await?;
         crate::failpoint::hit("delete.contacts");
     }
     laps.lap("contacts");
@@ -123,7 +101,14 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
     // notification skips a batch it has, the stream drops a repeated
     // `Nats-Msg-Id`, and only the checkpoint ends the batch.
     futures::try_join!(
-        notify(&db, &job, "contacts_removed", upto, &audits, &sampled),
+        notify(
+            crm.notifications.as_ref(),
+            &job,
+            "contacts_removed",
+            upto,
+            &audits,
+            &sampled
+        ),
         announce(sink.as_ref(), &job, &audits),
     )?;
     laps.lap("notify+announce");
@@ -135,55 +120,11 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
     Ok(())
 }
 
-/// This job's CONTACT_DELETE entries for contacts in `(after, upto]`: the
-/// contacts a batch decided to delete, with what its announcements need.
-pub(super) async fn recorded(
-    db: &Database,
-    job: &JobRecord,
-    after: Option<ObjectId>,
-    upto: Option<ObjectId>,
-) -> Result<Vec<Document>, JobError> {
-    Ok(db
-        .collection::<Document>(names::EVENT_LOGS)
-        .find(own_entries(job, after, upto))
-        .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1})
-        .await?
-        .try_collect()
-        .await?)
-}
-
-/// The filter of this job's CONTACT_DELETE entries for contacts in `(after, upto]`,
-/// by their unique `bulkKey` (`<orgId>:<contactId>`: hex of fixed length, so
-/// the keys of an organisation sort as its contact ids do).
-pub(super) fn own_entries(
-    job: &JobRecord,
-    after: Option<ObjectId>,
-    upto: Option<ObjectId>,
-) -> Document {
-    let org = job.org_id;
-    let mut range = doc! {"$gt": match after {
-        Some(after) => audit_key(org, after),
-        None => format!("{}:", org.to_hex()),
-    }};
-    match upto {
-        Some(upto) => range.insert("$lte", audit_key(org, upto)),
-        // ';' follows ':', so this bounds every key of the organisation.
-        None => range.insert("$lt", format!("{};", org.to_hex())),
-    };
-    doc! {"bulkKey": range, "jobId": &job.job_id, "type": "CONTACT_DELETE"}
-}
-
-/// The unique key of a contact's bulk-delete audit entry: one per contact, so
-/// two delete jobs never both take it.
-pub fn audit_key(org: ObjectId, contact: ObjectId) -> String {
-    format!("{}:{}", org.to_hex(), contact.to_hex())
-}
-
 /// One notification per assignee and job (`kind`: `contacts_removed`, or
 /// `contacts_restored` for a restore). Batches are applied in `_id` order, so
 /// `lastBatch` (the batch's highest id) makes each one count once.
 pub(crate) async fn notify(
-    db: &Database,
+    notifications: &dyn NotificationRepo,
     job: &JobRecord,
     kind: &'static str,
     upto: ObjectId,
@@ -196,49 +137,22 @@ pub(crate) async fn notify(
             by_owner.entry(owner).or_default().push(id);
         }
     }
-    let notifications = db.collection::<Document>(names::NOTIFICATIONS);
     let updates = by_owner.into_iter().map(|(owner, contact_ids)| {
-        let key = format!("{}:{}", job.job_id, owner.to_hex());
-        let notifications = &notifications;
         let listed = sampled
             .lock()
             .map(|m| m.get(&owner).copied().unwrap_or(0))
             .unwrap_or(0);
         async move {
-            let mut update = doc! {
-                "$setOnInsert": {
-                    "orgId": job.org_id, "userId": owner, "type": kind,
-                    "jobId": &job.job_id, "createdAt": DateTime::now(), "read": false,
-                },
-                "$set": {"lastBatch": upto},
-                "$inc": {"count": contact_ids.len() as i64},
-            };
-            if listed < NOTIFICATION_SAMPLE as usize {
-                // A sample of the ids, so a huge job cannot outgrow the
-                // document size limit; `count` is exact.
-                update.insert(
-                    "$push",
-                    doc! {"contactIds": {"$each": &contact_ids, "$slice": NOTIFICATION_SAMPLE}},
-                );
+            // A sample of the ids, so a huge job cannot outgrow the document
+            // size limit; `count` is exact.
+            let list = listed < NOTIFICATION_SAMPLE as usize;
+            notifications
+                .add(job, kind, owner, upto, &contact_ids, list)
+                .await?;
+            if let Ok(mut m) = sampled.lock() {
+                *m.entry(owner).or_default() += contact_ids.len();
             }
-            let res = notifications
-                .update_one(
-                    doc! {"bulkKey": &key, "lastBatch": {"$not": {"$gte": upto}}},
-                    update,
-                )
-                .with_options(UpdateOptions::builder().upsert(true).build())
-                .await;
-            if res.is_ok() {
-                if let Ok(mut m) = sampled.lock() {
-                    *m.entry(owner).or_default() += contact_ids.len();
-                }
-            }
-            match res {
-                Ok(_) => Ok(()),
-                // The batch was already applied: the filter missed and the upsert collided.
-                Err(e) if is_duplicate_key(&e) => Ok(()),
-                Err(e) => Err(JobError::from(e)),
-            }
+            Ok::<_, JobError>(())
         }
     });
     futures::future::try_join_all(updates).await?;

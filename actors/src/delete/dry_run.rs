@@ -1,19 +1,19 @@
 //! The `dryRun` of a delete: what it would remove now, counted without deleting anything.
 
-use bson::{doc, oid::ObjectId};
+use bson::{doc, oid::ObjectId, Document};
 use futures::TryStreamExt;
 use mongodb::Database;
 
-use super::contacts;
-use super::prepare::children_counts;
 use crate::error::JobError;
 use crate::filter::Filter;
 use crate::model::Counts;
+use crate::repo::{ContactRepo, MongoCrm};
 
 /// Exactly what a delete with this filter would remove now: contacts, and their
 /// conversations and messages, counted in batches of ids (never collecting the cursor).
 pub async fn dry_run(db: &Database, org: ObjectId, filter: &Filter) -> Result<Counts, JobError> {
-    let coll = contacts(db, filter);
+    let coll = db.collection::<Document>(filter.pipeline_type.collection());
+    let crm = MongoCrm::new(db);
     let cursor = coll
         .find(filter.query(org))
         .projection(doc! {"_id": 1})
@@ -26,7 +26,7 @@ pub async fn dry_run(db: &Database, org: ObjectId, filter: &Filter) -> Result<Co
             .iter()
             .filter_map(|d| d.get_object_id("_id").ok())
             .collect();
-        let (conversations, messages) = children_counts(db, org, &ids).await?;
+        let (conversations, messages) = crm.count_children(org, &ids).await?;
         counts.contacts += ids.len() as u64;
         counts.conversations += conversations;
         counts.messages += messages;

@@ -33,22 +33,21 @@ mod prepare;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bson::{doc, oid::ObjectId, DateTime, Document};
+use bson::{oid::ObjectId, DateTime};
 use futures::TryStreamExt;
-use mongodb::{Collection, Cursor, Database};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use cascade::audit_key;
 pub(crate) use cascade::{notify, Sampled};
 pub use dry_run::dry_run;
 
+pub use crate::repo::crm_mongo::audit_key;
+
 use crate::error::JobError;
-use crate::filter::Filter;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
-use crate::model::{DeleteInflight, JobRecord, JobStatus};
-use crate::snapshot;
-use crate::store::names;
+use crate::model::{Checkpoint, Counts, DeleteInflight, JobRecord};
+use crate::repo::crm::IdStream;
+use crate::repo::{Crm, Ending, JobPatch};
 
 /// The delete actor.
 pub type DeleteActor = JobActor<DeleteState>;
@@ -57,7 +56,7 @@ pub type DeleteActor = JobActor<DeleteState>;
 pub struct DeleteState {
     run: JobRun,
     /// Candidate ids in `_id` order, read a batch at a time.
-    candidates: Option<Cursor<Document>>,
+    candidates: Option<IdStream>,
     /// The recorded batches being applied in the background, oldest first: at
     /// most two (`inflight` and `inflightNext` on the record).
     applying: VecDeque<Applying>,
@@ -98,8 +97,7 @@ impl Applying {
 /// Batches recorded and applied at once: one announced while the next is deleted.
 const DEPTH: usize = 2;
 
-/// The most contact ids a notification lists; `count` stays exact.
-pub const NOTIFICATION_SAMPLE: i32 = 1000;
+pub use crate::repo::crm::NOTIFICATION_SAMPLE;
 
 impl JobStep for DeleteState {
     fn start(env: JobEnv, job: JobRecord) -> Result<DeleteState, JobError> {
@@ -146,17 +144,23 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     } else if !run.job.hard_delete && run.job.restorable_until.is_none() {
         // A job recorded before deletes kept anything: it keeps from now on.
         let until = restorable_until(DateTime::now(), run.env.settings.restore_retention);
-        run.update(doc! {"$set": {"restorableUntil": until}})
-            .await?;
+        run.update(JobPatch {
+            restorable_until: Some(until),
+            ..JobPatch::default()
+        })
+        .await?;
     }
     if s.applying.is_empty() {
         if let Some(inflight) = run.job.inflight.clone() {
             // A batch left by a crash or a failed step: redo it from its entries.
-            let db = run.env.store.db().clone();
+            let crm = run.env.crm.clone();
             let after = run.job.checkpoint.last_id;
-            let audits = cascade::recorded(&db, &run.job, after, Some(inflight.upto)).await?;
+            let audits = crm
+                .audit
+                .recorded(&run.job, after, Some(inflight.upto))
+                .await?;
             let redo = cascade::apply(cascade::Batch {
-                db,
+                crm,
                 sink: run.env.sink.clone(),
                 job: Arc::new(run.job.clone()),
                 upto: inflight.upto,
@@ -179,14 +183,14 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         settle(s).await?;
         let run = &mut s.run;
         release_held(run).await?;
-        run.finish(JobStatus::Cancelled, doc! {}).await?;
+        run.finish(Ending::Cancelled).await?;
         return Ok(false);
     }
     let Some(max_id) = run.job.snapshot_max_id else {
         settle(s).await?;
         return complete(s).await;
     };
-    let db = run.env.store.db().clone();
+    let crm = run.env.crm.clone();
     let after = s
         .applying
         .back()
@@ -197,7 +201,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     // The next batch is decided and counted while the recorded ones are
     // applied; with the pipeline full, the oldest must finish first.
     let job = run.job.clone();
-    let next = prepare::prepare(&db, &job, &mut s.candidates, after, max_id, batch);
+    let next = prepare::prepare(&crm, &job, &mut s.candidates, after, max_id, batch);
     let oldest = match s.applying.len() >= DEPTH {
         true => s.applying.pop_front(),
         false => None,
@@ -234,7 +238,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
     tracing::debug!(job_id = %run.job.job_id, contacts = next.inflight.contacts, prepare_ms = started.elapsed().as_millis() as u64, "delete batch recorded");
     let (tell, applied) = oneshot::channel();
     let task = tokio::spawn(cascade::apply(cascade::Batch {
-        db,
+        crm,
         sink: run.env.sink.clone(),
         job: Arc::new(run.job.clone()),
         upto: next.inflight.upto,
@@ -272,14 +276,11 @@ async fn record<'a>(
     done: Option<&DeleteInflight>,
     in_flight: impl Iterator<Item = &'a DeleteInflight>,
 ) -> Result<(), JobError> {
-    let mut slots = in_flight.map(bson::to_bson);
-    let mut slot = || {
-        slots
-            .next()
-            .transpose()
-            .map(|b| b.unwrap_or(bson::Bson::Null))
+    let mut slots = in_flight.cloned();
+    let mut patch = JobPatch {
+        inflight: Some((slots.next(), slots.next())),
+        ..JobPatch::default()
     };
-    let mut set = doc! {"inflight": slot()?, "inflightNext": slot()?};
     if let Some(done) = done {
         // Absolute values from the record as last written (the write is fenced
         // by the lease, so nobody else moved them): a write that was applied
@@ -287,20 +288,19 @@ async fn record<'a>(
         // the batch counts once.
         let job = &run.job;
         let counts = job.counts;
-        set.insert("checkpoint.lastId", done.upto);
-        set.insert("processed", job.processed + done.contacts as i64);
-        set.insert("counts.contacts", (counts.contacts + done.contacts) as i64);
-        set.insert(
-            "counts.conversations",
-            (counts.conversations + done.conversations) as i64,
-        );
-        set.insert("counts.messages", (counts.messages + done.messages) as i64);
+        patch.checkpoint = Some(Checkpoint {
+            last_id: Some(done.upto),
+            ..job.checkpoint.clone()
+        });
+        patch.processed = Some(job.processed + done.contacts as i64);
+        patch.counts = Some(Counts {
+            contacts: counts.contacts + done.contacts,
+            conversations: counts.conversations + done.conversations,
+            messages: counts.messages + done.messages,
+        });
     }
-    run.update_at(
-        crate::failpoint::DELETE_RECORD_LOST_REPLY,
-        doc! {"$set": set},
-    )
-    .await?;
+    run.update_at(crate::failpoint::DELETE_RECORD_LOST_REPLY, patch)
+        .await?;
     if done.is_some() {
         run.progress_event().await;
     }
@@ -309,34 +309,28 @@ async fn record<'a>(
 
 /// Freezes the snapshot and counts `total`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
-    let job = &run.job;
-    let db = run.env.store.db().clone();
-    let collection = job.filter.pipeline_type.collection();
-    let query = job.filter.query(job.org_id);
-    let max_id = snapshot::bound(&db, collection, &query).await?;
-    let count = snapshot::count(&db, collection, &query, Some(max_id), None);
+    let crm = run.env.crm.clone();
+    let job = run.job.clone();
+    let max_id = crm.contacts.bound(&job).await?;
+    let count = async move { crm.contacts.count(&job, max_id).await };
     // Counting a large organisation takes a while: a cancel meanwhile wins.
     let Some(total) = run.listening(count).await? else {
         return Ok(());
     };
     let now = DateTime::now();
-    let mut set = doc! {
-        "initialised": true,
-        "status": "processing",
-        "startedAt": run.env.store.now(),
-        "snapshotMaxId": max_id,
-        "total": total,
-        "processed": 0i64,
+    let mut patch = JobPatch {
+        started_at: Some(run.env.jobs.now()),
+        snapshot_max_id: Some(max_id),
+        total: Some(Some(total)),
+        processed: Some(0),
+        ..JobPatch::default()
     };
     if !run.job.hard_delete {
         // Everything the job removes is kept until then (one date for the
         // whole job, so its restore is all or nothing in time).
-        set.insert(
-            "restorableUntil",
-            restorable_until(now, run.env.settings.restore_retention),
-        );
+        patch.restorable_until = Some(restorable_until(now, run.env.settings.restore_retention));
     }
-    run.update(doc! {"$set": set}).await?;
+    run.update(patch).await?;
     run.status_event().await;
     tracing::info!(job_id = %run.job.job_id, total, "delete started");
     Ok(())
@@ -352,8 +346,8 @@ fn restorable_until(now: DateTime, retention: std::time::Duration) -> DateTime {
 /// fenced write) right before, so a holder that lost it while paused cannot
 /// give back contacts the new holder has recorded as in flight.
 async fn release_held(run: &mut JobRun) -> Result<(), JobError> {
-    run.update(doc! {}).await?;
-    release_undecided(run.env.store.db(), &run.job).await
+    run.update(JobPatch::default()).await?;
+    release_undecided(&run.env.crm, &run.job).await
 }
 
 /// Removes this job's CONTACT_DELETE entries beyond its checkpoint whose
@@ -362,34 +356,15 @@ async fn release_held(run: &mut JobRun) -> Result<(), JobError> {
 /// Their children are intact: nothing is deleted before a batch is `inflight`.
 /// Called for a failed job too, where it also gives back what its unfinished
 /// batch had not deleted yet.
-pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), JobError> {
+pub async fn release_undecided(crm: &Crm, job: &JobRecord) -> Result<(), JobError> {
     let after = job.checkpoint.last_id;
-    let entries = db.collection::<Document>(names::EVENT_LOGS);
-    let decided = entries
-        .find(cascade::own_entries(job, after, None))
-        .projection(doc! {"contactId": 1})
-        .batch_size(1000)
-        .await?;
-    let coll = contacts(db, &job.filter);
+    let decided = crm.audit.decided_after(job, after).await?;
     let mut chunks = decided.try_chunks(1000);
-    while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
-        let ids: Vec<ObjectId> = chunk
-            .iter()
-            .filter_map(|d| d.get_object_id("contactId").ok())
-            .collect();
-        let present: Vec<ObjectId> = coll
-            .find(doc! {"_id": {"$in": &ids}, "orgId": job.org_id})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
-            .try_collect()
-            .await?;
+    while let Some(ids) = chunks.try_next().await.map_err(|e| e.1)? {
+        let present: Vec<ObjectId> = crm.contacts.present(job, &ids).await?;
         if !present.is_empty() {
             tracing::info!(job_id = %job.job_id, contacts = present.len(), "releasing undeleted contacts");
-            let keys: Vec<String> = present.iter().map(|c| audit_key(job.org_id, *c)).collect();
-            entries
-                .delete_many(doc! {"bulkKey": {"$in": keys}, "jobId": &job.job_id})
-                .await?;
+            crm.audit.withdraw(job, &present).await?;
         }
     }
     Ok(())
@@ -398,15 +373,9 @@ pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), Job
 async fn complete(s: &mut DeleteState) -> Result<bool, JobError> {
     let run = &mut s.run;
     release_held(run).await?;
-    run.finish(JobStatus::Completed, doc! {}).await?;
+    run.finish(Ending::Completed(None)).await?;
     Ok(false)
 }
 
-// The per-batch queries name a narrow key range (the ids of one batch) and put
-// `_id` first: some planners (secantusd-rs) pick the index of the first key,
-// and an `orgId`-first filter had them walk the organisation's index for every
-// batch. (Measured: 6 ms against 130-250 ms a batch at 60,000 contacts.)
-
-fn contacts(db: &Database, filter: &Filter) -> Collection<Document> {
-    db.collection(filter.pipeline_type.collection())
-}
+#[cfg(test)]
+mod tests;

@@ -7,14 +7,12 @@ use std::collections::HashSet;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::options::InsertManyOptions;
-use mongodb::{Cursor, Database};
 
-use super::{cascade, contacts};
 use crate::error::JobError;
 use crate::model::{DeleteInflight, JobRecord};
-use crate::snapshot;
-use crate::store::{is_duplicate_key, names};
+use crate::repo::crm::IdStream;
+use crate::repo::crm_mongo::audit_key;
+use crate::repo::Crm;
 
 /// A batch decided and counted, not yet recorded as `inflight`.
 pub(super) struct Prepared {
@@ -22,11 +20,6 @@ pub(super) struct Prepared {
     pub inflight: DeleteInflight,
     /// The batch's audit entries (at least `contactId`, `ownerId`, `createdAt`).
     pub audits: Vec<Document>,
-}
-
-/// What the audit snapshot and the notification need of a contact.
-fn snapshot_projection() -> Document {
-    doc! {"firstName": 1, "lastName": 1, "email": 1, "phone": 1, "ownerId": 1}
 }
 
 /// Prepares the batch after `after`: `None` when no candidate is left.
@@ -41,33 +34,24 @@ fn snapshot_projection() -> Document {
 ///    that another delete job has decided on is left to that job.
 /// 3. Beside it, their conversations and messages are counted.
 pub(super) async fn prepare(
-    db: &Database,
+    crm: &Crm,
     job: &JobRecord,
-    cursor: &mut Option<Cursor<Document>>,
+    cursor: &mut Option<IdStream>,
     after: Option<ObjectId>,
     max_id: ObjectId,
     batch: usize,
 ) -> Result<Option<Prepared>, JobError> {
-    let coll = contacts(db, &job.filter);
     if cursor.is_none() {
-        let opened = coll
-            .find(in_range(job, after, max_id))
-            .sort(doc! {"_id": 1})
-            .projection(doc! {"_id": 1})
-            .batch_size(batch as u32)
-            .await?;
-        *cursor = Some(opened);
+        *cursor = Some(crm.contacts.ids(job, after, max_id, batch).await?);
     }
     let mut candidates: HashSet<ObjectId> = HashSet::with_capacity(batch);
     let mut upto = None;
     if let Some(cursor) = cursor.as_mut() {
         while candidates.len() < batch {
             match cursor.try_next().await? {
-                Some(d) => {
-                    if let Ok(id) = d.get_object_id("_id") {
-                        candidates.insert(id);
-                        upto = Some(id);
-                    }
+                Some(id) => {
+                    candidates.insert(id);
+                    upto = Some(id);
                 }
                 None => break,
             }
@@ -79,38 +63,31 @@ pub(super) async fn prepare(
 
     // A range read costs far less than a lookup per id, and sees each contact as
     // it is now: one that left the filter since the cursor read it stays.
-    let current: Vec<Document> = coll
-        .find(in_range(job, after, upto))
-        .projection(snapshot_projection())
-        .await?
-        .try_filter(|d| {
-            let keep = d
-                .get_object_id("_id")
-                .is_ok_and(|id| candidates.contains(&id));
-            async move { keep }
-        })
-        .try_collect()
-        .await?;
+    let mut current: Vec<Document> = crm.contacts.read_range(job, after, upto).await?;
+    current.retain(|d| {
+        d.get_object_id("_id")
+            .is_ok_and(|id| candidates.contains(&id))
+    });
     let ids: Vec<ObjectId> = current
         .iter()
         .filter_map(|d| d.get_object_id("_id").ok())
         .collect();
     let entries = audit_entries(job, &current);
     let (written, counted) = futures::try_join!(
-        write_audits(db, entries),
-        children_counts(db, job.org_id, &ids)
+        crm.audit.decide(entries),
+        crm.contacts.count_children(job.org_id, &ids)
     )?;
     let (audits, (conversations, messages)) = match written {
         Some(entries) => (entries, counted),
         None => {
             // Some contacts were decided on already (by another job, or by this
             // one before a failure): the batch is this job's entries.
-            let audits = cascade::recorded(db, job, after, Some(upto)).await?;
+            let audits = crm.audit.recorded(job, after, Some(upto)).await?;
             let ids: Vec<ObjectId> = audits
                 .iter()
                 .filter_map(|a| a.get_object_id("contactId").ok())
                 .collect();
-            let counted = children_counts(db, job.org_id, &ids).await?;
+            let counted = crm.contacts.count_children(job.org_id, &ids).await?;
             (audits, counted)
         }
     };
@@ -125,19 +102,7 @@ pub(super) async fn prepare(
     }))
 }
 
-/// The job's filter over contacts in `(after, upto]`, `_id` first: some
-/// planners (secantusd-rs) pick the index of the first key.
-fn in_range(job: &JobRecord, after: Option<ObjectId>, upto: ObjectId) -> Document {
-    let mut range = doc! {"$lte": upto};
-    if let Some(after) = after {
-        range.insert("$gt", after);
-    }
-    let mut query = doc! {"_id": range};
-    query.extend(job.filter.query(job.org_id));
-    query
-}
-
-/// One CONTACT_DELETE entry per contact document (read with `snapshot_projection`).
+/// One CONTACT_DELETE entry per contact document (as `ContactRepo::read_range` reads it).
 fn audit_entries(job: &JobRecord, contacts: &[Document]) -> Vec<Document> {
     let now = DateTime::now();
     let field = |c: &Document, k: &str| c.get(k).cloned().unwrap_or(Bson::Null);
@@ -160,52 +125,8 @@ fn audit_entries(job: &JobRecord, contacts: &[Document]) -> Vec<Document> {
                 },
                 "ownerId": field(c, "ownerId"),
                 "pipelineType": job.filter.pipeline_type.as_str(),
-                "bulkKey": cascade::audit_key(job.org_id, id),
+                "bulkKey": audit_key(job.org_id, id),
             })
         })
         .collect()
-}
-
-/// Inserts the entries. `Some(entries)` when every one was new, so they are the
-/// batch's record as they stand; `None` when some existed already, so the
-/// collection must be read back.
-async fn write_audits(
-    db: &Database,
-    entries: Vec<Document>,
-) -> Result<Option<Vec<Document>>, JobError> {
-    if entries.is_empty() {
-        return Ok(Some(entries));
-    }
-    let opts = InsertManyOptions::builder().ordered(false).build();
-    match db
-        .collection::<Document>(names::EVENT_LOGS)
-        .insert_many(&entries)
-        .with_options(opts)
-        .await
-    {
-        Ok(r) if r.inserted_ids.len() == entries.len() => Ok(Some(entries)),
-        Ok(_) => Ok(None),
-        Err(e) if is_duplicate_key(&e) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Conversations and messages of these contacts.
-pub(super) async fn children_counts(
-    db: &Database,
-    org: ObjectId,
-    ids: &[ObjectId],
-) -> Result<(u64, u64), JobError> {
-    if ids.is_empty() {
-        return Ok((0, 0));
-    }
-    // The `count` command: about half the server's work of `countDocuments`
-    // (an aggregation) on secantusd-rs.
-    let children = doc! {"orgId": org, "contactId": {"$in": ids}};
-    let (conversations, messages) = futures::try_join!(
-        snapshot::count(db, names::CONVERSATIONS, &children, None, None),
-        snapshot::count(db, names::MESSAGES, &children, None, None),
-    )?;
-    let non_negative = |n: i64| u64::try_from(n).unwrap_or(0);
-    Ok((non_negative(conversations), non_negative(messages)))
 }

@@ -19,12 +19,13 @@ use crate::store::{is_duplicate_key, names};
 /// A batch: the kept contacts after `after`, in `_id` order.
 pub(super) struct Batch<'a> {
     pub db: &'a Database,
+    pub notifications: &'a dyn crate::repo::NotificationRepo,
     pub sink: &'a dyn EventSink,
     pub job: &'a JobRecord,
     /// The delete undone.
     pub source: &'a str,
     pub after: Option<ObjectId>,
-    /// Kept contact documents (`kept.rs`).
+    /// Kept contact documents (`repo/kept.rs`).
     pub contacts: Vec<RawDocumentBuf>,
     pub sampled: &'a Sampled,
 }
@@ -42,6 +43,7 @@ pub(super) struct Done {
 pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
     let Batch {
         db,
+        notifications,
         sink,
         job,
         source,
@@ -195,7 +197,14 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
     crate::failpoint::hit("restore.children");
     // 5. Notifications and events, to different servers, together.
     futures::try_join!(
-        notify(db, job, "contacts_restored", upto, &mine, sampled),
+        notify(
+            notifications,
+            job,
+            "contacts_restored",
+            upto,
+            &mine,
+            sampled
+        ),
         announce(sink, job, source, &mine),
     )?;
     Ok(Done {

@@ -24,7 +24,7 @@
 //! that already happened is a duplicate key.
 
 mod batch;
-pub mod kept;
+pub use crate::repo::kept;
 mod start;
 
 use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf};
@@ -35,7 +35,8 @@ pub use start::{dry_run, existing, source, RestoreCounts};
 
 use crate::error::JobError;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
-use crate::model::{JobRecord, JobStatus};
+use crate::model::{Checkpoint, Counts, JobRecord};
+use crate::repo::{Ending, JobPatch};
 use crate::store::names;
 
 /// The restore actor.
@@ -85,11 +86,11 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     if !run.job.initialised {
         initialise(run).await?;
     }
-    let db = run.env.store.db().clone();
+    let db = run.env.db.clone();
     // A batch a failed step left half done is finished before a cancel lands,
     // so a cancelled job never leaves a contact back without its children.
     if run.cancel && undecided(&db, &run.job).await?.is_empty() {
-        run.finish(JobStatus::Cancelled, doc! {}).await?;
+        run.finish(Ending::Cancelled).await?;
         return Ok(false);
     }
     let src = source_id(&run.job)?.to_string();
@@ -103,12 +104,13 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         .await?;
     if contacts.is_empty() {
         release_undecided(&db, &run.job).await?;
-        run.finish(JobStatus::Completed, doc! {}).await?;
+        run.finish(Ending::Completed(None)).await?;
         return Ok(false);
     }
     let started = std::time::Instant::now();
     let done = batch::restore(batch::Batch {
         db: &db,
+        notifications: run.env.crm.notifications.as_ref(),
         sink: run.env.sink.as_ref(),
         job: &run.job,
         source: &src,
@@ -118,19 +120,23 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     })
     .await?;
     let job = &run.job;
-    let counts = doc! {
-        "contacts": (job.counts.contacts + done.restored) as i64,
-        "conversations": (job.counts.conversations + done.conversations) as i64,
-        "messages": (job.counts.messages + done.messages) as i64,
+    let counts = Counts {
+        contacts: job.counts.contacts + done.restored,
+        conversations: job.counts.conversations + done.conversations,
+        messages: job.counts.messages + done.messages,
     };
     let skipped = job.skipped + done.skipped as i64;
     let processed = job.processed + (done.restored + done.skipped) as i64;
-    run.update(doc! {"$set": {
-        "checkpoint.lastId": done.upto,
-        "counts": counts,
-        "skipped": skipped,
-        "processed": processed,
-    }})
+    run.update(JobPatch {
+        checkpoint: Some(Checkpoint {
+            last_id: Some(done.upto),
+            ..run.job.checkpoint.clone()
+        }),
+        counts: Some(counts),
+        skipped: Some(skipped),
+        processed: Some(processed),
+        ..JobPatch::default()
+    })
     .await?;
     tracing::debug!(job_id = %run.job.job_id, restored = done.restored, skipped = done.skipped, ms = started.elapsed().as_millis() as u64, "restore batch done");
     run.progress_event().await;
@@ -139,21 +145,20 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
 
 /// Counts the kept contacts (`total`) and moves the job to `processing`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
-    let db = run.env.store.db().clone();
+    let db = run.env.db.clone();
     let src = source_id(&run.job)?.to_string();
     let range = kept::range(&src, kept::Kind::Contact, None, None);
     let count = crate::snapshot::count(&db, names::KEPT, &range, None, None);
     let Some(total) = run.listening(count).await? else {
         return Ok(());
     };
-    run.update(doc! {"$set": {
-        "initialised": true,
-        "status": "processing",
-        "startedAt": DateTime::now(),
-        "total": total,
-        "processed": 0i64,
-        "skipped": 0i64,
-    }})
+    run.update(JobPatch {
+        started_at: Some(DateTime::now()),
+        total: Some(Some(total)),
+        processed: Some(0),
+        skipped: Some(0),
+        ..JobPatch::default()
+    })
     .await?;
     run.status_event().await;
     tracing::info!(job_id = %run.job.job_id, source_job_id = %src, total, "restore started");

@@ -5,13 +5,14 @@ use std::collections::HashSet;
 
 use bson::{doc, oid::ObjectId, DateTime, Document};
 use futures::TryStreamExt;
-use mongodb::{Collection, Database};
+use mongodb::Database;
 use serde::Serialize;
 
 use super::kept::{self, Kind};
 use super::restore_key;
 use crate::error::JobError;
 use crate::model::{JobKind, JobRecord, JobStatus};
+use crate::repo::JobRepo;
 use crate::store::names;
 
 /// What a restore started now would put back.
@@ -31,14 +32,11 @@ pub struct RestoreCounts {
 /// delete, `conflict` while it runs, `gone` for a hard delete or one past its
 /// retention.
 pub async fn source(
-    jobs: &Collection<JobRecord>,
+    jobs: &dyn JobRepo,
     org: ObjectId,
     job_id: &str,
 ) -> Result<JobRecord, JobError> {
-    let job = jobs
-        .find_one(doc! {"_id": job_id, "orgId": org})
-        .await?
-        .ok_or_else(|| JobError::NotFound(format!("job {job_id}")))?;
+    let job = jobs.get(org, job_id).await?;
     if job.kind != JobKind::Delete {
         return Err(crate::ValidationError::new(
             "jobId",
@@ -73,14 +71,10 @@ pub async fn source(
 /// second request gets it instead of a new job. Also returns how many restores
 /// of it exist, so a new one takes the next `restoreKey`.
 pub async fn existing(
-    jobs: &Collection<JobRecord>,
+    jobs: &dyn JobRepo,
     source: &str,
 ) -> Result<(Option<JobRecord>, usize), JobError> {
-    let all: Vec<JobRecord> = jobs
-        .find(doc! {"restoreKey": {"$gte": format!("{source}#"), "$lt": format!("{source}$")}})
-        .await?
-        .try_collect()
-        .await?;
+    let all = jobs.restores_of(source).await?;
     let n = all.len();
     let live = all.into_iter().find(|j| {
         matches!(

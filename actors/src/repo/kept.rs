@@ -85,14 +85,7 @@ fn child_key(job_id: &str, kind: Kind, contact: ObjectId, id: RawBsonRef<'_>) ->
     format!("{job_id}:{}:{}:{id}", kind.tag(), contact.to_hex())
 }
 
-/// The ids of the children a batch kept, to delete exactly those.
-#[derive(Debug, Default)]
-pub struct Kept {
-    /// `_id`s of the kept conversations.
-    pub conversations: Vec<Bson>,
-    /// `_id`s of the kept messages.
-    pub messages: Vec<Bson>,
-}
+pub use super::crm::Kept;
 
 /// Keeps the contacts `ids` of the delete `job` that still exist, with their
 /// conversations and messages, before the batch deletes them: one read per

@@ -1,0 +1,29 @@
+//! The persistence layer: typed repositories between the job machinery and MongoDB.
+//!
+//! Callers (the supervisor, the job actors, the service's transports) name what
+//! they want done (take a lease, checkpoint, finish, list an organisation's
+//! jobs) and never write BSON or field paths themselves: each repository owns
+//! its collection's invariants (leases on the database's clock, the epoch
+//! fence, idempotent creation) in one place. Each trait has a MongoDB
+//! implementation and an in-memory fake with the same semantics, so the job
+//! logic is unit-tested without servers, on tokio's paused clock.
+
+pub mod chunks;
+pub mod crm;
+pub mod crm_mem;
+pub mod crm_mongo;
+pub mod jobs;
+pub mod jobs_mem;
+pub mod jobs_mongo;
+pub mod kept;
+
+pub use chunks::{ChunkRepo, MemChunks};
+pub use crm::{AuditRepo, ContactRepo, Crm, Kept, KeptRepo, NotificationRepo};
+pub use crm_mem::MemCrm;
+pub use crm_mongo::MongoCrm;
+pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
+pub use jobs_mem::MemJobs;
+pub use jobs_mongo::MongoJobs;
+
+#[cfg(test)]
+mod tests;
