@@ -23,6 +23,8 @@ pub const BEAT: Duration = Duration::from_millis(500);
 pub struct JobSettings {
     /// Contacts read per export step.
     pub export_batch: u32,
+    /// `_id` ranges an export's selection is cut into (see [`crate::id_ranges`]).
+    pub export_ranges: usize,
     /// Contacts deleted per delete step.
     pub delete_batch: u32,
     /// Contacts put back per restore step.
@@ -55,6 +57,7 @@ impl Default for JobSettings {
     fn default() -> Self {
         JobSettings {
             export_batch: 1000,
+            export_ranges: crate::id_ranges::RANGES,
             delete_batch: 2000,
             restore_batch: 1000,
             restore_retention: Duration::from_secs(30 * 24 * 3600),
