@@ -1,16 +1,18 @@
 //! The keep step of a delete batch on MongoDB ([`super::KeptRepo::keep`];
-//! `delete/cascade.rs` calls it before deleting the contacts): every contact of the batch, with its conversations and
-//! messages, is kept in `bulk_kept` (format: `restore/kept.rs`), and each
-//! child is deleted right after it is known kept. Nothing is deleted unkept.
+//! `delete/cascade.rs` calls it before deleting the contacts): every contact
+//! of the batch, with its conversations and messages, is kept in `bulk_kept`
+//! (format: `kept.rs`), and each child is deleted right after it is known
+//! kept. Nothing is deleted unkept.
 //!
-//! One pass reads the batch's contacts, then streams their children (two
-//! cursors side by side). A contact's children are gathered into its bundle
-//! up to [`EMBED_BYTES`]; the bundles are written together when the stream
-//! ends (one `insertMany` for the batch), then their children deleted by
-//! `_id`. Memory is bounded whatever the data: a contact whose children
-//! outgrow its bundle, or a batch whose gathered bytes outgrow [`BUFFER_BYTES`],
-//! has its bundle written at once and its further children kept one by one in
-//! pages of [`PAGE_DOCS`] (each page kept, then deleted).
+//! A batch is kept by slices of [`SLICE_CONTACTS`]. One pass over a slice
+//! reads its contacts, then streams their children (two cursors side by
+//! side). A contact's children are gathered into its bundle up to
+//! [`EMBED_BYTES`]; the slice's bundles are written together when the stream
+//! ends (one `insertMany`), then their children deleted by `_id`. Memory is
+//! bounded whatever the data: a contact whose children outgrow its bundle, or
+//! a slice whose gathered bytes outgrow [`BUFFER_BYTES`], has its bundle
+//! written at once and its further children kept one by one in pages of
+//! [`PAGE_DOCS`] (each page kept, then deleted).
 //!
 //! Crash discipline: a bundle or page is written before any child in it is
 //! deleted, so a crash anywhere leaves every deleted child kept. A pass after a
@@ -33,13 +35,13 @@ use crate::model::JobRecord;
 use crate::store::names;
 
 /// Most bytes of contacts and children gathered before bundles are written.
-pub const BUFFER_BYTES: usize = 4 * 1024 * 1024;
+pub const BUFFER_BYTES: usize = 2 * 1024 * 1024;
 /// Most children kept one by one per write (and deleted per delete).
 pub const PAGE_DOCS: usize = 1000;
 /// Most bytes of children kept one by one per write.
 const PAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Most bundles per `insertMany`.
-const BUNDLES_PER_WRITE: usize = 1000;
+const BUNDLES_PER_WRITE: usize = SLICE_CONTACTS;
 
 /// A contact of the pass.
 enum Slot {
@@ -78,6 +80,23 @@ impl Doomed {
 /// conversations and messages, and deletes those children. The contacts
 /// themselves are deleted by the caller once no child is left.
 pub async fn keep(db: &Database, job: &JobRecord, ids: &[ObjectId]) -> Result<Pass, JobError> {
+    // A batch is kept a slice of its contacts at a time: what one slice
+    // gathers stays well under the buffer with ordinary contacts, so two
+    // batches applied at once stay light; the buffer bounds the rest.
+    let mut pass = Pass::default();
+    for slice in ids.chunks(SLICE_CONTACTS) {
+        let p = keep_slice(db, job, slice).await?;
+        pass.contacts.extend(p.contacts);
+        pass.conversations += p.conversations;
+        pass.messages += p.messages;
+    }
+    Ok(pass)
+}
+
+/// Contacts kept together (one read of each collection, one bundle write).
+pub const SLICE_CONTACTS: usize = 500;
+
+async fn keep_slice(db: &Database, job: &JobRecord, ids: &[ObjectId]) -> Result<Pass, JobError> {
     if ids.is_empty() {
         return Ok(Pass::default());
     }
