@@ -5,7 +5,6 @@
 //! until the shutdown future resolves; `main` only parses the command line.
 
 pub mod auth;
-pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod events;
@@ -13,8 +12,6 @@ pub mod http;
 pub mod intake;
 pub mod quota;
 pub mod retention;
-pub mod seed;
-pub mod servers;
 pub mod webhooks;
 pub mod ws;
 

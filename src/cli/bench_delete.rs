@@ -19,7 +19,7 @@ use super::bench::{mb, print_table, rate, round, Common, Harness, Memory};
 use super::bench_cpu::CpuProbe;
 use super::client::{counts, status, JobView};
 use super::yardsticks::Yardsticks;
-use crate::seed::{seed_org, SeedSpec};
+use contact_bulk_testkit::seed::{seed_org, SeedSpec};
 
 /// Ids per `deleteMany` of the batched yardstick.
 const YARDSTICK_BATCH: usize = 1000;
