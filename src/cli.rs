@@ -171,7 +171,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("database has contacts but no organisation"))?,
     };
     let service = contact_bulk::Service::start(config).await?;
-    let user = contact_bulk_testkit::seed::first_user(&db, org).await?.map(|u| u.to_hex());
+    let user = contact_bulk_testkit::seed::first_user(&db, org)
+        .await?
+        .map(|u| u.to_hex());
     let user = user.unwrap_or_else(|| "000000000000000000000001".into());
     let token = Keys::new(&secret, "").mint(
         &user,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bson::{oid::ObjectId, Document};
 use contact_bulk::config::Config;
+use contact_bulk::Service;
 use contact_bulk_testkit::seed;
 use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
-use contact_bulk::Service;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
