@@ -45,6 +45,10 @@ pub struct Config {
     /// Contacts read per export batch.
     #[arg(long, env = "BULK_EXPORT_BATCH", default_value_t = 1000)]
     pub export_batch: u32,
+    /// `_id` ranges an export's selection is cut into, the next one read
+    /// ahead while the current one streams (1: one query).
+    #[arg(long, env = "BULK_EXPORT_RANGES", default_value_t = 16)]
+    pub export_ranges: usize,
     /// How long an export's start waits for its count so that `total` is known
     /// from the `processing` snapshot on, in milliseconds; a longer count lands
     /// beside the first batches.
@@ -154,6 +158,7 @@ impl Config {
     pub fn job_settings(&self) -> JobSettings {
         JobSettings {
             export_batch: self.export_batch.max(1),
+            export_ranges: self.export_ranges.max(1),
             delete_batch: self.delete_batch.max(1),
             restore_batch: self.restore_batch.max(1),
             restore_retention: self.restore_retention,

@@ -94,7 +94,8 @@ impl Service {
             .sync_clock()
             .await
             .context("reading the database's clock")?;
-        let artifacts = Artifacts::new(&db);
+        let artifacts: Arc<dyn contact_bulk_actors::repo::ChunkRepo> =
+            Arc::new(Artifacts::new(&db));
         let webhooks = webhooks::Webhooks::new(&db, store.clone(), &config.webhooks, keys.clone());
         webhooks
             .ensure_indexes()

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use bson::{doc, oid::ObjectId, Bson, Document};
 use common::*;
+use contact_bulk_actors::failpoint;
 use serde_json::{json, Value};
 
 /// Reads CSV bytes into rows of cells (header first).
@@ -628,4 +629,93 @@ async fn cancel_lands_during_the_custom_field_pass() {
     assert!(snap["startedAt"].is_null(), "{snap}");
     assert_eq!(snap["processed"], 0);
     assert!(snap["result"].is_null());
+}
+
+/// An ObjectId minted `secs` seconds ago (`n` tells ids of one second apart).
+fn id_at(secs_ago: u32, n: u32) -> ObjectId {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as u32;
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&(now - secs_ago).to_be_bytes());
+    b[4..8].copy_from_slice(&0x5eed_0000u32.to_be_bytes());
+    b[8..].copy_from_slice(&n.to_be_bytes());
+    ObjectId::from_bytes(b)
+}
+
+#[tokio::test]
+async fn an_export_over_many_id_ranges_keeps_id_order_and_resumes_inside_a_range() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    // An organisation created two hours ago; its contacts minted over those two
+    // hours (a few imported with older ids), so the export reads many ranges.
+    // A bystander's contacts are minted over the same seconds.
+    let org = id_at(7_200, 0);
+    let other = id_at(7_200, 1);
+    let stage = ObjectId::new();
+    let pipe = pipeline(&db, org, "Sales", &[(stage, "New Lead")]).await;
+    let n = 6_000u32;
+    let mut ids: Vec<ObjectId> = (0..n)
+        .map(|i| match i % 200 {
+            0 => id_at(9_000 + i, i),
+            _ => id_at(1 + (i * 7_199 / n), i),
+        })
+        .collect();
+    let mut docs: Vec<Document> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut c = contact(org, pipe, stage, i);
+            c.insert("_id", *id);
+            // Wide rows: the file is written in several chunks (1 MB each),
+            // so the failures below land after some were checkpointed.
+            c.insert("firstName", format!("First{i}-{}", "x".repeat(1_000)));
+            c
+        })
+        .collect();
+    docs.extend((0..n).map(|i| {
+        let mut c = contact(other, pipe, stage, i as usize);
+        c.insert("_id", id_at(1 + (i * 7_199 / n), n + i));
+        c
+    }));
+    // Inserted out of order: only the `_id`s decide the file's order.
+    docs.reverse();
+    insert(&db, "contacts", docs).await;
+    ids.sort();
+
+    // Steps fail after rows were written: twice retried in place (the reader
+    // opened again after the last row it handed over), then the actor fails
+    // and is restarted from the checkpoint; both land inside a range.
+    failpoint::arm(failpoint::EXPORT_STEP_FAILS, &org.to_hex(), 3);
+    let client = stack.client().await;
+    let _svc = stack
+        .service_with(|c| {
+            c.export_batch = 25;
+            c.export_ranges = 16;
+            c.step_retries = 2;
+            c.retry_max_ms = 200;
+        })
+        .await;
+    let body =
+        json!({"orgId": org.to_hex(), "filter": {"orgWide": true}, "fields": ["id", "firstName"]});
+    let job = export(&client, body).await;
+    let done = wait_terminal(&client, org, &job).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        failpoint::remaining(failpoint::EXPORT_STEP_FAILS, &org.to_hex()),
+        0,
+        "every failure happened"
+    );
+    assert_eq!(
+        done["attempts"], 2,
+        "restarted once from the checkpoint: {done}"
+    );
+    assert_eq!(done["total"], n, "{done}");
+    let rows = csv_rows(&download(&done).await);
+    assert_eq!(rows[0], vec!["Id", "First Name"]);
+    let got: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    let want: Vec<String> = ids.iter().map(|i| i.to_hex()).collect();
+    assert_eq!(got.len(), want.len(), "every row once");
+    assert!(got == want, "rows in _id order, none missing or repeated");
 }

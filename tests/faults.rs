@@ -16,7 +16,7 @@ use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::failpoint;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{ExportSpec, JobKind, JobRecord};
-use contact_bulk_actors::repo::{Ending, JobPatch, JobRepo, Lease, MongoJobs};
+use contact_bulk_actors::repo::{ChunkRepo, Ending, JobPatch, JobRepo, Lease, MongoJobs};
 use contact_bulk_actors::JobError;
 use futures::StreamExt;
 use serde_json::json;

@@ -12,15 +12,16 @@
 //! get its own chunks counted: the file is the chunks below the count its
 //! holder's checkpoints reached, and nothing is ever truncated on resume.
 
+use async_trait::async_trait;
 use bson::{doc, spec::BinarySubtype, Binary, Document};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::StreamExt;
 use mongodb::{options::ReplaceOptions, Collection, Database};
-use sha2::{Digest, Sha256};
 
 use crate::error::JobError;
+use crate::repo::chunks::{ChunkRepo, ChunkStream};
 use crate::store::{is_duplicate_key, names};
 
-/// Chunked file storage for export results.
+/// Chunked file storage for export results, on MongoDB.
 #[derive(Clone, Debug)]
 pub struct Artifacts {
     chunks: Collection<Document>,
@@ -33,17 +34,14 @@ impl Artifacts {
             chunks: db.collection(names::CHUNKS),
         }
     }
+}
 
+#[async_trait]
+impl ChunkRepo for Artifacts {
     /// Writes chunk `n` of a job's file under lease `epoch`; writing it again
     /// replaces it (idempotent on retry). `Conflict` when a newer lease has
     /// written this chunk: this writer is fenced off.
-    pub async fn put(
-        &self,
-        job_id: &str,
-        n: i64,
-        epoch: i64,
-        data: Vec<u8>,
-    ) -> Result<(), JobError> {
+    async fn put(&self, job_id: &str, n: i64, epoch: i64, data: Vec<u8>) -> Result<(), JobError> {
         let chunk = doc! {
             "jobId": job_id,
             "n": n,
@@ -71,7 +69,7 @@ impl Artifacts {
 
     /// Drops chunks `n` and above: leftovers past the end of a finished file,
     /// or (from 0) every chunk of an export that will never have a file.
-    pub async fn remove_from(&self, job_id: &str, n: i64) -> Result<u64, JobError> {
+    async fn remove_from(&self, job_id: &str, n: i64) -> Result<u64, JobError> {
         Ok(self
             .chunks
             .delete_many(doc! {"jobId": job_id, "n": {"$gte": n}})
@@ -80,7 +78,7 @@ impl Artifacts {
     }
 
     /// Drops every chunk of these jobs (retention); how many went.
-    pub async fn remove_jobs(&self, job_ids: &[String]) -> Result<u64, JobError> {
+    async fn remove_jobs(&self, job_ids: &[String]) -> Result<u64, JobError> {
         Ok(self
             .chunks
             .delete_many(doc! {"jobId": {"$in": job_ids}})
@@ -90,11 +88,7 @@ impl Artifacts {
 
     /// The file's bytes in order, a chunk at a time (memory stays at a couple
     /// of chunks): chunks below `chunks` when the file says how many it has.
-    pub async fn stream(
-        &self,
-        job_id: &str,
-        chunks: Option<i64>,
-    ) -> Result<impl Stream<Item = Result<bytes::Bytes, JobError>> + Send + 'static, JobError> {
+    async fn stream(&self, job_id: &str, chunks: Option<i64>) -> Result<ChunkStream, JobError> {
         let mut filter = doc! {"jobId": job_id};
         if let Some(count) = chunks {
             filter.insert("n", doc! {"$lt": count});
@@ -105,24 +99,14 @@ impl Artifacts {
             .sort(doc! {"n": 1})
             .batch_size(2)
             .await?;
-        Ok(cursor.map(|doc| {
-            let doc = doc?;
-            match doc.get("data") {
-                Some(bson::Bson::Binary(b)) => Ok(bytes::Bytes::from(b.bytes.clone())),
-                _ => Err(JobError::Internal("export chunk without data".into())),
-            }
-        }))
-    }
-
-    /// Size and hex SHA-256 of the file's first `chunks` chunks, read back chunk by chunk.
-    pub async fn digest(&self, job_id: &str, chunks: i64) -> Result<(i64, String), JobError> {
-        let mut stream = Box::pin(self.stream(job_id, Some(chunks)).await?);
-        let mut hasher = Sha256::new();
-        let mut size = 0i64;
-        while let Some(chunk) = stream.try_next().await? {
-            size += chunk.len() as i64;
-            hasher.update(&chunk);
-        }
-        Ok((size, hex::encode(hasher.finalize())))
+        Ok(cursor
+            .map(|doc| {
+                let doc = doc?;
+                match doc.get("data") {
+                    Some(bson::Bson::Binary(b)) => Ok(bytes::Bytes::from(b.bytes.clone())),
+                    _ => Err(JobError::Internal("export chunk without data".into())),
+                }
+            })
+            .boxed())
     }
 }

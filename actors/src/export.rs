@@ -8,17 +8,15 @@
 //! batch, so a chunk stays near that size however large the rows are (far
 //! from MongoDB's 16 MB document limit).
 
-use std::collections::HashSet;
-
 use bson::{doc, oid::ObjectId, Bson, Document, RawDocumentBuf};
-use futures::TryStreamExt;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::options::{FindOptions, Hint};
-use mongodb::{Collection, Cursor};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::encode::{collect_custom_keys, Encoder};
 use crate::error::JobError;
+use crate::id_ranges::{self, IdRange, OpenRange, RangeReader};
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::lookup::NameCache;
 use crate::model::{Checkpoint, ExportFile, ExportSpec, JobRecord};
@@ -33,7 +31,8 @@ pub struct ExportState {
     run: JobRun,
     spec: ExportSpec,
     encoder: Option<Encoder>,
-    reader: Option<Reader>,
+    /// The rows to export, read ahead as bounded `_id` ranges (see [`crate::id_ranges`]).
+    reader: Option<RangeReader<Document>>,
     names: NameCache,
     /// Encoded rows not yet flushed.
     buf: Vec<u8>,
@@ -112,42 +111,37 @@ impl Drop for Counting {
     }
 }
 
-/// Reads the cursor one batch ahead in its own task, so the server produces
-/// the next batch while this one is encoded and written. The channel holds a
-/// single batch: memory stays at two batches whatever the export's size.
-/// Aborted (with its cursor) when dropped.
-///
-/// The query asks for whole documents and the reader keeps only the fields
-/// the columns need (see [`Fields`]): a server-side projection is applied per
-/// document by the server (MongoDB's `PROJECTION_DEFAULT` stage), and on the
-/// stand-in server it halved the rate of a sorted read of a large range.
-struct Reader {
-    rx: tokio::sync::mpsc::Receiver<Result<Vec<Document>, JobError>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 /// The top-level fields of a projection, applied to raw documents: a
 /// `customFields.<key>` column keeps the whole `customFields` (the encoder
 /// picks its keys).
+///
+/// The query asks for whole documents and the reader keeps only the fields
+/// the columns need: a server-side projection is applied per document by the
+/// server (MongoDB's `PROJECTION_DEFAULT` stage), and on the stand-in server
+/// it halved the rate of a sorted read of a large range.
 #[derive(Debug, Clone)]
-struct Fields(HashSet<String>);
+struct Fields(Vec<String>);
 
 impl Fields {
     fn of(projection: &Document) -> Fields {
-        Fields(
-            projection
-                .keys()
-                .map(|k| k.split('.').next().unwrap_or(k).to_string())
-                .collect(),
-        )
+        let mut fields: Vec<String> = projection
+            .keys()
+            .map(|k| k.split('.').next().unwrap_or(k).to_string())
+            .collect();
+        fields.dedup();
+        Fields(fields)
     }
 
-    /// The wanted fields of `raw` as a document.
+    /// The wanted fields of `raw` as a document. A handful of fields: a
+    /// linear scan beats hashing every key, and only the wanted values are
+    /// parsed.
     fn project(&self, raw: &RawDocumentBuf) -> Result<Document, JobError> {
         let mut doc = Document::new();
-        for element in raw.iter() {
-            let (key, value) = element.map_err(bad_bson)?;
-            if self.0.contains(key) {
+        for element in raw.iter_elements() {
+            let element = element.map_err(bad_bson)?;
+            let key = element.key();
+            if self.0.iter().any(|f| f == key) {
+                let value = element.value().map_err(bad_bson)?;
                 doc.insert(key, Bson::try_from(value).map_err(bad_bson)?);
             }
         }
@@ -157,77 +151,6 @@ impl Fields {
 
 fn bad_bson(e: impl std::fmt::Display) -> JobError {
     JobError::Internal(format!("reading a document: {e}"))
-}
-
-impl Reader {
-    /// Opens the cursor in the task, so its first batch (which the server may
-    /// take a while to prepare) is awaited beside whatever the job does next.
-    fn spawn(
-        coll: Collection<RawDocumentBuf>,
-        query: Document,
-        options: FindOptions,
-        fields: Fields,
-        batch: usize,
-    ) -> Reader {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            let mut cursor: Cursor<RawDocumentBuf> =
-                match coll.find(query).with_options(options).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(JobError::from(e))).await;
-                        return;
-                    }
-                };
-            loop {
-                let mut docs = Vec::with_capacity(batch);
-                let mut failed = None;
-                while docs.len() < batch {
-                    match cursor.try_next().await {
-                        Ok(Some(raw)) => match fields.project(&raw) {
-                            Ok(d) => docs.push(d),
-                            Err(e) => {
-                                failed = Some(e);
-                                break;
-                            }
-                        },
-                        Ok(None) => break,
-                        Err(e) => {
-                            failed = Some(JobError::from(e));
-                            break;
-                        }
-                    }
-                }
-                let last = docs.len() < batch || failed.is_some();
-                if !docs.is_empty() && tx.send(Ok(docs)).await.is_err() {
-                    return;
-                }
-                if let Some(e) = failed {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                if last {
-                    // Dropping the sender tells the reader the cursor is done.
-                    return;
-                }
-            }
-        });
-        Reader { rx, task }
-    }
-
-    /// The next batch; empty once the cursor is exhausted.
-    async fn next(&mut self) -> Result<Vec<Document>, JobError> {
-        match self.rx.recv().await {
-            Some(batch) => batch,
-            None => Ok(Vec::new()),
-        }
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl JobStep for ExportState {
@@ -503,40 +426,82 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
 
 /// Starts reading the rows after `read_last` up to the snapshot's `max_id`.
 ///
-/// An org-wide export hints the `{orgId: 1, _id: 1}` index: it hands the rows
-/// over in `_id` order with no sort, whereas a planner that picks the index by
-/// the first key of the filter (secantusd-rs) read the `orgId` and `_id` bounds
+/// Without a `limit` the selection is read as several `_id` ranges, the next
+/// one prepared by the server while this one streams (see [`crate::id_ranges`]).
+/// Each range's query bounds `_id` on both sides, so the planner reads it
+/// from the `{orgId: 1, _id: 1}` index in `_id` order, only that range: a
+/// hint would not do better, and on the stand-in server a hinted query read
+/// the organisation's whole key range whatever its `_id` bounds.
+///
+/// A limited export reads one range (the limit counts from its start) and,
+/// org-wide, hints the `{orgId: 1, _id: 1}` index: it hands the rows over in
+/// `_id` order with no sort, whereas a planner that picks the index by the
+/// first key of the filter (secantusd-rs) read the `orgId` and `_id` bounds
 /// through another index and sorted, 2.5 times slower to the first batch.
 fn open_reader(s: &mut ExportState, max_id: ObjectId, remaining: Option<i64>) {
     let job = &s.run.job;
-    let mut query = job.filter.query(job.org_id);
-    let mut range = doc! {"$lte": max_id};
-    if let Some(after) = s.read_last {
-        range.insert("$gt", after);
-    }
-    query.insert("_id", range);
+    let base = job.filter.query(job.org_id);
     let coll = s
         .run
         .env
         .db
         .collection::<RawDocumentBuf>(job.filter.pipeline_type.collection());
     let batch = s.run.env.settings.export_batch;
-    let options = FindOptions::builder()
-        .sort(doc! {"_id": 1})
-        .batch_size(batch)
-        .limit(remaining)
-        .hint(
+    let (ranges, hint) = match job.filter.limit {
+        Some(_) => (
+            vec![IdRange {
+                after: s.read_last,
+                upto: max_id,
+            }],
             job.filter
                 .org_wide
                 .then(|| Hint::Keys(doc! {"orgId": 1, "_id": 1})),
-        )
-        .build();
-    s.reader = Some(Reader::spawn(
-        coll,
-        query,
-        options,
-        Fields::of(&s.spec.columns.projection()),
+        ),
+        None => (
+            id_ranges::split(
+                s.read_last,
+                max_id,
+                job.org_id,
+                s.run.env.settings.export_ranges,
+            ),
+            None,
+        ),
+    };
+    let fields = Fields::of(&s.spec.columns.projection());
+    let open: OpenRange<Document> = Box::new(move |range: IdRange| {
+        let mut query = base.clone();
+        // Both bounds, also below the first range: `$gte` the least ObjectId
+        // (`_id`s are ObjectIds; the bound only makes the range explicit).
+        let lower = match range.after {
+            Some(after) => doc! {"$gt": after},
+            None => doc! {"$gte": ObjectId::from_bytes([0; 12])},
+        };
+        let mut bounds = lower;
+        bounds.insert("$lte", range.upto);
+        query.insert("_id", bounds);
+        let options = FindOptions::builder()
+            .sort(doc! {"_id": 1})
+            .batch_size(batch)
+            .limit(remaining)
+            .hint(hint.clone())
+            .build();
+        let coll = coll.clone();
+        let fields = fields.clone();
+        async move {
+            let cursor = coll.find(query).with_options(options).await?;
+            let rows = cursor.map(move |row| match row {
+                Ok(raw) => fields.project(&raw),
+                Err(e) => Err(JobError::from(e)),
+            });
+            Ok(rows.boxed())
+        }
+        .boxed()
+    });
+    s.reader = Some(RangeReader::new(
+        ranges,
         batch as usize,
+        id_ranges::RANGES_AHEAD,
+        open,
     ));
 }
 
@@ -573,16 +538,22 @@ async fn flush(s: &mut ExportState) -> Result<(), JobError> {
 }
 
 /// Starts counting `total` beside the export.
+///
+/// The count bounds `_id` on both sides, as the reader's ranges do, and names
+/// no index: a hinted `count` on the stand-in server collects every matching
+/// document before counting them, an unhinted one only looks at each.
 fn start_count(s: &ExportState, max_id: ObjectId) -> Counting {
     let job = &s.run.job;
     let db = s.run.env.db.clone();
     let collection = job.filter.pipeline_type.collection();
-    let query = job.filter.query(job.org_id);
+    let mut query = job.filter.query(job.org_id);
+    query.insert(
+        "_id",
+        doc! {"$gte": ObjectId::from_bytes([0; 12]), "$lte": max_id},
+    );
     let limit = job.filter.limit;
-    // As the reader's: the org-wide count walks the `{orgId: 1, _id: 1}` index.
-    let hint = job.filter.org_wide.then(|| doc! {"orgId": 1, "_id": 1});
     Counting(tokio::spawn(async move {
-        crate::snapshot::count_hinted(&db, collection, &query, Some(max_id), limit, hint).await
+        crate::snapshot::count(&db, collection, &query, None, limit).await
     }))
 }
 

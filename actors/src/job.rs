@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::artifact::Artifacts;
 use crate::error::{Dependency, JobError};
 use crate::events::{EventSink, JobEventKind, ProgressThrottle};
 use crate::model::JobRecord;
@@ -24,6 +23,8 @@ pub const BEAT: Duration = Duration::from_millis(500);
 pub struct JobSettings {
     /// Contacts read per export step.
     pub export_batch: u32,
+    /// `_id` ranges an export's selection is cut into (see [`crate::id_ranges`]).
+    pub export_ranges: usize,
     /// Contacts deleted per delete step.
     pub delete_batch: u32,
     /// Contacts put back per restore step.
@@ -56,6 +57,7 @@ impl Default for JobSettings {
     fn default() -> Self {
         JobSettings {
             export_batch: 1000,
+            export_ranges: crate::id_ranges::RANGES,
             delete_batch: 2000,
             restore_batch: 1000,
             restore_retention: Duration::from_secs(30 * 24 * 3600),
@@ -82,7 +84,7 @@ pub struct JobEnv {
     /// The CRM database, for the queries of exports and restores.
     pub db: mongodb::Database,
     /// Export files.
-    pub artifacts: Artifacts,
+    pub artifacts: Arc<dyn crate::repo::ChunkRepo>,
     /// Event publishing.
     pub sink: Arc<dyn EventSink>,
     /// Tunables.

@@ -13,6 +13,7 @@ pub mod events;
 pub mod export;
 pub mod failpoint;
 pub mod filter;
+pub mod id_ranges;
 pub mod job;
 pub mod kinds;
 pub mod lookup;

@@ -127,3 +127,6 @@ impl Drop for PendingChunk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

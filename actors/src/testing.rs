@@ -11,14 +11,13 @@ use bson::oid::ObjectId;
 use futures::future::BoxFuture;
 use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 
-use crate::artifact::Artifacts;
 use crate::error::JobError;
 use crate::events::{EventSink, JobEventKind, RemovedContact, RestoredContact};
 use crate::filter::Filter;
 use crate::job::{JobActor, JobEnv, JobMsg, JobRun, JobSettings, JobStep};
 use crate::kinds::JobKinds;
 use crate::model::{JobKind, JobRecord, JobStatus};
-use crate::repo::{Crm, Ending, JobPatch, JobRepo, MemCrm, MemJobs};
+use crate::repo::{Crm, Ending, JobPatch, JobRepo, MemChunks, MemCrm, MemJobs};
 
 /// One event the sink got: kind, status and `processed` of the snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,11 +114,22 @@ pub fn env(jobs: &MemJobs, instance: &str, sink: Arc<RecordingSink>) -> JobEnv {
 
 /// The environment of instance `instance` over `jobs` and `crm`.
 pub fn env_with(jobs: &MemJobs, crm: &MemCrm, instance: &str, sink: Arc<RecordingSink>) -> JobEnv {
+    env_full(jobs, crm, &MemChunks::new(), instance, sink)
+}
+
+/// The environment of instance `instance` over `jobs`, `crm` and `chunks`.
+pub fn env_full(
+    jobs: &MemJobs,
+    crm: &MemCrm,
+    chunks: &MemChunks,
+    instance: &str,
+    sink: Arc<RecordingSink>,
+) -> JobEnv {
     let db = unused_db();
     JobEnv {
         jobs: Arc::new(jobs.clone()),
         crm: Crm::of(Arc::new(crm.clone())),
-        artifacts: Artifacts::new(&db),
+        artifacts: Arc::new(chunks.clone()),
         db,
         sink,
         settings: settings(),

@@ -36,7 +36,7 @@ pub struct App {
     /// Job records.
     pub store: std::sync::Arc<dyn JobRepo>,
     /// Export files.
-    pub artifacts: contact_bulk_actors::artifact::Artifacts,
+    pub artifacts: std::sync::Arc<dyn contact_bulk_actors::repo::ChunkRepo>,
     /// The supervisor.
     pub supervisor: ActorRef<SupervisorMsg>,
     /// Token and link keys.

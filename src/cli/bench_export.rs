@@ -4,6 +4,9 @@
 //! limit (a raw cursor drain: `RawDocumentBuf`, no projection, the same filter
 //! and `_id` sort, batches of 1,000) and what a user would write instead (the
 //! Node export of `yardsticks/`), plus the service's peak RSS, at each size.
+//! The rounds of a size are interleaved (drain, job, node, drain, …) and each
+//! ratio compares a job with the yardsticks run next to it; the medians are
+//! reported with the load average, since the box's speed drifts.
 
 use contact_bulk_protocol::subjects::Command;
 use std::time::{Duration, Instant};
@@ -27,6 +30,12 @@ pub struct ExportBench {
     /// Contacts of each run (one organisation and one service process per size).
     #[arg(long, value_delimiter = ',', default_value = "300000,1000000")]
     pub rows: Vec<u64>,
+    /// Rounds per size, interleaved (drain, job, node, drain, job, node, …,
+    /// drain): each job is compared with the yardsticks run next to it, and
+    /// the median of those ratios is reported, so a drift of the box's speed
+    /// over the run moves both sides of a ratio alike.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
     /// Print one JSON line for scripts after the table.
     #[arg(long)]
     pub json: bool,
@@ -35,51 +44,97 @@ pub struct ExportBench {
     pub common: Common,
 }
 
+/// One round: the job and the yardsticks run next to it.
+#[derive(Debug, Clone)]
+struct Round {
+    export: Duration,
+    /// From the reply to `startedAt` (snapshot, header).
+    init: Duration,
+    /// The faster of the drains just before and just after the job.
+    drain: Duration,
+    node: Duration,
+    cpu: serde_json::Value,
+}
+
+impl Round {
+    fn over_drain(&self) -> f64 {
+        ratio(secs(self.drain), secs(self.export))
+    }
+    fn over_node(&self) -> f64 {
+        ratio(secs(self.node), secs(self.export))
+    }
+}
+
 /// One size's figures.
 #[derive(Debug, Clone)]
 struct RunResult {
     rows: u64,
-    export: Duration,
-    /// From the reply to `startedAt` (snapshot, total count).
-    init: Duration,
-    /// The faster of two raw drains (one before the job, one after).
-    drain: Duration,
-    node: Duration,
+    rounds: Vec<Round>,
     mem: Memory,
-    cpu: serde_json::Value,
+    /// 1-minute load average before and after the size's rounds.
+    load: (f64, f64),
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// The median (the lower middle of an even count); 0 for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n => v[(n - 1) / 2],
+    }
 }
 
 impl RunResult {
+    fn rates(&self, of: impl Fn(&Round) -> Duration) -> f64 {
+        median(self.rounds.iter().map(|r| rate(self.rows, of(r))).collect())
+    }
     fn export_rps(&self) -> f64 {
-        rate(self.rows, self.export)
+        self.rates(|r| r.export)
     }
     fn drain_rps(&self) -> f64 {
-        rate(self.rows, self.drain)
+        self.rates(|r| r.drain)
     }
     fn node_rps(&self) -> f64 {
-        rate(self.rows, self.node)
+        self.rates(|r| r.node)
     }
     fn over_drain(&self) -> f64 {
-        ratio(self.export_rps(), self.drain_rps())
+        median(self.rounds.iter().map(Round::over_drain).collect())
     }
     fn over_node(&self) -> f64 {
-        ratio(self.export_rps(), self.node_rps())
+        median(self.rounds.iter().map(Round::over_node).collect())
     }
     fn json(&self) -> serde_json::Value {
+        let rounds: Vec<serde_json::Value> = self
+            .rounds
+            .iter()
+            .map(|r| {
+                json!({
+                    "exportSeconds": round(secs(r.export)),
+                    "initSeconds": round(secs(r.init)),
+                    "drainSeconds": round(secs(r.drain)),
+                    "nodeSeconds": round(secs(r.node)),
+                    "ratioDrain": round(r.over_drain()),
+                    "ratioNode": round(r.over_node()),
+                    "jobCpuSeconds": r.cpu,
+                })
+            })
+            .collect();
         json!({
             "rows": self.rows,
-            "exportSeconds": round(self.export.as_secs_f64()),
-            "initSeconds": round(self.init.as_secs_f64()),
+            "repeat": self.rounds.len(),
             "exportRowsPerSec": round(self.export_rps()),
-            "drainSeconds": round(self.drain.as_secs_f64()),
             "drainRowsPerSec": round(self.drain_rps()),
-            "nodeSeconds": round(self.node.as_secs_f64()),
             "nodeRowsPerSec": round(self.node_rps()),
             "ratioDrain": round(self.over_drain()),
             "ratioNode": round(self.over_node()),
             "peakRssMb": round(mb(self.mem.hwm_kb)),
             "sampledRssMb": round(mb(self.mem.sampled_kb)),
-            "jobCpuSeconds": self.cpu,
+            "loadAverage": [self.load.0, self.load.1],
+            "rounds": rounds,
         })
     }
 }
@@ -90,6 +145,14 @@ fn ratio(a: f64, b: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The 1-minute load average (0 where `/proc/loadavg` is missing).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Runs the export benchmark.
@@ -118,15 +181,17 @@ pub async fn run(args: ExportBench) -> anyhow::Result<()> {
     eprintln!("seeded in {:.1} s", took.as_secs_f64());
     let mut results = Vec::new();
     for (n, org) in orgs {
-        let r = run_one(&mut h, &node, n, org).await?;
+        let r = run_one(&mut h, &node, n, org, args.repeat.max(1)).await?;
         eprintln!(
-            "{n} rows: export {:.0} rows/s, raw drain {:.0} ({:.2}x), node {:.0} ({:.2}x), peak rss {:.1} MB",
+            "{n} rows: export {:.0} rows/s, raw drain {:.0} ({:.2}x), node {:.0} ({:.2}x), peak rss {:.1} MB, load {:.1}-{:.1}",
             r.export_rps(),
             r.drain_rps(),
             r.over_drain(),
             r.node_rps(),
             r.over_node(),
-            mb(r.mem.hwm_kb)
+            mb(r.mem.hwm_kb),
+            r.load.0,
+            r.load.1,
         );
         results.push(r);
     }
@@ -139,35 +204,61 @@ async fn run_one(
     node: &Yardsticks,
     n: u64,
     org: ObjectId,
+    repeat: usize,
 ) -> anyhow::Result<RunResult> {
+    let load_before = load_average();
     let service = h.service().await?;
     let probe = CpuProbe::new(h.dir(), service.pid);
-    // Drain before and after the export; the faster one is the yardstick, so
-    // a cold cache never flatters the ratio.
-    let (first, d1) = timed(drain(&h.db, org)).await;
     let out = h.dir().join(format!("node-export-{n}.csv"));
-    let node_run = node
-        .export(&h.mongo.uri(), super::bench::DB, org, &out)
-        .await?;
-    let _ = std::fs::remove_file(&out);
-    let before = probe.sample();
-    let (export, init) = export_job(h, n, org).await?;
-    let cpu = probe.sample().json_since(&before);
-    let (second, d2) = timed(drain(&h.db, org)).await;
-    let mem = service.stop().await;
-    for count in [first?, second?, node_run.count] {
-        if count != n {
-            bail!("a yardstick read {count} documents, expected {n}");
+    let check = |what: &str, count: u64| {
+        if count == n {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "{what} read {count} documents, expected {n}"
+            ))
         }
+    };
+    // drain, job, node, drain, job, node, …, drain: each job sits between two
+    // drains (the faster one is its yardstick, so a cold cache never flatters
+    // the ratio) and next to one Node run.
+    let (first, mut drain_before) = timed(drain(&h.db, org)).await;
+    check("the raw drain", first?)?;
+    let mut rounds = Vec::with_capacity(repeat);
+    for i in 0..repeat {
+        let before = probe.sample();
+        let (export, init) = export_job(h, n, org).await?;
+        let cpu = probe.sample().json_since(&before);
+        let node_run = node
+            .export(&h.mongo.uri(), super::bench::DB, org, &out)
+            .await?;
+        let _ = std::fs::remove_file(&out);
+        check("the node export", node_run.count)?;
+        let (count, drain_after) = timed(drain(&h.db, org)).await;
+        check("the raw drain", count?)?;
+        eprintln!(
+            "  {n} rows, round {}: job {:.2} s, drain {:.2} s / {:.2} s, node {:.2} s",
+            i + 1,
+            secs(export),
+            secs(drain_before),
+            secs(drain_after),
+            secs(node_run.took),
+        );
+        rounds.push(Round {
+            export,
+            init,
+            drain: drain_before.min(drain_after),
+            node: node_run.took,
+            cpu,
+        });
+        drain_before = drain_after;
     }
+    let mem = service.stop().await;
     Ok(RunResult {
         rows: n,
-        export,
-        init,
-        drain: d1.min(d2),
-        node: node_run.took,
+        rounds,
         mem,
-        cpu,
+        load: (load_before, load_average()),
     })
 }
 
@@ -232,31 +323,34 @@ fn report(results: &[RunResult], json_line: bool) {
     println!();
     println!("export benchmark: org-wide CSV, default columns, one service process per size");
     println!("yardsticks: raw drain (RawDocumentBuf, no projection, _id sort, batches of 1,000); node export.js (mongodb driver -> csv-stringify -> file)");
+    println!("rounds interleaved (drain, job, node, …, drain); rates and ratios are medians over the rounds");
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
             vec![
                 r.rows.to_string(),
-                format!("{:.1}", r.export.as_secs_f64()),
+                r.rounds.len().to_string(),
                 format!("{:.0}", r.export_rps()),
                 format!("{:.0}", r.drain_rps()),
                 format!("{:.2}", r.over_drain()),
                 format!("{:.0}", r.node_rps()),
                 format!("{:.2}", r.over_node()),
                 format!("{:.1}", mb(r.mem.hwm_kb)),
+                format!("{:.1}-{:.1}", r.load.0, r.load.1),
             ]
         })
         .collect();
     print_table(
         &[
             "rows",
-            "job s",
+            "rounds",
             "job rows/s",
             "raw drain rows/s",
             "job/drain",
             "node rows/s",
             "job/node",
             "VmHWM MB",
+            "load avg",
         ],
         &rows,
     );
@@ -268,7 +362,16 @@ fn report(results: &[RunResult], json_line: bool) {
         verdict(results.iter().all(|r| r.mem.hwm_kb <= 64 * 1024)),
     );
     for r in results {
-        println!("cpu seconds during the {} row job: {}", r.rows, r.cpu);
+        for (i, round) in r.rounds.iter().enumerate() {
+            println!(
+                "{} rows, round {}: job/drain {:.2}, job/node {:.2}; cpu seconds during the job: {}",
+                r.rows,
+                i + 1,
+                round.over_drain(),
+                round.over_node(),
+                round.cpu
+            );
+        }
     }
     let Some(last) = results.last() else {
         return;

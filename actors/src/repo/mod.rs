@@ -8,6 +8,7 @@
 //! implementation and an in-memory fake with the same semantics, so the job
 //! logic is unit-tested without servers, on tokio's paused clock.
 
+pub mod chunks;
 pub mod crm;
 pub mod crm_mem;
 pub mod crm_mongo;
@@ -16,6 +17,7 @@ pub mod jobs_mem;
 pub mod jobs_mongo;
 pub mod kept;
 
+pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, Kept, KeptRepo, NotificationRepo};
 pub use crm_mem::MemCrm;
 pub use crm_mongo::MongoCrm;

@@ -188,3 +188,30 @@ async fn the_scan_sees_organisations_oldest_first_and_only_jobs_nobody_holds() {
         .outage()
         .is_some());
 }
+
+#[tokio::test]
+async fn chunks_of_an_older_lease_cannot_replace_a_newer_ones_and_the_file_ends_at_its_count() {
+    use super::{ChunkRepo, MemChunks};
+    use futures::TryStreamExt;
+    let chunks = MemChunks::new();
+    chunks.put("j", 0, 1, b"head".to_vec()).await.unwrap();
+    chunks.put("j", 1, 1, b"old".to_vec()).await.unwrap();
+    chunks.put("j", 1, 2, b"new".to_vec()).await.unwrap();
+    let stale = chunks.put("j", 1, 1, b"stale".to_vec()).await;
+    assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
+    chunks.put("j", 7, 1, b"orphan".to_vec()).await.unwrap();
+    let file: Vec<bytes::Bytes> = chunks
+        .stream("j", Some(2))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(file.concat(), b"headnew");
+    let (size, sha) = chunks.digest("j", 2).await.unwrap();
+    assert_eq!(size, 7);
+    assert_eq!(sha.len(), 64);
+    assert_eq!(chunks.remove_from("j", 2).await.unwrap(), 1);
+    assert_eq!(chunks.numbers("j"), vec![0, 1]);
+    assert_eq!(chunks.remove_jobs(&["j".into()]).await.unwrap(), 2);
+}
