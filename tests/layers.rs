@@ -167,7 +167,7 @@ fn arrows() -> BTreeMap<String, BTreeSet<String>> {
             // The longest prefix of the path that is a module of the crate.
             let Some(len) = (1..=target.len())
                 .rev()
-                .find(|&n| modules.contains(&target[..n].to_vec()))
+                .find(|&n| modules.contains(&target[..n]))
             else {
                 continue;
             };
