@@ -184,7 +184,11 @@ fn spec(n: u64) -> SeedSpec {
 }
 
 /// Seeds `count` organisations of `n` contacts side by side.
-async fn seed(h: &Harness, n: u64, count: usize) -> anyhow::Result<Vec<crate::seed::SeededOrg>> {
+async fn seed(
+    h: &Harness,
+    n: u64,
+    count: usize,
+) -> anyhow::Result<Vec<contact_bulk_testkit::seed::SeededOrg>> {
     let spec = spec(n);
     eprintln!(
         "seeding {count} organisations of {n} contacts, {} conversations, {} messages",
