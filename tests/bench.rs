@@ -1,7 +1,8 @@
 //! The benchmarks at small sizes through the release-shaped binary: both
 //! yardsticks of `bench export` and `bench delete` (the server's limit in Rust,
-//! the Node scripts with their npm packages) run against real servers and the
-//! JSON line carries every ratio. Not timed: the ratios are only checked to exist.
+//! the Node scripts with their npm packages) and the `insertMany` yardstick of
+//! `bench restore` run against real servers and the JSON line carries every
+//! ratio. Not timed: the ratios are only checked to exist.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -66,7 +67,7 @@ async fn bench_export_runs_both_yardsticks_and_prints_the_ratios() {
 
 #[tokio::test]
 async fn bench_delete_runs_both_yardsticks_and_prints_the_ratios() {
-    let line = bench(&["delete", "--contacts", "150,300"]).await;
+    let line = bench(&["delete", "--contacts", "150,300", "--repeat", "2"]).await;
     assert_eq!(line["bench"], "delete");
     let runs = line["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2, "{line}");
@@ -82,5 +83,34 @@ async fn bench_delete_runs_both_yardsticks_and_prints_the_ratios() {
         for key in ["ratioBatched", "ratioNode", "peakRssMb"] {
             positive(run, key);
         }
+        // Two interleaved pairs, each with its ratio and the load it ran under.
+        assert_eq!(run["pairRatios"].as_array().map(Vec::len), Some(2), "{run}");
+        assert_eq!(
+            run["loadAverage"].as_array().map(Vec::len),
+            Some(2),
+            "{run}"
+        );
     }
+}
+
+#[tokio::test]
+async fn bench_restore_runs_its_yardstick_and_prints_the_ratio() {
+    let line = bench(&["restore", "--contacts", "200", "--repeat", "2"]).await;
+    assert_eq!(line["bench"], "restore");
+    let runs = line["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{line}");
+    let run = &runs[0];
+    assert_eq!(run["contacts"], 200, "{run}");
+    // 1 contact, 2 conversations, 6 messages each: all kept, all put back.
+    assert_eq!(run["documents"], 9 * 200, "{run}");
+    for key in [
+        "deleteSeconds",
+        "restoreSeconds",
+        "insertManySeconds",
+        "ratio",
+        "peakRssMb",
+    ] {
+        positive(run, key);
+    }
+    assert_eq!(run["runRatios"].as_array().map(Vec::len), Some(2), "{run}");
 }

@@ -37,6 +37,9 @@ pub const FINISH_LOST_REPLY: &str = "job.finish.lost_reply";
 /// A delete step that prepared a batch (its audit entries written) then fails
 /// on its own work before recording it.
 pub const DELETE_STEP_FAILS: &str = "delete.step.fails";
+/// A restore batch that put its contacts back then fails on its own work
+/// before their children.
+pub const RESTORE_CHILDREN_FAILS: &str = "restore.children.fails";
 /// An export step that wrote rows then fails on its own work.
 pub const EXPORT_STEP_FAILS: &str = "export.step.fails";
 

@@ -13,7 +13,7 @@ use super::NOTIFICATION_SAMPLE;
 use crate::error::JobError;
 use crate::events::{EventSink, RemovedContact};
 use crate::model::JobRecord;
-use crate::repo::{Crm, NotificationRepo};
+use crate::repo::{Crm, NotificationRepo, Pass};
 
 /// One batch to apply: the contacts of `audits` (this job's CONTACT_DELETE
 /// entries for the batch), up to `upto`.
@@ -38,8 +38,9 @@ pub(super) struct Batch {
 /// the list right.
 pub(crate) type Sampled = Arc<Mutex<HashMap<ObjectId, usize>>>;
 
-/// Deletes, notifies and announces one batch.
-pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
+/// Deletes, notifies and announces one batch. Returns what it kept and
+/// deleted (a delete that keeps; a hard delete counted the children before).
+pub(super) async fn apply(batch: Batch) -> Result<Pass, JobError> {
     let Batch {
         crm,
         sink,
@@ -56,6 +57,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         .filter_map(|a| a.get_object_id("contactId").ok())
         .collect();
     let org = job.org_id;
+    let mut kept = Pass::default();
     if !ids.is_empty() {
         // Children first, so no message or conversation ever outlives its contact.
         // Messages and conversations go together: the contacts, deleted only after
@@ -63,29 +65,37 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         if job.hard_delete {
             crm.contacts.delete_children_of(org, &ids).await?;
         } else {
-            // Kept first, then exactly what was kept is deleted: a crash
-            // anywhere after the keep leaves it kept, and a batch redone keeps
-            // what is left (the rest is kept already). A child written for one
+            // Kept first, each child deleted once it is known kept (see
+            // `repo/keep.rs`): a crash anywhere leaves what was deleted kept,
+            // and a batch redone keeps what is left. A child written for one
             // of these contacts after the keep read it is caught by the next
             // pass, so none is left behind without its contact.
             loop {
                 crate::failpoint::hit("delete.keep");
-                let kept = crm.kept.keep(&job, &ids).await?;
-                crate::failpoint::hit("delete.kept");
+                let pass = crm.kept.keep(&job, &ids).await?;
                 laps.lap("keep");
-                crm.contacts
-                    .delete_children(org, &kept.conversations, &kept.messages)
-                    .await?;
+                kept.conversations += pass.conversations;
+                kept.messages += pass.messages;
+                kept.contacts.extend(pass.contacts);
                 if !crm.contacts.children_left(org, &ids).await? {
                     break;
                 }
             }
+            kept.contacts.sort_unstable();
+            kept.contacts.dedup();
         }
         crate::failpoint::hit("delete.children");
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
-        // filter since (its children already may have).
-        crm.contacts.delete(&job, &ids).await?;
+        // filter since (its children already may have). A delete that keeps
+        // deletes the contacts it kept.
+        let doomed = match job.hard_delete {
+            true => &ids,
+            false => &kept.contacts,
+        };
+        if !doomed.is_empty() {
+            crm.contacts.delete(&job, doomed).await?;
+        }
         crate::failpoint::hit("delete.contacts");
     }
     laps.lap("contacts");
@@ -117,7 +127,7 @@ pub(super) async fn apply(batch: Batch) -> Result<(), JobError> {
         // The next batch may be gone already (a failed step): nothing to tell.
         let _ = applied.send(());
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// One notification per assignee and job (`kind`: `contacts_removed`, or

@@ -9,10 +9,13 @@
 //!    left alone; one after it goes as decided), unique per contact (a contact
 //!    another delete job decided on is that job's), and the outbox of what the
 //!    batch has to announce; beside it,
-//! 3. count their conversations and messages;
+//! 3. a hard delete counts their conversations and messages (a delete that
+//!    keeps counts them as it keeps them, in 5);
 //! 4. record the batch as `inflight` on the job (with the previous batch's
 //!    checkpoint, in the same write);
-//! 5. delete messages and conversations, then the contacts (`$in`, idempotent);
+//! 5. keep each contact with its children (unless a hard delete), deleting
+//!    the children by `_id` as they are known kept (`repo/keep.rs`), then
+//!    delete the contacts (`$in`, idempotent);
 //! 6. notify assignees (one document per assignee and job, each batch applied
 //!    once) and, beside it, publish `contact_removed` for the batch's entries
 //!    (deduplicated by `Nats-Msg-Id`);
@@ -24,7 +27,8 @@
 //! happens to a contact before its batch is `inflight`, so the entries of a
 //! batch that never got there (a crash, a failure, a cancel) are removed again
 //! (`release_undecided`), and a resumed job with an `inflight` batch redoes 5–7
-//! for it from its entries.
+//! for it from its entries (its counts are then what was kept for it, each
+//! child kept exactly once whatever the crashes).
 
 mod cascade;
 mod dry_run;
@@ -47,7 +51,7 @@ use crate::error::JobError;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::model::{Checkpoint, Counts, DeleteInflight, JobRecord};
 use crate::repo::crm::IdStream;
-use crate::repo::{Crm, Ending, JobPatch};
+use crate::repo::{Crm, Ending, JobPatch, Pass};
 
 /// The delete actor.
 pub type DeleteActor = JobActor<DeleteState>;
@@ -70,9 +74,21 @@ pub struct DeleteState {
 /// A batch being applied in the background.
 struct Applying {
     inflight: DeleteInflight,
-    task: JoinHandle<Result<(), JobError>>,
+    task: JoinHandle<Result<Pass, JobError>>,
     /// Resolves when this batch is fully applied; the next batch's task takes it.
     applied: Option<oneshot::Receiver<()>>,
+    /// A hard delete counts children before; a delete that keeps, as it keeps.
+    hard_delete: bool,
+}
+
+/// The batch's counts: a delete that keeps counts the children as its keep
+/// reads them (its `inflight` record has none), a hard delete before.
+fn with_kept(mut inflight: DeleteInflight, hard_delete: bool, pass: &Pass) -> DeleteInflight {
+    if !hard_delete {
+        inflight.conversations = pass.conversations;
+        inflight.messages = pass.messages;
+    }
+    inflight
 }
 
 impl Drop for Applying {
@@ -87,7 +103,7 @@ impl Applying {
     /// Waits for the batch's deletes and announcements.
     async fn done(mut self) -> Result<DeleteInflight, JobError> {
         match (&mut self.task).await {
-            Ok(Ok(())) => Ok(self.inflight.clone()),
+            Ok(Ok(pass)) => Ok(with_kept(self.inflight.clone(), self.hard_delete, &pass)),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(JobError::Internal(format!("delete batch task: {e}"))),
         }
@@ -170,6 +186,19 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
                 sampled: s.sampled.clone(),
             });
             run.alive(redo).await?;
+            let mut inflight = inflight;
+            if !run.job.hard_delete {
+                // Part of the batch may have gone before the crash: its counts
+                // are what was kept for it (each child kept exactly once).
+                let (conversations, messages) = run
+                    .env
+                    .crm
+                    .kept
+                    .kept_children(&run.job.job_id, after, inflight.upto)
+                    .await?;
+                inflight.conversations = conversations;
+                inflight.messages = messages;
+            }
             let next = run.job.inflight_next.clone();
             record(run, Some(&inflight), next.iter()).await?;
             return Ok(true);
@@ -251,6 +280,7 @@ async fn step(s: &mut DeleteState) -> Result<bool, JobError> {
         inflight: next.inflight,
         task,
         applied: Some(applied),
+        hard_delete: run.job.hard_delete,
     });
     Ok(true)
 }

@@ -124,22 +124,35 @@ pub trait NotificationRepo: Send + Sync + 'static {
     ) -> Result<(), JobError>;
 }
 
-/// The children a batch kept, to delete exactly those.
-#[derive(Debug, Default)]
-pub struct Kept {
-    /// `_id`s of the kept conversations.
-    pub conversations: Vec<Bson>,
-    /// `_id`s of the kept messages.
-    pub messages: Vec<Bson>,
+/// What one keep pass of a batch kept and deleted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    /// The contacts kept (now or by an earlier pass), to be deleted next.
+    pub contacts: Vec<ObjectId>,
+    /// Conversations kept (now or by an earlier pass) and deleted.
+    pub conversations: u64,
+    /// Messages kept (now or by an earlier pass) and deleted.
+    pub messages: u64,
 }
 
 /// What deletes keep for restores.
 #[async_trait]
 pub trait KeptRepo: Send + Sync + 'static {
-    /// Keeps the contacts `ids` of the delete `job` that still exist, with their
-    /// conversations and messages, byte for byte; a document kept before stays
-    /// as first kept. The children kept, which the batch then deletes.
-    async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<Kept, JobError>;
+    /// Keeps the contacts `ids` of the delete `job` that still exist, with
+    /// their conversations and messages, byte for byte (a document kept
+    /// before stays as first kept, and is kept once), and deletes each child
+    /// once it is known kept. The contacts themselves are left for the caller
+    /// to delete (those of [`Pass::contacts`]).
+    async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<Pass, JobError>;
+
+    /// Conversations and messages the delete `job_id` kept for its contacts
+    /// in `(after, upto]`: what that batch deleted, whatever crashes it took.
+    async fn kept_children(
+        &self,
+        job_id: &str,
+        after: Option<ObjectId>,
+        upto: ObjectId,
+    ) -> Result<(u64, u64), JobError>;
 }
 
 /// The repositories of a delete, together.

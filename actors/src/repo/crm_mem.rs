@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bson::{oid::ObjectId, Bson, Document};
 use futures::StreamExt;
 
-use super::crm::{AuditRepo, ContactRepo, IdStream, Kept, KeptRepo, NotificationRepo};
+use super::crm::{AuditRepo, ContactRepo, IdStream, KeptRepo, NotificationRepo};
 use super::crm_mongo::audit_key;
 use crate::error::JobError;
 use crate::filter::{Filter, OwnerFilter};
@@ -504,7 +504,7 @@ impl NotificationRepo for MemCrm {
 
 #[async_trait]
 impl KeptRepo for MemCrm {
-    async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<Kept, JobError> {
+    async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<super::crm::Pass, JobError> {
         if !ids.is_empty() && job.restorable_until.is_none() {
             return Err(JobError::Internal(
                 "delete without restorableUntil keeps nothing".into(),
@@ -512,17 +512,20 @@ impl KeptRepo for MemCrm {
         }
         let coll = job.filter.pipeline_type.collection().to_string();
         let job_id = job.job_id.clone();
-        self.guarded("keep", |d| {
-            let mut kept = Kept::default();
+        // Kept first (each document once: the first copy stays) ...
+        let (pass, conversations, messages) = self.guarded("keep", |d| {
+            let mut pass = super::crm::Pass::default();
+            let (mut conversations, mut messages) = (Vec::new(), Vec::new());
             let mut copies = Vec::new();
             for id in ids {
                 if let Some(c) = d.contacts.get(&(coll.clone(), *id)) {
                     copies.push(((job_id.clone(), 'c', *id, None), c.clone()));
+                    pass.contacts.push(*id);
                 }
             }
             for (tag, m, out) in [
-                ('v', &d.conversations, &mut kept.conversations),
-                ('m', &d.messages, &mut kept.messages),
+                ('v', &d.conversations, &mut conversations),
+                ('m', &d.messages, &mut messages),
             ] {
                 for (child, doc) in children_of(m, job.org_id, ids) {
                     let Ok(contact) = doc.get_object_id("contactId") else {
@@ -535,7 +538,36 @@ impl KeptRepo for MemCrm {
             for (key, doc) in copies {
                 d.kept.entry(key).or_insert(doc);
             }
-            kept
+            pass.conversations = conversations.len() as u64;
+            pass.messages = messages.len() as u64;
+            (pass, conversations, messages)
+        })?;
+        // ... then exactly what was kept is deleted.
+        ContactRepo::delete_children(self, job.org_id, &conversations, &messages).await?;
+        Ok(pass)
+    }
+
+    async fn kept_children(
+        &self,
+        job_id: &str,
+        after: Option<ObjectId>,
+        upto: ObjectId,
+    ) -> Result<(u64, u64), JobError> {
+        self.guarded("kept_children", |d| {
+            let (mut conversations, mut messages) = (0, 0);
+            for (j, tag, contact, child) in d.kept.keys() {
+                if j != job_id || child.is_none() || *contact > upto {
+                    continue;
+                }
+                if after.is_some_and(|a| *contact <= a) {
+                    continue;
+                }
+                match tag {
+                    'v' => conversations += 1,
+                    _ => messages += 1,
+                }
+            }
+            (conversations, messages)
         })
     }
 }

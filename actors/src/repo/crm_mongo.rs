@@ -13,7 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::options::{InsertManyOptions, UpdateOptions};
 use mongodb::{Collection, Database};
 
-use super::crm::{AuditRepo, ContactRepo, IdStream, Kept, KeptRepo, NotificationRepo};
+use super::crm::{AuditRepo, ContactRepo, IdStream, KeptRepo, NotificationRepo, Pass};
 use crate::error::JobError;
 use crate::model::JobRecord;
 use crate::store::{is_duplicate_key, names};
@@ -318,7 +318,16 @@ impl NotificationRepo for MongoCrm {
 
 #[async_trait]
 impl KeptRepo for MongoCrm {
-    async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<Kept, JobError> {
-        super::kept::keep(&self.db, job, ids).await
+    async fn keep(&self, job: &JobRecord, ids: &[ObjectId]) -> Result<Pass, JobError> {
+        super::keep::keep(&self.db, job, ids).await
+    }
+
+    async fn kept_children(
+        &self,
+        job_id: &str,
+        after: Option<ObjectId>,
+        upto: ObjectId,
+    ) -> Result<(u64, u64), JobError> {
+        super::keep::kept_children(&self.db, job_id, after, upto).await
     }
 }

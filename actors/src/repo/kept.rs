@@ -1,25 +1,40 @@
 //! What a delete keeps so that a restore can put it back: every contact it
 //! removes, with its conversations and messages, as the raw BSON documents they
 //! were (byte for byte), in one collection (`bulk_kept`) until the delete's
-//! `restorableUntil`.
+//! `restorableUntil`. The keeping itself is `keep.rs`; this is the format.
 //!
-//! A kept document is `{_id, orgId, jobId, contactId, expiresAt, doc}` where
-//! `doc` is the original document, unchanged, and `_id` a string that orders
-//! the kept documents of a delete by contact, kind apart:
-//! `<jobId>:c:<contactId>` for the contact, `<jobId>:v:<contactId>:<id>` for a
-//! conversation, `<jobId>:m:<contactId>:<id>` for a message. So a restore reads
-//! a batch of contacts, and then each kind of their children, as one range of
-//! the `_id` index, and a repeated keep of the same document (a batch redone
-//! after a crash) is a duplicate key, not a second copy.
+//! One kept document per contact, its **bundle**:
+//! `{_id: "<jobId>:c:<contactId>", orgId, jobId, contactId, expiresAt, doc,
+//! conversations: [..], messages: [..], counts: {conversations, messages},
+//! spilled}`: `doc` is the contact as it was, the arrays its children as they
+//! were (up to [`EMBED_BYTES`] of them), `counts` their lengths. Children that
+//! did not fit (a contact with very many), or that were kept after its bundle
+//! (a batch redone after a crash, a child written during the delete), are kept
+//! one document each, `{_id: "<jobId>:v:<contactId>:<id>"}` for a
+//! conversation, `"<jobId>:m:<contactId>:<id>"` for a message, same fields and
+//! `doc`; the bundle then says `spilled: true`. (Deletes before bundles kept
+//! every child that way; a bundle without `spilled` is read as spilled.)
+//!
+//! The keys order the kept documents of a delete by contact, kind apart, so a
+//! restore reads a batch of contacts, and their spilled children, as ranges of
+//! the `_id` index, and a repeated keep of the same document is a duplicate
+//! key, not a second copy. A child is in exactly one place: a bundle's array
+//! or a document of its own (a keep that finds the bundle written already
+//! keeps apart only what that bundle does not hold).
 
-use bson::{doc, oid::ObjectId, rawdoc, Bson, DateTime, RawBsonRef, RawDocumentBuf};
-use futures::TryStreamExt;
+use bson::{
+    doc, oid::ObjectId, rawdoc, Bson, DateTime, RawArrayBuf, RawBsonRef, RawDocument,
+    RawDocumentBuf,
+};
 use mongodb::options::InsertManyOptions;
 use mongodb::{Collection, Database};
 
 use crate::error::JobError;
-use crate::model::JobRecord;
 use crate::store::{is_duplicate_key, names};
+
+/// Most bytes of children a bundle holds; the rest are kept one by one. Small
+/// enough that a restore batch of bundles stays a few MB.
+pub const EMBED_BYTES: usize = 32 * 1024;
 
 /// The kinds of kept document, by their tag in the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,89 +91,163 @@ pub fn range(
     doc! {"_id": r}
 }
 
-fn child_key(job_id: &str, kind: Kind, contact: ObjectId, id: RawBsonRef<'_>) -> String {
-    let id = match id {
+/// The key of a child kept on its own (`kind`: a conversation or a message).
+pub fn child_key(job_id: &str, kind: Kind, contact: ObjectId, id: RawBsonRef<'_>) -> String {
+    format!(
+        "{job_id}:{}:{}:{}",
+        kind.tag(),
+        contact.to_hex(),
+        id_text(id)
+    )
+}
+
+/// A document's `_id` as text (hex for an ObjectId), as keys name it.
+pub fn id_text(id: RawBsonRef<'_>) -> String {
+    match id {
         RawBsonRef::ObjectId(o) => o.to_hex(),
         RawBsonRef::String(s) => format!("s{s}"),
         other => format!("{:?}", Bson::try_from(other.to_raw_bson()).ok()),
-    };
-    format!("{job_id}:{}:{}:{id}", kind.tag(), contact.to_hex())
+    }
 }
 
-pub use super::crm::Kept;
+/// Where and until when a delete keeps what it removes.
+#[derive(Debug, Clone, Copy)]
+pub struct Keeper<'a> {
+    /// The delete job.
+    pub job_id: &'a str,
+    /// Its organisation.
+    pub org: ObjectId,
+    /// Its `restorableUntil` (the TTL index's `expiresAt`).
+    pub until: DateTime,
+}
 
-/// Keeps the contacts `ids` of the delete `job` that still exist, with their
-/// conversations and messages, before the batch deletes them: one read per
-/// collection, one `insertMany` (unordered; a document kept by an earlier try
-/// of the batch is a duplicate key and stays as first kept). Returns the ids
-/// of the children kept, which are what the batch then deletes.
-pub async fn keep(db: &Database, job: &JobRecord, ids: &[ObjectId]) -> Result<Kept, JobError> {
-    let mut kept = Kept::default();
-    if ids.is_empty() {
-        return Ok(kept);
+impl Keeper<'_> {
+    /// A child (conversation or message) kept on its own.
+    pub fn single(
+        &self,
+        kind: Kind,
+        contact: ObjectId,
+        original: RawDocumentBuf,
+    ) -> Result<RawDocumentBuf, JobError> {
+        let id = original
+            .get("_id")
+            .map_err(raw_err)?
+            .ok_or_else(|| JobError::Internal("document without _id".into()))?;
+        let key = child_key(self.job_id, kind, contact, id);
+        Ok(rawdoc! {
+            "_id": key,
+            "orgId": self.org,
+            "jobId": self.job_id,
+            "contactId": contact,
+            "expiresAt": self.until,
+            "doc": original,
+        })
     }
-    let until = job
-        .restorable_until
-        .ok_or_else(|| JobError::Internal("delete without restorableUntil keeps nothing".into()))?;
-    let org = job.org_id;
-    let raw = |name: &str| db.collection::<RawDocumentBuf>(name);
-    let children = doc! {"orgId": org, "contactId": {"$in": ids}};
-    let read = |coll: Collection<RawDocumentBuf>, filter: bson::Document| async move {
-        coll.find(filter)
-            .batch_size(10_000)
-            .await?
-            .try_collect::<Vec<RawDocumentBuf>>()
-            .await
-    };
-    let (contacts, conversations, messages) = futures::try_join!(
-        read(
-            raw(job.filter.pipeline_type.collection()),
-            doc! {"_id": {"$in": ids}, "orgId": org},
-        ),
-        read(raw(names::CONVERSATIONS), children.clone()),
-        read(raw(names::MESSAGES), children),
-    )?;
-    let mut docs = Vec::with_capacity(contacts.len() + conversations.len() + messages.len());
-    let job_id = job.job_id.as_str();
-    for c in contacts {
-        let id = c.get_object_id("_id").map_err(raw_err)?;
-        docs.push(wrap(contact_key(job_id, id), org, job_id, id, until, c)?);
-    }
-    for (kind, list, out) in [
-        (Kind::Conversation, conversations, &mut kept.conversations),
-        (Kind::Message, messages, &mut kept.messages),
-    ] {
-        for d in list {
-            let contact = d.get_object_id("contactId").map_err(raw_err)?;
-            let id = d
-                .get("_id")
-                .map_err(raw_err)?
-                .ok_or_else(|| JobError::Internal("document without _id".into()))?;
-            out.push(Bson::try_from(id.to_raw_bson()).map_err(raw_err)?);
-            let key = child_key(job_id, kind, contact, id);
-            docs.push(wrap(key, org, job_id, contact, until, d)?);
+
+    /// A contact's bundle: the contact and the children given.
+    pub fn bundle(
+        &self,
+        contact: ObjectId,
+        original: RawDocumentBuf,
+        conversations: Vec<RawDocumentBuf>,
+        messages: Vec<RawDocumentBuf>,
+        spilled: bool,
+    ) -> RawDocumentBuf {
+        let counts = (conversations.len() as i64, messages.len() as i64);
+        let array = |docs: Vec<RawDocumentBuf>| {
+            let mut a = RawArrayBuf::new();
+            for d in docs {
+                a.push(d);
+            }
+            a
+        };
+        rawdoc! {
+            "_id": contact_key(self.job_id, contact),
+            "orgId": self.org,
+            "jobId": self.job_id,
+            "contactId": contact,
+            "expiresAt": self.until,
+            "doc": original,
+            "conversations": array(conversations),
+            "messages": array(messages),
+            "counts": {
+                "conversations": counts.0,
+                "messages": counts.1,
+            },
+            "spilled": spilled,
         }
     }
-    insert_raw(&collection(db), docs).await?;
-    Ok(kept)
 }
 
-fn wrap(
-    key: String,
-    org: ObjectId,
-    job_id: &str,
-    contact: ObjectId,
-    until: DateTime,
-    original: RawDocumentBuf,
-) -> Result<RawDocumentBuf, JobError> {
-    Ok(rawdoc! {
-        "_id": key,
-        "orgId": org,
-        "jobId": job_id,
-        "contactId": contact,
-        "expiresAt": until,
-        "doc": original,
-    })
+/// The contact a kept document belongs to.
+pub fn contact_of(k: &RawDocument) -> Result<ObjectId, JobError> {
+    k.get_object_id("contactId").map_err(raw_err)
+}
+
+/// The original document inside a kept one, as it was.
+pub fn original(k: &RawDocument) -> Result<&RawDocument, JobError> {
+    k.get_document("doc").map_err(raw_err)
+}
+
+/// The children of `kind` a bundle holds (none for a bundle of the format
+/// before bundles).
+pub fn embedded(k: &RawDocument, kind: Kind) -> Result<Vec<&RawDocument>, JobError> {
+    let field = match kind {
+        Kind::Conversation => "conversations",
+        Kind::Message => "messages",
+        Kind::Contact => return Ok(Vec::new()),
+    };
+    let Some(array) = k.get_array(field).ok() else {
+        return Ok(Vec::new());
+    };
+    array
+        .into_iter()
+        .map(|v| match v.map_err(raw_err)? {
+            RawBsonRef::Document(d) => Ok(d),
+            _ => Err(JobError::Internal(format!("kept {field}: not a document"))),
+        })
+        .collect()
+}
+
+/// How many children of `kind` a bundle holds, from its `counts`.
+pub fn embedded_count(k: &RawDocument, kind: Kind) -> u64 {
+    let field = match kind {
+        Kind::Conversation => "conversations",
+        Kind::Message => "messages",
+        Kind::Contact => return 0,
+    };
+    k.get_document("counts")
+        .ok()
+        .and_then(|c| c.get_i64(field).ok())
+        .map_or(0, |n| u64::try_from(n).unwrap_or(0))
+}
+
+/// Whether some of the bundle's children are kept one by one (true for the
+/// format before bundles, which kept them all that way).
+pub fn spilled(k: &RawDocument) -> bool {
+    k.get_bool("spilled").unwrap_or(true)
+}
+
+/// Inserts new documents unordered; returns the positions of those whose
+/// `_id` exists already (left as they are).
+pub async fn insert_new(
+    coll: &Collection<RawDocumentBuf>,
+    docs: &[RawDocumentBuf],
+) -> Result<Vec<usize>, JobError> {
+    if docs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let opts = InsertManyOptions::builder().ordered(false).build();
+    match coll.insert_many(docs).with_options(opts).await {
+        Ok(_) => Ok(Vec::new()),
+        Err(e) if is_duplicate_key(&e) => match e.kind.as_ref() {
+            mongodb::error::ErrorKind::InsertMany(m) => {
+                Ok(m.write_errors.iter().flatten().map(|w| w.index).collect())
+            }
+            _ => Ok((0..docs.len()).collect()),
+        },
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Inserts raw documents unordered; those whose `_id` exists already are left
@@ -185,7 +274,7 @@ pub async fn insert_raw(
     }
 }
 
-fn raw_err(e: impl std::fmt::Display) -> JobError {
+pub(crate) fn raw_err(e: impl std::fmt::Display) -> JobError {
     JobError::Internal(format!("kept document: {e}"))
 }
 

@@ -15,10 +15,11 @@ pub mod crm_mongo;
 pub mod jobs;
 pub mod jobs_mem;
 pub mod jobs_mongo;
+pub mod keep;
 pub mod kept;
 
 pub use chunks::{ChunkRepo, MemChunks};
-pub use crm::{AuditRepo, ContactRepo, Crm, Kept, KeptRepo, NotificationRepo};
+pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
 pub use crm_mem::MemCrm;
 pub use crm_mongo::MongoCrm;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};

@@ -1,7 +1,8 @@
 //! One restore batch: decide, free the delete's keys, put back contacts then
 //! their children, notify and announce (steps 2–5 of `mod.rs`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document, RawDocumentBuf};
 use futures::TryStreamExt;
@@ -19,15 +20,38 @@ use crate::store::{is_duplicate_key, names};
 /// A batch: the kept contacts after `after`, in `_id` order.
 pub(super) struct Batch<'a> {
     pub db: &'a Database,
-    pub notifications: &'a dyn crate::repo::NotificationRepo,
-    pub sink: &'a dyn EventSink,
     pub job: &'a JobRecord,
     /// The delete undone.
     pub source: &'a str,
     pub after: Option<ObjectId>,
     /// Kept contact documents (`repo/kept.rs`).
     pub contacts: Vec<RawDocumentBuf>,
-    pub sampled: &'a Sampled,
+    /// Ended restores of the same delete whose last batch this one may finish.
+    pub unfinished: &'a Unfinished,
+}
+
+/// A batch decided (steps 2–3): what its put-back (4–5) needs.
+pub(super) struct Decided {
+    /// Highest contact id of the batch (the next checkpoint).
+    pub upto: ObjectId,
+    after: Option<ObjectId>,
+    skipped: u64,
+    /// The restored contacts' bundles, in `_id` order.
+    bundles: Vec<RawDocumentBuf>,
+    restored: HashSet<ObjectId>,
+    /// Their CONTACT_RESTORE entries (`contactId`, `ownerId`, `createdAt`).
+    mine: Vec<Document>,
+}
+
+/// What the put-back of a decided batch needs besides it, owned (it runs in
+/// the background while the next batch is decided).
+pub(super) struct PutBack {
+    pub db: Database,
+    pub notifications: Arc<dyn crate::repo::NotificationRepo>,
+    pub sink: Arc<dyn EventSink>,
+    pub job: Arc<JobRecord>,
+    pub source: String,
+    pub sampled: Sampled,
 }
 
 /// What a batch did.
@@ -40,21 +64,21 @@ pub(super) struct Done {
     pub messages: u64,
 }
 
-pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
+/// Steps 2–3: decides which of the batch's contacts this job restores and
+/// frees their delete keys.
+pub(super) async fn decide(b: Batch<'_>) -> Result<Decided, JobError> {
     let Batch {
         db,
-        notifications,
-        sink,
         job,
         source,
         after,
         contacts,
-        sampled,
+        unfinished,
     } = b;
     let org = job.org_id;
     let mut ids = Vec::with_capacity(contacts.len());
     for k in &contacts {
-        ids.push(k.get_object_id("contactId").map_err(raw_err)?);
+        ids.push(kept::contact_of(k)?);
     }
     let upto = *ids
         .iter()
@@ -79,7 +103,7 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         if present.contains(id) {
             continue;
         }
-        let original = k.get_document("doc").map_err(raw_err)?;
+        let original = kept::original(k)?;
         let owner = original
             .get_object_id("ownerId")
             .ok()
@@ -98,34 +122,27 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         });
     }
     let event_logs = db.collection::<Document>(names::EVENT_LOGS);
-    if !entries.is_empty() {
-        let opts = InsertManyOptions::builder().ordered(false).build();
-        match event_logs.insert_many(&entries).with_options(opts).await {
-            Ok(_) => {}
-            Err(e) if is_duplicate_key(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let all_new = write_entries(db, &entries).await?;
     crate::failpoint::hit("restore.decided");
-    let keys: Vec<String> = ids.iter().map(|id| restore_key(source, *id)).collect();
-    let mine: Vec<Document> = event_logs
-        .find(doc! {"bulkKey": {"$in": &keys}, "jobId": &job.job_id})
-        .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1})
-        .await?
-        .try_collect()
-        .await?;
+    let mine: Vec<Document> = match all_new && present.is_empty() {
+        // Every contact of the batch is new to every restore: the entries
+        // just written are the batch.
+        true => entries,
+        false => decided(db, job, source, &ids, unfinished).await?,
+    };
     let restored: HashSet<ObjectId> = mine
         .iter()
         .filter_map(|e| e.get_object_id("contactId").ok())
         .collect();
     let skipped = ids.len() as u64 - restored.len() as u64;
     if restored.is_empty() {
-        return Ok(Done {
+        return Ok(Decided {
             upto,
-            restored: 0,
+            after,
             skipped,
-            conversations: 0,
-            messages: 0,
+            bundles: Vec::new(),
+            restored,
+            mine,
         });
     }
     let restored_ids: Vec<ObjectId> = ids
@@ -164,33 +181,79 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
         event_logs.delete_many(held).await?;
     }
 
-    // 4. Contacts first, then their children.
-    let originals = contacts
-        .iter()
+    let bundles: Vec<RawDocumentBuf> = contacts
+        .into_iter()
         .zip(&ids)
         .filter(|(_, id)| restored.contains(id))
-        .map(|(k, _)| original(k))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(k, _)| k)
+        .collect();
+    Ok(Decided {
+        upto,
+        after,
+        skipped,
+        bundles,
+        restored,
+        mine,
+    })
+}
+
+/// Steps 4–5: puts back the decided contacts, then their children, then
+/// notifies and announces.
+pub(super) async fn put_back(p: PutBack, d: Decided) -> Result<Done, JobError> {
+    let PutBack {
+        db,
+        notifications,
+        sink,
+        job,
+        source,
+        sampled,
+    } = p;
+    let Decided {
+        upto,
+        after,
+        skipped,
+        bundles,
+        restored,
+        mine,
+    } = d;
+    if restored.is_empty() {
+        return Ok(Done {
+            upto,
+            restored: 0,
+            skipped,
+            conversations: 0,
+            messages: 0,
+        });
+    }
+    let (db, job, source, org) = (&db, job.as_ref(), source.as_str(), job.org_id);
+    let target = job.filter.pipeline_type.collection();
+    // 4. Contacts first, then their children: those their bundles hold, and
+    // those kept apart (only read when some bundle says so).
+    let bundles: Vec<&RawDocumentBuf> = bundles.iter().collect();
+    let originals = bundles
+        .iter()
+        .map(|k| Ok(kept::original(k)?.to_raw_document_buf()))
+        .collect::<Result<Vec<_>, JobError>>()?;
     kept::insert_raw(&db.collection(target), originals).await?;
     crate::failpoint::hit("restore.contacts");
+    if crate::failpoint::fires(crate::failpoint::RESTORE_CHILDREN_FAILS, &org.to_hex()) {
+        return Err(JobError::Internal("injected failure".into()));
+    }
+    let spilled = bundles.iter().any(|k| kept::spilled(k));
     let (conversations, messages) = futures::try_join!(
-        put_back(
+        put_back_children(
             db,
-            source,
             Kind::Conversation,
             names::CONVERSATIONS,
-            after,
-            upto,
-            &restored
+            &bundles,
+            spilled.then_some((source, after, upto, &restored)),
         ),
-        put_back(
+        put_back_children(
             db,
-            source,
             Kind::Message,
             names::MESSAGES,
-            after,
-            upto,
-            &restored
+            &bundles,
+            spilled.then_some((source, after, upto, &restored)),
         ),
     )?;
 
@@ -198,14 +261,14 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
     // 5. Notifications and events, to different servers, together.
     futures::try_join!(
         notify(
-            notifications,
+            notifications.as_ref(),
             job,
             "contacts_restored",
             upto,
             &mine,
-            sampled
+            &sampled
         ),
-        announce(sink, job, source, &mine),
+        announce(sink.as_ref(), job, source, &mine),
     )?;
     Ok(Done {
         upto,
@@ -216,45 +279,127 @@ pub(super) async fn restore(b: Batch<'_>) -> Result<Done, JobError> {
     })
 }
 
-/// Inserts the kept children of `kind` whose contact is in `restored`.
-/// Returns how many the delete kept for them (what this batch puts back,
-/// whether now or in a try before a crash).
-async fn put_back(
+/// Where a batch's children kept apart are: the delete, the batch's contact
+/// range, and which of its contacts are restored.
+type Apart<'a> = (&'a str, Option<ObjectId>, ObjectId, &'a HashSet<ObjectId>);
+
+/// Inserts the kept children of `kind` of the restored contacts' `bundles`,
+/// and, with `apart`, those kept apart for them. Returns how many the delete
+/// kept for them (what this batch puts back, whether now or in a try before a
+/// crash; each child is kept once).
+async fn put_back_children(
     db: &Database,
-    source: &str,
     kind: Kind,
     collection: &str,
-    after: Option<ObjectId>,
-    upto: ObjectId,
-    restored: &HashSet<ObjectId>,
+    bundles: &[&RawDocumentBuf],
+    apart: Option<Apart<'_>>,
 ) -> Result<u64, JobError> {
-    let mut cursor = kept::collection(db)
-        .find(kept::range(source, kind, after, Some(upto)))
-        .batch_size(10_000)
-        .await?;
     let target = db.collection::<RawDocumentBuf>(collection);
     let mut docs = Vec::new();
     let mut n = 0u64;
-    while let Some(k) = cursor.try_next().await? {
-        let contact = k.get_object_id("contactId").map_err(raw_err)?;
-        if !restored.contains(&contact) {
-            continue;
+    for k in bundles {
+        for child in kept::embedded(k, kind)? {
+            docs.push(child.to_raw_document_buf());
+            n += 1;
+            if docs.len() >= INSERT_DOCS {
+                kept::insert_raw(&target, std::mem::take(&mut docs)).await?;
+            }
         }
-        docs.push(original(&k)?);
-        n += 1;
-        if docs.len() >= 1000 {
-            kept::insert_raw(&target, std::mem::take(&mut docs)).await?;
+    }
+    if let Some((source, after, upto, restored)) = apart {
+        let mut cursor = kept::collection(db)
+            .find(kept::range(source, kind, after, Some(upto)))
+            .batch_size(1000)
+            .await?;
+        while let Some(k) = cursor.try_next().await? {
+            if !restored.contains(&kept::contact_of(&k)?) {
+                continue;
+            }
+            docs.push(kept::original(&k)?.to_raw_document_buf());
+            n += 1;
+            if docs.len() >= INSERT_DOCS {
+                kept::insert_raw(&target, std::mem::take(&mut docs)).await?;
+            }
         }
     }
     kept::insert_raw(&target, docs).await?;
     Ok(n)
 }
 
-/// The original document inside a kept one, as it was.
-fn original(k: &RawDocumentBuf) -> Result<RawDocumentBuf, JobError> {
-    Ok(k.get_document("doc")
-        .map_err(raw_err)?
-        .to_raw_document_buf())
+/// The batch's contacts this job restores: its own entries, and those a
+/// failed or cancelled restore of the same delete left beyond its checkpoint
+/// (`unfinished`: such a job's id and checkpoint), whose contacts may be back
+/// without all their children. Those entries become this job's (`adoptedFrom`
+/// names the job), so the rest of the batch puts back what is missing.
+async fn decided(
+    db: &Database,
+    job: &JobRecord,
+    source: &str,
+    ids: &[ObjectId],
+    unfinished: &Unfinished,
+) -> Result<Vec<Document>, JobError> {
+    let event_logs = db.collection::<Document>(names::EVENT_LOGS);
+    let keys: Vec<String> = ids.iter().map(|id| restore_key(source, *id)).collect();
+    let all: Vec<Document> = event_logs
+        .find(doc! {"bulkKey": {"$in": &keys}})
+        .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1, "jobId": 1})
+        .await?
+        .try_collect()
+        .await?;
+    let mut mine = Vec::with_capacity(all.len());
+    let mut adopt: HashMap<String, Vec<String>> = HashMap::new();
+    for e in all {
+        let Ok(owner) = e.get_str("jobId") else {
+            continue;
+        };
+        if owner == job.job_id {
+            mine.push(e);
+            continue;
+        }
+        let Ok(contact) = e.get_object_id("contactId") else {
+            continue;
+        };
+        if let Some(checkpoint) = unfinished.get(owner) {
+            if checkpoint.is_none_or(|c| contact > c) {
+                adopt
+                    .entry(owner.to_string())
+                    .or_default()
+                    .push(restore_key(source, contact));
+                mine.push(e);
+            }
+        }
+    }
+    for (from, keys) in adopt {
+        tracing::info!(job_id = %job.job_id, from = %from, contacts = keys.len(), "finishing contacts an ended restore left half done");
+        event_logs
+            .update_many(
+                doc! {"bulkKey": {"$in": keys}, "jobId": &from},
+                doc! {"$set": {"jobId": &job.job_id, "adoptedFrom": &from}},
+            )
+            .await?;
+    }
+    Ok(mine)
+}
+
+/// Failed or cancelled restores of the same delete: job id → checkpoint.
+pub(super) type Unfinished = HashMap<String, Option<ObjectId>>;
+
+/// Writes the batch's CONTACT_RESTORE entries; whether every one was new.
+async fn write_entries(db: &Database, entries: &[Document]) -> Result<bool, JobError> {
+    if entries.is_empty() {
+        return Ok(true);
+    }
+    let opts = InsertManyOptions::builder().ordered(false).build();
+    match db
+        .collection::<Document>(names::EVENT_LOGS)
+        .insert_many(entries)
+        .with_options(opts)
+        .await
+    {
+        Ok(r) => Ok(r.inserted_ids.len() == entries.len()),
+        Err(e) if is_duplicate_key(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Publishes `contact_restored` for the batch's entries.
@@ -287,9 +432,8 @@ async fn announce(
     sink.contacts_restored(&restored).await
 }
 
-fn raw_err(e: impl std::fmt::Display) -> JobError {
-    JobError::Internal(format!("kept document: {e}"))
-}
+/// Most children per `insertMany` of a restore.
+const INSERT_DOCS: usize = 2000;
 
 /// The key a restored contact's CONTACT_DELETE entry keeps: unique (one entry
 /// per delete and contact) and outside every delete's key range of the

@@ -19,17 +19,29 @@
 //! 6. checkpoint: last id and counts, as absolute values (a repeated write
 //!    cannot count twice).
 //!
+//! Steps 4–5 of a batch run in the background while the next batch is read
+//! and decided (1–3: other contacts, so the order does not matter), keeping
+//! both server cores busy; a batch is checkpointed once it is put back, so
+//! after a crash both are redone from the last checkpoint.
+//!
 //! The kept documents do not change, so a batch redone after a crash is the
 //! same batch: its entries find the contacts it decided on, and every insert
-//! that already happened is a duplicate key.
+//! that already happened is a duplicate key. A restore that fails for good
+//! may leave the contacts of its last batch back without all their children;
+//! the next restore of the same delete finishes them: it takes over the
+//! entries an ended restore left beyond its checkpoint (`adoptedFrom`) and
+//! puts back what is missing (duplicates are left as they are).
 
 mod batch;
 pub use crate::repo::kept;
 mod start;
 
+use std::sync::Arc;
+
 use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::Database;
+use tokio::task::JoinHandle;
 
 pub use start::{dry_run, existing, source, RestoreCounts};
 
@@ -47,6 +59,12 @@ pub struct RestoreState {
     run: JobRun,
     /// Contact ids listed per assignee (notifications).
     sampled: crate::delete::Sampled,
+    /// Failed or cancelled restores of the same delete (read once).
+    unfinished: Option<batch::Unfinished>,
+    /// The batch being put back in the background.
+    applying: Option<Applying>,
+    /// A step failed: the next batch is put back within its step.
+    redo: bool,
 }
 
 impl JobStep for RestoreState {
@@ -60,6 +78,9 @@ impl JobStep for RestoreState {
         Ok(RestoreState {
             run: JobRun::new(env, job),
             sampled: Default::default(),
+            unfinished: None,
+            applying: None,
+            redo: false,
         })
     }
 
@@ -67,10 +88,25 @@ impl JobStep for RestoreState {
         &mut self.run
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        // A failed step: the batch in the background is redone from the
+        // checkpoint.
+        self.applying = None;
+        self.redo = true;
+    }
 
     async fn step(&mut self) -> Result<bool, JobError> {
         step(self).await
+    }
+
+    async fn quiesce(&mut self) {
+        // The batch being put back finishes (it is redone from the
+        // checkpoint anyway, but must not overlap the next holder's).
+        if let Some(applying) = self.applying.take() {
+            if let Err(e) = applying.done().await {
+                tracing::debug!(job_id = %self.run.job.job_id, error = %e, "restore batch in flight ended with an error");
+            }
+        }
     }
 }
 
@@ -87,38 +123,121 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         initialise(run).await?;
     }
     let db = run.env.db.clone();
-    // A batch a failed step left half done is finished before a cancel lands,
-    // so a cancelled job never leaves a contact back without its children.
-    if run.cancel && undecided(&db, &run.job).await?.is_empty() {
-        run.finish(Ending::Cancelled).await?;
-        return Ok(false);
+    if run.cancel {
+        // The batch being put back is finished first, so a cancelled job never
+        // leaves a contact back without its children; likewise a batch a
+        // failed step left half done.
+        settle(s).await?;
+        let run = &mut s.run;
+        if undecided(&db, &run.job).await?.is_empty() {
+            run.finish(Ending::Cancelled).await?;
+            return Ok(false);
+        }
     }
+    let run = &mut s.run;
     let src = source_id(&run.job)?.to_string();
-    let after = run.job.checkpoint.last_id;
-    let contacts: Vec<RawDocumentBuf> = kept::collection(&db)
-        .find(kept::range(&src, kept::Kind::Contact, after, None))
-        .sort(doc! {"_id": 1})
-        .limit(i64::from(run.env.settings.restore_batch.max(1)))
-        .await?
-        .try_collect()
-        .await?;
+    if s.unfinished.is_none() {
+        s.unfinished = Some(start::unfinished(run.env.jobs.as_ref(), &src, &run.job.job_id).await?);
+    }
+    let after = s
+        .applying
+        .as_ref()
+        .map(|a| a.upto)
+        .or(run.job.checkpoint.last_id);
+    let contacts = next_bundles(&db, &src, after, run.env.settings.restore_batch).await?;
     if contacts.is_empty() {
+        settle(s).await?;
+        let run = &mut s.run;
         release_undecided(&db, &run.job).await?;
         run.finish(Ending::Completed(None)).await?;
         return Ok(false);
     }
-    let started = std::time::Instant::now();
-    let done = batch::restore(batch::Batch {
+    // This batch is decided while the previous one is put back (other
+    // contacts: their order does not matter), so both server cores work.
+    let no_unfinished = batch::Unfinished::new();
+    let job = run.job.clone();
+    let decided = batch::decide(batch::Batch {
         db: &db,
-        notifications: run.env.crm.notifications.as_ref(),
-        sink: run.env.sink.as_ref(),
-        job: &run.job,
+        job: &job,
         source: &src,
         after,
         contacts,
-        sampled: &s.sampled,
-    })
-    .await?;
+        unfinished: s.unfinished.as_ref().unwrap_or(&no_unfinished),
+    });
+    let previous = s.applying.take();
+    let previous = async move {
+        match previous {
+            Some(p) => p.done().await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (decided, done) = run
+        .alive(async { futures::try_join!(decided, previous) })
+        .await?;
+    if let Some(done) = done {
+        checkpoint(run, &done).await?;
+    }
+    let upto = decided.upto;
+    let put_back = batch::put_back(
+        batch::PutBack {
+            db,
+            notifications: run.env.crm.notifications.clone(),
+            sink: run.env.sink.clone(),
+            job: Arc::new(run.job.clone()),
+            source: src,
+            sampled: s.sampled.clone(),
+        },
+        decided,
+    );
+    if s.redo {
+        // After a failed step the batch is put back within the step, so a
+        // failure that persists fails steps in a row (and counts).
+        let done = run.alive(put_back).await?;
+        checkpoint(run, &done).await?;
+        s.redo = false;
+        return Ok(true);
+    }
+    let task = tokio::spawn(put_back);
+    s.applying = Some(Applying { upto, task });
+    Ok(true)
+}
+
+/// A batch being put back in the background.
+struct Applying {
+    /// Its highest contact id.
+    upto: ObjectId,
+    task: JoinHandle<Result<batch::Done, JobError>>,
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        // Dropped unfinished (a failed step, a drain): every part of it is
+        // idempotent and is redone from the checkpoint.
+        self.task.abort();
+    }
+}
+
+impl Applying {
+    async fn done(mut self) -> Result<batch::Done, JobError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(JobError::Internal(format!("restore batch task: {e}"))),
+        }
+    }
+}
+
+/// Waits for the batch being put back, and checkpoints it.
+async fn settle(s: &mut RestoreState) -> Result<(), JobError> {
+    if let Some(applying) = s.applying.take() {
+        let done = s.run.alive(applying.done()).await?;
+        checkpoint(&mut s.run, &done).await?;
+    }
+    Ok(())
+}
+
+/// The checkpoint after a batch: last id and counts, as absolute values from
+/// the record as last written (a repeated write cannot count twice).
+async fn checkpoint(run: &mut JobRun, done: &batch::Done) -> Result<(), JobError> {
     let job = &run.job;
     let counts = Counts {
         contacts: job.counts.contacts + done.restored,
@@ -138,9 +257,36 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         ..JobPatch::default()
     })
     .await?;
-    tracing::debug!(job_id = %run.job.job_id, restored = done.restored, skipped = done.skipped, ms = started.elapsed().as_millis() as u64, "restore batch done");
+    tracing::debug!(job_id = %run.job.job_id, restored = done.restored, skipped = done.skipped, "restore batch done");
     run.progress_event().await;
-    Ok(true)
+    Ok(())
+}
+
+/// Most bytes of kept bundles a restore batch reads.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// The next kept contacts (their bundles) after `after`: at most `batch`
+/// of them and about [`BATCH_BYTES`].
+async fn next_bundles(
+    db: &Database,
+    source: &str,
+    after: Option<ObjectId>,
+    batch: u32,
+) -> Result<Vec<RawDocumentBuf>, JobError> {
+    let mut cursor = kept::collection(db)
+        .find(kept::range(source, kept::Kind::Contact, after, None))
+        .sort(doc! {"_id": 1})
+        .limit(i64::from(batch.max(1)))
+        .await?;
+    let (mut bundles, mut bytes) = (Vec::new(), 0usize);
+    while let Some(b) = cursor.try_next().await? {
+        bytes += b.as_bytes().len();
+        bundles.push(b);
+        if bytes >= BATCH_BYTES {
+            break;
+        }
+    }
+    Ok(bundles)
 }
 
 /// Counts the kept contacts (`total`) and moves the job to `processing`.

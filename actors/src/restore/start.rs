@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use bson::{doc, oid::ObjectId, DateTime, Document};
+use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf};
 use futures::TryStreamExt;
 use mongodb::Database;
 use serde::Serialize;
@@ -94,16 +94,18 @@ pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts,
     let mut counts = RestoreCounts::default();
     let mut after: Option<ObjectId> = None;
     loop {
-        let ids: Vec<ObjectId> = db
-            .collection::<Document>(names::KEPT)
+        let bundles: Vec<RawDocumentBuf> = kept::collection(db)
             .find(kept::range(src, Kind::Contact, after, None))
             .sort(doc! {"_id": 1})
             .limit(1000)
-            .projection(doc! {"contactId": 1})
+            .projection(doc! {"contactId": 1, "counts": 1, "spilled": 1})
             .await?
-            .try_filter_map(|d| async move { Ok(d.get_object_id("contactId").ok()) })
             .try_collect()
             .await?;
+        let ids: Vec<ObjectId> = bundles
+            .iter()
+            .filter_map(|b| kept::contact_of(b).ok())
+            .collect();
         let Some(upto) = ids.iter().max().copied() else {
             return Ok(counts);
         };
@@ -130,10 +132,22 @@ pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts,
             .filter(|c| !present.contains(c) && !done.contains(c))
             .collect();
         counts.contacts += free.len() as u64;
+        let mut spilled = false;
+        for b in &bundles {
+            if kept::contact_of(b).is_ok_and(|c| free.contains(&c)) {
+                counts.conversations += kept::embedded_count(b, Kind::Conversation);
+                counts.messages += kept::embedded_count(b, Kind::Message);
+                spilled |= kept::spilled(b);
+            }
+        }
+        // Children kept apart: only where some bundle says so.
         for (kind, slot) in [
             (Kind::Conversation, &mut counts.conversations),
             (Kind::Message, &mut counts.messages),
         ] {
+            if !spilled {
+                continue;
+            }
             let mut children = db
                 .collection::<Document>(names::KEPT)
                 .find(kept::range(src, kind, after, Some(upto)))
@@ -150,4 +164,22 @@ pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts,
         }
         after = Some(upto);
     }
+}
+
+/// The failed or cancelled restores of `source` other than `me`, with their
+/// checkpoints: a contact of such a job beyond its checkpoint may be back
+/// without all its children, and the next restore finishes it.
+pub(super) async fn unfinished(
+    jobs: &dyn JobRepo,
+    source: &str,
+    me: &str,
+) -> Result<super::batch::Unfinished, JobError> {
+    Ok(jobs
+        .restores_of(source)
+        .await?
+        .into_iter()
+        .filter(|j| j.job_id != me)
+        .filter(|j| matches!(j.status, JobStatus::Failed | JobStatus::Cancelled))
+        .map(|j| (j.job_id, j.checkpoint.last_id))
+        .collect())
 }
