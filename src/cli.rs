@@ -2,6 +2,8 @@
 //! `delete`, `watch`, `cancel`, over NATS) and the benchmarks (`bench`).
 
 pub mod bench;
+// Shared by the benchmarks, some of it by only one of them.
+#[allow(dead_code)]
 pub mod bench_cpu;
 pub mod bench_delete;
 pub mod bench_export;
@@ -10,14 +12,15 @@ pub mod bench_ws;
 pub mod client;
 pub mod download;
 pub mod operator;
+#[allow(dead_code)]
 pub mod yardsticks;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::Keys;
-use crate::config::Config;
+use contact_bulk::auth::Keys;
+use contact_bulk::config::Config;
 
 /// contact-bulk: bulk export and cascade delete jobs for a CRM.
 #[derive(Debug, Parser)]
@@ -111,7 +114,7 @@ pub async fn shutdown_signal() {
 /// Runs the parsed command line.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(config) => crate::run(config, shutdown_signal()).await,
+        Command::Serve(config) => contact_bulk::run(config, shutdown_signal()).await,
         Command::Dev(args) => dev(args).await,
         Command::Token(t) => {
             let keys = Keys::new(&t.secret, "");
@@ -128,7 +131,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    use crate::servers::{repo_nats_conf, MongoServer, NatsServer};
+    use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
     let data = std::path::absolute(&args.data_dir)?;
     std::fs::create_dir_all(data.join("nats"))?;
     std::fs::create_dir_all(data.join("mongo"))?;
@@ -150,11 +153,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     config.jwt_secret = Some(secret.clone());
     let client = mongodb::Client::with_uri_str(&config.mongodb_uri).await?;
     let db = client.database(&config.mongodb_db);
-    let spec = crate::seed::SeedSpec {
+    let spec = contact_bulk_testkit::seed::SeedSpec {
         contacts: args.demo_contacts,
-        ..crate::seed::SeedSpec::demo()
+        ..contact_bulk_testkit::seed::SeedSpec::demo()
     };
-    let org = match crate::seed::seed_demo_if_empty_with(&db, &spec).await? {
+    let org = match contact_bulk_testkit::seed::seed_demo_if_empty_with(&db, &spec).await? {
         Some(org) => {
             println!(
                 "seeded demo organisation {} ({} contacts)",
@@ -163,12 +166,14 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             );
             org.org_id
         }
-        None => crate::seed::first_org(&db)
+        None => contact_bulk_testkit::seed::first_org(&db)
             .await?
             .ok_or_else(|| anyhow::anyhow!("database has contacts but no organisation"))?,
     };
-    let service = crate::Service::start(config).await?;
-    let user = crate::seed::first_user(&db, org).await?.map(|u| u.to_hex());
+    let service = contact_bulk::Service::start(config).await?;
+    let user = contact_bulk_testkit::seed::first_user(&db, org)
+        .await?
+        .map(|u| u.to_hex());
     let user = user.unwrap_or_else(|| "000000000000000000000001".into());
     let token = Keys::new(&secret, "").mint(
         &user,

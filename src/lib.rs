@@ -4,21 +4,12 @@
 //! Library first: [`Service::start`] brings everything up and [`run`] serves
 //! until the shutdown future resolves; `main` only parses the command line.
 
+pub mod app;
 pub mod auth;
-pub mod cli;
-pub mod commands;
 pub mod config;
-pub mod events;
-pub mod http;
-pub mod intake;
-pub mod quota;
-pub mod retention;
-pub mod seed;
-pub mod servers;
-pub mod webhooks;
-pub mod ws;
+pub mod transport;
 
-/// Process-wide Prometheus metrics (`crate::metrics::webhook_delivery(..)` etc.).
+/// Process-wide Prometheus metrics (`contact_bulk_actors::metrics::webhook_delivery(..)` etc.).
 pub use contact_bulk_actors::metrics;
 
 use std::future::Future;
@@ -34,10 +25,13 @@ use contact_bulk_actors::supervisor::{Supervisor, SupervisorCounters, Supervisor
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinSet;
 
+use crate::app::App;
+use crate::app::{quota, webhooks};
 use crate::auth::Keys;
-use crate::commands::App;
 use crate::config::Config;
-use crate::events::NatsSink;
+use crate::transport::nats::events::NatsSink;
+use crate::transport::nats::{events, intake};
+use crate::transport::{http, ws};
 
 /// A running service instance.
 pub struct Service {
@@ -145,16 +139,19 @@ impl Service {
             keys,
             nats,
             cancel_subject: config.subjects().internal_cancel(),
-            hub,
             sink,
             quota,
-            retention: config.retention(),
+            retention: app::retention::Retention::from_config(&config),
             webhooks: webhooks.clone(),
         });
         let discovery = intake::start(app.clone(), &config, &mut tasks).await?;
-        retention::start(app.clone(), config.retention_sweep, &mut tasks);
+        app::sweeper::start(app.clone(), config.retention_sweep, &mut tasks);
         webhooks.start(&js, &config, &mut tasks).await?;
-        let router = http::router(app.clone(), &config).await?;
+        let bridge = ws::Bridge {
+            app: app.clone(),
+            hub,
+        };
+        let router = http::router(app.clone(), &config, ws::routes(bridge)).await?;
         let (http_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let http = tokio::spawn(async move {
             let served = axum::serve(listener, router)

@@ -1,4 +1,7 @@
-//! The `contact-bulk` binary: parses the command line and hands over to the library.
+//! The `contact-bulk` binary: the command line (`cli`), over the service library
+//! (`serve`, `token`), the operator commands, and the test kit (`dev`, `bench`).
+
+mod cli;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -11,5 +14,5 @@ async fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
-    contact_bulk::cli::main(contact_bulk::cli::Cli::parse()).await
+    cli::main(cli::Cli::parse()).await
 }

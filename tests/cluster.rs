@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, Document};
 use common::*;
-use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsCluster};
+use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsCluster};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

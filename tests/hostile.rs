@@ -2,7 +2,8 @@
 //! servers: every NATS command and HTTP endpoint fed malformed, over-size and
 //! forged input answers a clear error naming the field, creates no job, changes
 //! no data and leaves the service alive; a WebSocket session ends at its
-//! token's expiry unless an `auth` frame renews it.
+//! token's expiry unless an `auth` frame renews it. Restore (NATS and HTTP) and
+//! webhook registration bodies have their own table.
 
 mod common;
 
@@ -957,4 +958,153 @@ async fn resubscribing_never_exceeds_the_subscription_cap() {
             _ => panic!("unexpected frame {f}"),
         }
     }
+}
+
+// ---------- restore and webhook bodies ----------
+
+#[tokio::test]
+async fn restore_and_webhook_bodies_are_refused_naming_the_field() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let (org, _stage) = seed(&db, 10).await;
+    let svc = stack.service().await;
+    let client = stack.client().await;
+    let api = Api::new(svc.addr);
+    let o = org.to_hex();
+    let job = uuid::Uuid::new_v4().to_string();
+
+    // bulk.v1.restore over NATS.
+    let mut table = common_cases();
+    table.extend([
+        (js(json!({"orgId": o})), "validation_error", Some("jobId")),
+        (
+            js(json!({"orgId": o, "jobId": {"$gt": ""}})),
+            "validation_error",
+            Some("jobId"),
+        ),
+        (
+            js(json!({"orgId": o, "jobId": job, "dryRun": "true"})),
+            "validation_error",
+            Some("dryRun"),
+        ),
+        (
+            js(json!({"orgId": o, "jobId": job, "commandId": {"$ne": null}})),
+            "validation_error",
+            Some("commandId"),
+        ),
+        (
+            js(json!({"orgId": o, "jobId": job, "commandId": "c".repeat(257)})),
+            "validation_error",
+            Some("commandId"),
+        ),
+        (
+            js(json!({"orgId": o, "jobId": job, "requestedBy": "x".repeat(300)})),
+            "validation_error",
+            Some("requestedBy"),
+        ),
+        (
+            js(json!({"orgId": o, "jobId": job, "filter": {"orgWide": true}})),
+            "validation_error",
+            Some("filter"),
+        ),
+        (js(json!({"orgId": o, "jobId": job})), "not_found", None),
+    ]);
+    for (payload, code, field) in &table {
+        let shown: String = String::from_utf8_lossy(payload).chars().take(120).collect();
+        let reply = raw_request(&client, "bulk.v1.restore", payload.clone()).await;
+        let what = format!("bulk.v1.restore with {shown}");
+        assert_eq!(reply["error"]["code"], *code, "{what}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.is_empty() && message.len() < 2_000,
+            "{what}: {reply}"
+        );
+        if let Some(field) = field {
+            assert_eq!(reply["error"]["field"], *field, "{what}: {reply}");
+        }
+    }
+
+    // POST /api/contacts/bulk-job/{jobId}/restore: the body is decoded first.
+    let good = format!("Bearer {}", token(org, ALL));
+    let path = format!("/api/contacts/bulk-job/{job}/restore");
+    let bodies: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json".to_vec(), "body"),
+        (vec![0xff, 0xfe, 0x80], "body"),
+        (b"[1,2]".to_vec(), "body"),
+        (nested(5_000).into_bytes(), "body"),
+        (js(json!({"dryRun": "yes"})), "dryRun"),
+        (js(json!({"commandId": {"$ne": null}})), "commandId"),
+        (js(json!({"commandId": "c".repeat(257)})), "commandId"),
+        (js(json!({"jobId": job})), "jobId"),
+        (js(json!({"orgId": o})), "orgId"),
+    ];
+    for (body, field) in &bodies {
+        let got = api
+            .send(
+                Method::POST,
+                &path,
+                Some(&good),
+                Some(body.clone()),
+                "application/json",
+            )
+            .await;
+        let what = format!("POST {path} with {field}");
+        assert_error(&what, &got, StatusCode::BAD_REQUEST, "validation_error");
+        assert_eq!(got.1["field"], *field, "{what}: {}", got.1);
+    }
+
+    // POST /api/webhooks: registration bodies.
+    let manage = format!("Bearer {}", token(org, "webhooks:manage"));
+    let url = "https://example.com/hook";
+    let bodies: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json".to_vec(), "body"),
+        (vec![0xff, 0xfe, 0x80], "body"),
+        (b"[1,2]".to_vec(), "body"),
+        (nested(5_000).into_bytes(), "body"),
+        (js(json!({})), "url"),
+        (js(json!({"url": 5})), "url"),
+        (js(json!({"url": {"$ne": null}})), "url"),
+        (
+            js(json!({"url": format!("https://example.com/{}", "a".repeat(3_000))})),
+            "url",
+        ),
+        (js(json!({"url": "javascript:alert(1)"})), "url"),
+        (js(json!({"url": url, "events": ["job.nope"]})), "events[0]"),
+        (
+            js(json!({"url": url, "events": {"$in": ["job.failed"]}})),
+            "events",
+        ),
+        (
+            js(json!({"url": url, "events": vec!["job.failed"; 1_001]})),
+            "events",
+        ),
+        (js(json!({"url": url, "secret": "mine"})), "secret"),
+    ];
+    for (body, field) in &bodies {
+        let got = api
+            .send(
+                Method::POST,
+                "/api/webhooks",
+                Some(&manage),
+                Some(body.clone()),
+                "application/json",
+            )
+            .await;
+        let shown: String = String::from_utf8_lossy(body).chars().take(80).collect();
+        let what = format!("POST /api/webhooks with {shown}");
+        assert_error(&what, &got, StatusCode::BAD_REQUEST, "validation_error");
+        assert_eq!(got.1["field"], *field, "{what}: {}", got.1);
+    }
+
+    assert_eq!(count(&db, "bulk_jobs").await, 0, "no job was created");
+    assert_eq!(count(&db, "webhooks").await, 0, "no webhook was registered");
+    assert_eq!(count(&db, "contacts").await, 10, "no contact changed");
+    // Still alive: a good command is answered.
+    let reply = request(
+        &client,
+        "bulk.v1.count",
+        json!({"orgId": o, "filter": {"orgWide": true}}),
+    )
+    .await;
+    assert_eq!(reply, json!({"count": 10}));
 }

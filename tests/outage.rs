@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use bson::{doc, oid::ObjectId, Document};
 use common::*;
-use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsServer};
+use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
 use futures::TryStreamExt;
 use serde_json::json;
 

@@ -897,11 +897,11 @@ async fn kept_documents_expire_after_the_retention() {
     )
     .unwrap();
     std::fs::create_dir_all(dir.path().join("nats")).unwrap();
-    let conf = contact_bulk::servers::repo_nats_conf();
+    let conf = contact_bulk_testkit::servers::repo_nats_conf();
     let nats_dir = dir.path().join("nats");
     let (nats, mongo) = tokio::join!(
-        contact_bulk::servers::NatsServer::start(&conf, &nats_dir, None),
-        contact_bulk::servers::MongoServer::start(&mongo_dir, None)
+        contact_bulk_testkit::servers::NatsServer::start(&conf, &nats_dir, None),
+        contact_bulk_testkit::servers::MongoServer::start(&mongo_dir, None)
     );
     let stack = Stack {
         nats: nats.expect("nats-server starts"),

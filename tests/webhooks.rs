@@ -816,7 +816,7 @@ async fn two_instances_send_each_delivery_once() {
 
 #[tokio::test]
 async fn deliveries_go_on_across_nats_and_mongodb_restarts() {
-    use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsServer};
+    use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
     let mut stack = Stack::start().await;
     let svc = stack
         .service_with(|c| {

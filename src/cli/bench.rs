@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 use tracing::instrument::WithSubscriber;
 
 use super::client::Nats;
-use crate::servers::{repo_nats_conf, MongoServer, NatsServer};
+use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
 
 /// Database the benchmarks use.
 pub const DB: &str = "crm";
@@ -202,7 +202,7 @@ impl ServiceChild {
         };
         cmd.env("RUST_LOG", filter);
         // Like the servers: killed with this process, even by SIGKILL.
-        let mut child = crate::servers::spawn_child(cmd)
+        let mut child = contact_bulk_testkit::servers::spawn_child(cmd)
             .await
             .context("starting the service")?;
         let pid = child.id().context("service exited at once")?;

@@ -22,7 +22,7 @@ use super::bench::{mb, print_table, rate, round, Common, Harness, Memory};
 use super::bench_cpu::CpuProbe;
 use super::client::{counts, status, JobView};
 use super::yardsticks::Yardsticks;
-use crate::seed::{seed_org, SeedSpec};
+use contact_bulk_testkit::seed::{seed_org, SeedSpec};
 
 /// Ids per `deleteMany` of the batched yardstick.
 const YARDSTICK_BATCH: usize = 1000;
@@ -184,7 +184,11 @@ fn spec(n: u64) -> SeedSpec {
 }
 
 /// Seeds `count` organisations of `n` contacts side by side.
-async fn seed(h: &Harness, n: u64, count: usize) -> anyhow::Result<Vec<crate::seed::SeededOrg>> {
+async fn seed(
+    h: &Harness,
+    n: u64,
+    count: usize,
+) -> anyhow::Result<Vec<contact_bulk_testkit::seed::SeededOrg>> {
     let spec = spec(n);
     eprintln!(
         "seeding {count} organisations of {n} contacts, {} conversations, {} messages",

@@ -22,7 +22,7 @@ use super::bench::{mb, print_table, rate, round, timed, Common, Harness, Memory}
 use super::bench_cpu::CpuProbe;
 use super::client::{status, JobView};
 use super::yardsticks::Yardsticks;
-use crate::seed::{seed_org, SeedSpec};
+use contact_bulk_testkit::seed::{seed_org, SeedSpec};
 
 /// Options of `bench export`.
 #[derive(Debug, Clone, Args)]

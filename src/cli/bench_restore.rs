@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::bench::{mb, print_table, round, Common, Harness};
 use super::client::{counts, status, JobView};
-use crate::seed::{seed_org, SeedSpec};
 use contact_bulk_actors::restore::kept::{self, Kind};
+use contact_bulk_testkit::seed::{seed_org, SeedSpec};
 
 /// Documents per `insertMany` of the yardstick.
 const YARDSTICK_BATCH: usize = 1000;

@@ -1,13 +1,13 @@
 //! `contact-bulk bench ws`: publish-to-frame latency of the WebSocket bridge of
 //! the real service binary, with many clients subscribed to one job's events
-//! (measured by [`crate::ws::bench_latency`]).
+//! (measured by [`contact_bulk::transport::ws::bench_latency`]).
 
 use bson::oid::ObjectId;
 use clap::Args;
 use serde_json::json;
 
 use super::bench::{mb, print_table, timed, Common, Harness};
-use crate::auth::Keys;
+use contact_bulk::auth::Keys;
 
 /// Options of `bench ws`.
 #[derive(Debug, Clone, Args)]
@@ -35,7 +35,7 @@ pub async fn run(args: WsBench) -> anyhow::Result<()> {
         3600,
     )?;
     let nats_url = h.nats_server.url();
-    let (measured, took) = timed(crate::ws::bench_latency(
+    let (measured, took) = timed(contact_bulk::transport::ws::bench_latency(
         &nats_url,
         service.addr,
         org,

@@ -59,7 +59,7 @@ impl Nats {
     /// Connects to `url` (one server or a cluster's comma-separated list),
     /// giving up after 10 s.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Nats> {
-        let servers = crate::config::nats_servers(url)?;
+        let servers = contact_bulk::config::nats_servers(url)?;
         let connect = async_nats::ConnectOptions::new()
             .name("contact-bulk-cli")
             .request_timeout(None)

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use common::{request, SECRET};
-use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsCluster, NatsServer};
+use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsCluster, NatsServer};
 use fleet::{Fleet, FleetEnv};
 use futures::{FutureExt, TryStreamExt};
 use rand::rngs::StdRng;

@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use bson::{doc, oid::ObjectId, DateTime, Document};
+use bson::{oid::ObjectId, Document};
 use contact_bulk::config::Config;
-use contact_bulk::servers::{repo_nats_conf, MongoServer, NatsServer};
 use contact_bulk::Service;
+use contact_bulk_testkit::seed;
+use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -185,51 +186,24 @@ pub fn gunzip(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A pipeline with named stages, inserted for `org`.
+/// A pipeline with named stages, inserted for `org` (the test kit's seeding).
 pub async fn pipeline(
     db: &mongodb::Database,
     org: ObjectId,
     name: &str,
     stages: &[(ObjectId, &str)],
 ) -> ObjectId {
-    let id = ObjectId::new();
-    let stages: Vec<Document> = stages
-        .iter()
-        .map(|(s, n)| doc! {"_id": s, "name": n})
-        .collect();
-    db.collection::<Document>("pipelines")
-        .insert_one(doc! {"_id": id, "orgId": org, "name": name, "stages": stages})
-        .await
-        .unwrap();
-    id
+    seed::pipeline(db, org, name, stages).await.unwrap()
 }
 
 /// A contact document (not inserted).
 pub fn contact(org: ObjectId, pipeline: ObjectId, stage: ObjectId, i: usize) -> Document {
-    doc! {
-        "_id": ObjectId::new(),
-        "orgId": org,
-        "firstName": format!("First{i}"),
-        "lastName": format!("Last{i}"),
-        "phone": format!("+1416555{:04}", i % 10_000),
-        "email": format!("person{i}@example.com"),
-        "pipelineId": pipeline,
-        "stageId": stage,
-        "ownerId": bson::Bson::Null,
-        "tags": ["lead"],
-        "customFields": {"source": "web"},
-        "createdAt": DateTime::from_millis(1_767_225_600_000 + i as i64 * 60_000),
-    }
+    seed::contact(org, pipeline, stage, i)
 }
 
 /// Inserts documents in chunks.
 pub async fn insert(db: &mongodb::Database, coll: &str, docs: Vec<Document>) {
-    for chunk in docs.chunks(2000) {
-        db.collection::<Document>(coll)
-            .insert_many(chunk.to_vec())
-            .await
-            .unwrap();
-    }
+    seed::insert(db, coll, docs).await.unwrap()
 }
 
 /// Every message on `subject` arriving until `until` says stop, or the deadline passes.

@@ -22,12 +22,13 @@ use tokio::sync::{broadcast, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::hub::{Event, EventBody, JobEvent};
+use super::hub::{Event, EventBody, Hub, JobEvent};
 use super::outbox::{Next, Outbox};
 use super::protocol::{self, Op, Target};
+use super::Bridge;
 use super::MAX_CLIENT_FRAME;
+use crate::app::App;
 use crate::auth::SCOPE_READ;
-use crate::commands::App;
 
 mod open;
 
@@ -70,6 +71,7 @@ impl Subs {
 /// One connection's shared state.
 struct Session {
     app: Arc<App>,
+    hub: Hub,
     org: ObjectId,
     outbox: Outbox,
     subs: Mutex<Subs>,
@@ -86,11 +88,13 @@ struct Session {
 }
 
 /// Runs a connection until the client leaves, falls silent or too far behind.
-pub(super) async fn run(socket: WebSocket, app: Arc<App>, org: ObjectId, exp: i64) {
+pub(super) async fn run(socket: WebSocket, bridge: Bridge, org: ObjectId, exp: i64) {
+    let Bridge { app, hub } = bridge;
     let _counted = contact_bulk_actors::metrics::ws_connection();
-    let rx = app.hub.subscribe();
+    let rx = hub.subscribe();
     let session = Arc::new(Session {
         app,
+        hub,
         org,
         outbox: Outbox::new(),
         subs: Mutex::new(Subs::default()),

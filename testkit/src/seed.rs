@@ -334,3 +334,50 @@ fn ascii_lower(name: &str) -> String {
         })
         .collect()
 }
+
+/// A pipeline with named stages, inserted for `org`; its id.
+pub async fn pipeline(
+    db: &Database,
+    org: ObjectId,
+    name: &str,
+    stages: &[(ObjectId, &str)],
+) -> anyhow::Result<ObjectId> {
+    let id = ObjectId::new();
+    let stages: Vec<Document> = stages
+        .iter()
+        .map(|(s, n)| doc! {"_id": s, "name": n})
+        .collect();
+    db.collection::<Document>("pipelines")
+        .insert_one(doc! {"_id": id, "orgId": org, "name": name, "stages": stages})
+        .await?;
+    Ok(id)
+}
+
+/// The `i`-th plain contact of a test (not inserted): predictable names,
+/// phone and email, tag `lead`, custom field `source: web`, one minute apart.
+pub fn contact(org: ObjectId, pipeline: ObjectId, stage: ObjectId, i: usize) -> Document {
+    doc! {
+        "_id": ObjectId::new(),
+        "orgId": org,
+        "firstName": format!("First{i}"),
+        "lastName": format!("Last{i}"),
+        "phone": format!("+1416555{:04}", i % 10_000),
+        "email": format!("person{i}@example.com"),
+        "pipelineId": pipeline,
+        "stageId": stage,
+        "ownerId": Bson::Null,
+        "tags": ["lead"],
+        "customFields": {"source": "web"},
+        "createdAt": DateTime::from_millis(1_767_225_600_000 + i as i64 * 60_000),
+    }
+}
+
+/// Inserts documents into `coll` in chunks of 2,000.
+pub async fn insert(db: &Database, coll: &str, docs: Vec<Document>) -> anyhow::Result<()> {
+    for chunk in docs.chunks(2000) {
+        db.collection::<Document>(coll)
+            .insert_many(chunk.to_vec())
+            .await?;
+    }
+    Ok(())
+}

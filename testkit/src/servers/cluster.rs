@@ -77,7 +77,11 @@ impl NatsCluster {
     /// cluster (a meta leader is elected), at most `deadline`.
     pub async fn wait_jetstream(&self, deadline: Duration) -> anyhow::Result<()> {
         let until = Instant::now() + deadline;
-        let servers = crate::config::nats_servers(&self.urls())?;
+        let servers = self
+            .urls()
+            .split(',')
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .event_callback(|_| async {})

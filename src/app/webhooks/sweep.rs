@@ -14,7 +14,7 @@ use contact_bulk_actors::model::JobRecord;
 use futures::TryStreamExt;
 
 use super::Webhooks;
-use crate::commands::decorate;
+use crate::app::view::decorate;
 
 /// Jobs ended this recently are looked at.
 const WINDOW: Duration = Duration::from_secs(3600);

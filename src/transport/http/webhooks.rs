@@ -20,9 +20,9 @@ use futures::TryStreamExt;
 use rand::RngCore;
 use serde_json::{json, Value};
 
-use super::{ssrf, EVENTS, MAX_PER_ORG, SCOPE_WEBHOOKS};
-use crate::commands::App;
-use crate::http::{ApiError, Auth};
+use crate::app::webhooks::{ssrf, EVENTS, MAX_PER_ORG, SCOPE_WEBHOOKS};
+use crate::app::App;
+use crate::transport::http::{ApiError, Auth};
 
 type ApiResult = Result<Response, ApiError>;
 

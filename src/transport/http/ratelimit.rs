@@ -1,13 +1,13 @@
 //! The `X-RateLimit-*` and `Retry-After` headers of the job-starting endpoints
 //! (contract section 10): the quota decision made while a request was handled
-//! (see [`crate::quota::RateSlot`]) is written onto its response, success or 429.
+//! (see [`crate::app::quota::RateSlot`]) is written onto its response, success or 429.
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::quota::{RateInfo, RateSlot};
+use crate::app::quota::{RateInfo, RateSlot};
 
 /// Middleware: runs the request with a fresh slot and copies what it holds into headers.
 pub async fn headers(req: Request, next: Next) -> Response {

@@ -1,5 +1,12 @@
-//! The operations behind every entry point (NATS commands, durable intake, HTTP):
+//! The use cases behind every transport (NATS commands, durable intake, HTTP,
+//! WebSocket):
 //! parse and validate a request, write the job record, hand it to the supervisor.
+
+pub mod quota;
+pub mod retention;
+pub mod sweeper;
+pub mod view;
+pub mod webhooks;
 
 use bson::oid::ObjectId;
 use contact_bulk_actors::delete::dry_run;
@@ -17,8 +24,9 @@ use contact_bulk_protocol::{Id, Text};
 use mongodb::Database;
 use ractor::ActorRef;
 
+use crate::app::quota::Admission;
 use crate::auth::Keys;
-use crate::quota::Admission;
+pub use view::decorate;
 
 /// Handles every entry point shares.
 #[derive(Clone)]
@@ -37,16 +45,14 @@ pub struct App {
     pub nats: async_nats::Client,
     /// Subject of the cancel broadcast.
     pub cancel_subject: String,
-    /// Fan-out of `BULK_EVENTS` to WebSocket clients.
-    pub hub: crate::ws::Hub,
     /// Job events (the `pending` status of a new job).
     pub sink: std::sync::Arc<dyn contact_bulk_actors::events::EventSink>,
     /// Per-organisation rate and pending-job limits.
-    pub quota: crate::quota::Quota,
+    pub quota: crate::app::quota::Quota,
     /// How long export files and ended job records are kept.
-    pub retention: crate::retention::Retention,
+    pub retention: crate::app::retention::Retention,
     /// Webhook registrations and deliveries.
-    pub webhooks: crate::webhooks::Webhooks,
+    pub webhooks: crate::app::webhooks::Webhooks,
 }
 
 /// What a restore command produced.
@@ -317,24 +323,6 @@ impl App {
             }
         }
     }
-}
-
-/// The snapshot with a fresh signed link when the export is complete (and
-/// its file not expired: no link is minted for data that is gone).
-pub fn decorate(keys: &Keys, job: &JobRecord) -> JobSnapshot {
-    let mut snap = job.snapshot();
-    if let Some(result) = snap
-        .result
-        .as_mut()
-        .and_then(|r| r.export_mut())
-        .filter(|r| !r.expired)
-    {
-        let (url, expires) = keys.download_link(&job.job_id);
-        result.download_url = Some(url);
-        result.expires_at = chrono::DateTime::from_timestamp(expires, 0)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-    }
-    snap
 }
 
 /// The organisation of a command: the token's on HTTP (where `orgId` must

@@ -11,8 +11,8 @@ use contact_bulk_protocol::events::{ContactEvent, ContactEventType, JobEvent, Jo
 use contact_bulk_protocol::subjects::Subjects;
 use futures::future::BoxFuture;
 
+use crate::app::view::decorate;
 use crate::auth::Keys;
-use crate::commands::decorate;
 use crate::config::Config;
 
 /// How long JetStream remembers `Nats-Msg-Id`s: replays of a crashed batch

@@ -10,18 +10,15 @@
 //! consumer's position and the outbox survive restarts of any instance, of
 //! NATS and of MongoDB.
 
-pub mod api;
 mod deliver;
 mod fanout;
 pub mod ssrf;
 mod sweep;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use bson::{doc, Document};
-use clap::Args;
 use hmac::{Hmac, Mac};
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Database, IndexModel};
@@ -51,118 +48,24 @@ pub const DELIVERIES: &str = "webhook_deliveries";
 /// Attempts kept in a delivery's log.
 pub const LOG_LEN: i32 = 20;
 
-/// Webhook tunables; the defaults are the contract's.
-#[derive(Debug, Clone, Args)]
-pub struct WebhookConfig {
-    /// Allow webhook URLs and resolved addresses in loopback, private,
-    /// link-local and other special ranges (development only).
-    #[arg(
-        long = "webhook-allow-private",
-        env = "BULK_WEBHOOK_ALLOW_PRIVATE",
-        default_value_t = false,
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub allow_private: bool,
-    /// Delay before the first retry of a failed delivery, in milliseconds;
-    /// each further retry waits twice as long (±10 %), up to the cap.
-    #[arg(
-        long = "webhook-backoff-ms",
-        env = "BULK_WEBHOOK_BACKOFF_MS",
-        default_value_t = 10_000
-    )]
-    pub backoff_ms: u64,
-    /// Longest wait between two attempts, in milliseconds.
-    #[arg(
-        long = "webhook-backoff-max-ms",
-        env = "BULK_WEBHOOK_BACKOFF_MAX_MS",
-        default_value_t = 3_600_000
-    )]
-    pub backoff_max_ms: u64,
-    /// How long a delivery is retried after it was created, in milliseconds.
-    #[arg(
-        long = "webhook-retry-for-ms",
-        env = "BULK_WEBHOOK_RETRY_FOR_MS",
-        default_value_t = 86_400_000
-    )]
-    pub retry_for_ms: u64,
-    /// Timeout of one delivery attempt (connect, send and answer), in milliseconds.
-    #[arg(
-        long = "webhook-timeout-ms",
-        env = "BULK_WEBHOOK_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub timeout_ms: u64,
-    /// Deliveries sent at once by this instance.
-    #[arg(
-        long = "webhook-workers",
-        env = "BULK_WEBHOOK_WORKERS",
-        default_value_t = 4
-    )]
-    pub workers: usize,
-    /// How often each instance looks for ended jobs whose terminal event was
-    /// lost, in milliseconds.
-    #[arg(
-        long = "webhook-sweep-ms",
-        env = "BULK_WEBHOOK_SWEEP_MS",
-        default_value_t = 60_000
-    )]
-    pub sweep_ms: u64,
-    /// How long after a job's end the sweep may step in for its event, in milliseconds.
-    #[arg(
-        long = "webhook-sweep-grace-ms",
-        env = "BULK_WEBHOOK_SWEEP_GRACE_MS",
-        default_value_t = 30_000
-    )]
-    pub sweep_grace_ms: u64,
-    /// How often an idle worker looks for due deliveries, in milliseconds.
-    #[arg(
-        long = "webhook-poll-ms",
-        env = "BULK_WEBHOOK_POLL_MS",
-        default_value_t = 1_000
-    )]
-    pub poll_ms: u64,
-}
-
-impl WebhookConfig {
-    fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms.max(100))
-    }
-
-    /// How long a claimed delivery stays with its worker: an attempt's timeout
-    /// plus room to record it. A worker that dies leaves it due again after this.
-    fn lease(&self) -> Duration {
-        self.timeout() + Duration::from_secs(30)
-    }
-
-    fn poll(&self) -> Duration {
-        Duration::from_millis(self.poll_ms.clamp(20, 60_000))
-    }
-
-    /// Delay after the `attempts`-th failed attempt (1-based), before jitter.
-    fn backoff(&self, attempts: i32) -> Duration {
-        let base = Duration::from_millis(self.backoff_ms.max(1));
-        let cap = Duration::from_millis(self.backoff_max_ms.max(self.backoff_ms).max(1));
-        let n = (attempts.max(1) - 1).min(30) as u32;
-        base.saturating_mul(1u32 << n.min(20)).min(cap)
-    }
-}
+pub use crate::config::WebhookConfig;
 
 /// The webhooks of every organisation, and their delivery machinery.
 #[derive(Clone)]
 pub struct Webhooks {
-    inner: Arc<Inner>,
+    /// Read and written by the HTTP handlers (`transport/http/webhooks.rs`).
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     /// Job records (the sweep reads recently ended jobs).
     jobs: Arc<dyn JobRepo>,
-    hooks: Collection<Document>,
-    deliveries: Collection<Document>,
+    pub(crate) hooks: Collection<Document>,
+    pub(crate) deliveries: Collection<Document>,
     config: WebhookConfig,
     keys: Keys,
     /// Wakes idle workers when deliveries were just created.
-    wake: Notify,
+    pub(crate) wake: Notify,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -288,12 +191,13 @@ impl AttemptResult {
 /// on main when this was written) adds its counter call here.
 pub fn record_attempt_metric(result: AttemptResult) {
     tracing::trace!(result = result.as_str(), "webhook attempt");
-    crate::metrics::webhook_delivery(result.as_str());
+    contact_bulk_actors::metrics::webhook_delivery(result.as_str());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn signatures_match_a_plain_hmac_of_t_dot_body() {

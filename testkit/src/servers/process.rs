@@ -77,7 +77,7 @@ pub(super) async fn spawn_logged(
 /// fires when the *thread* that forked the child ends, and test threads end
 /// after every test.
 #[cfg(target_os = "linux")]
-pub(crate) async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
+pub async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
     use std::sync::mpsc;
     use std::sync::OnceLock;
 
@@ -137,7 +137,7 @@ pub(crate) async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
+pub async fn spawn_child(mut cmd: Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use contact_bulk_actors::metrics;
 
-use crate::commands::App;
+use crate::app::App;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -26,9 +26,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use crate::app::App;
 use crate::auth::{AuthError, SCOPE_READ};
-use crate::commands::App;
-use crate::http::{bearer, ApiError};
+use crate::transport::http::{bearer, ApiError};
 
 pub use bench::{bench_latency, bench_latency_with_prefix};
 pub use hub::{Event, EventBody, Hub, JobEvent};
@@ -50,11 +50,28 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
+/// What the bridge needs: the use cases (tokens, snapshots for a resync) and
+/// the hub. The hub is the WebSocket transport's own: nothing else holds it.
+#[derive(Clone)]
+pub struct Bridge {
+    /// The use cases.
+    pub app: Arc<App>,
+    /// Fan-out of `BULK_EVENTS` to the sessions.
+    pub hub: Hub,
+}
+
+/// The `/ws` route, with its own state, to mount on the HTTP router.
+pub fn routes<S: Clone + Send + Sync + 'static>(bridge: Bridge) -> axum::Router<S> {
+    axum::Router::new()
+        .route("/ws", axum::routing::get(upgrade))
+        .with_state(bridge)
+}
+
 /// `GET /ws`: the token comes from `Authorization: Bearer` or `?token=`. Answers
 /// 401 (missing or bad token) or 403 (no `jobs:read`) as JSON `{error, message}`
 /// before any upgrade, then hands the socket to a session.
 pub async fn upgrade(
-    State(app): State<Arc<App>>,
+    State(bridge): State<Bridge>,
     parts: Parts,
     query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -67,7 +84,7 @@ pub async fn upgrade(
     });
     let caller = match token
         .ok_or(AuthError::Missing)
-        .and_then(|t| app.keys.verify(&t))
+        .and_then(|t| bridge.app.keys.verify(&t))
     {
         Ok(c) => c,
         Err(e) => {
@@ -93,5 +110,5 @@ pub async fn upgrade(
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(WS_BUFFER)
         .on_failed_upgrade(move |e| tracing::debug!(org_id = %org, error = %e, "ws upgrade failed"))
-        .on_upgrade(move |socket| session::run(socket, app, org, exp))
+        .on_upgrade(move |socket| session::run(socket, bridge, org, exp))
 }

@@ -24,8 +24,8 @@ use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use super::{ApiError, Auth};
+use crate::app::{App, DeleteOutcome, RestoreOutcome};
 use crate::auth::{Caller, SCOPE_DELETE, SCOPE_EXPORT, SCOPE_PURGE, SCOPE_READ};
-use crate::commands::{App, DeleteOutcome, RestoreOutcome};
 
 type ApiResult = Result<Response, ApiError>;
 

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 mod cluster;
 mod process;
 pub use cluster::NatsCluster;
-pub(crate) use process::spawn_child;
+pub use process::spawn_child;
 use process::*;
 
 /// How long `nats-server` gets to come up.
@@ -72,7 +72,7 @@ impl ServerKind {
 
 /// The repo's `nats.conf` (JetStream on, limits for dev runs and tests).
 pub fn repo_nats_conf() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("nats.conf")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats.conf")
 }
 
 /// Finds a server binary: the environment variable (`CONTACT_BULK_NATS_SERVER`

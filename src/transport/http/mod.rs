@@ -5,6 +5,7 @@ mod metrics;
 mod ratelimit;
 mod rejections;
 mod stream;
+pub mod webhooks;
 
 pub use rejections::MAX_BODY;
 
@@ -18,13 +19,16 @@ use axum::{Json, Router};
 use contact_bulk_actors::JobError;
 use serde_json::json;
 
+use crate::app::App;
 use crate::auth::{AuthError, Caller};
-use crate::commands::App;
 use crate::config::Config;
-use crate::webhooks;
 
 /// Builds the router.
-pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
+pub async fn router(
+    app: Arc<App>,
+    _config: &Config,
+    mounted: Router<Arc<App>>,
+) -> anyhow::Result<Router> {
     Ok(Router::new()
         .route("/", get(page_index))
         .route("/app.js", get(page_js))
@@ -58,23 +62,19 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
         .route("/api/exports/{job_id}/download", get(stream::download))
         .route("/api/jobs", get(api::list_jobs))
         .route("/api/pipelines", get(api::pipelines))
-        .route(
-            "/api/webhooks",
-            get(webhooks::api::list).post(webhooks::api::create),
-        )
+        .route("/api/webhooks", get(webhooks::list).post(webhooks::create))
         .route(
             "/api/webhooks/{id}",
-            get(webhooks::api::show).delete(webhooks::api::remove),
+            get(webhooks::show).delete(webhooks::remove),
         )
-        .route(
-            "/api/webhooks/{id}/deliveries",
-            get(webhooks::api::deliveries),
-        )
+        .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route(
             "/api/webhooks/{id}/deliveries/{delivery_id}/retry",
-            post(webhooks::api::retry),
+            post(webhooks::retry),
         )
-        .route("/ws", get(crate::ws::upgrade))
+        // The WebSocket bridge (`/ws`), mounted by the caller so that the
+        // HTTP transport does not depend on it; it gets the same error layers.
+        .merge(mounted)
         .layer(axum::middleware::from_fn(ratelimit::headers))
         .fallback(rejections::unknown_path)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -85,21 +85,21 @@ pub async fn router(app: Arc<App>, _config: &Config) -> anyhow::Result<Router> {
 async fn page_index() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("../../web/index.html"),
+        include_str!("../../../web/index.html"),
     )
 }
 
 async fn page_js() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("../../web/app.js"),
+        include_str!("../../../web/app.js"),
     )
 }
 
 async fn page_css() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        include_str!("../../web/app.css"),
+        include_str!("../../../web/app.css"),
     )
 }
 

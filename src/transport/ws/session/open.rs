@@ -9,8 +9,8 @@ use contact_bulk_actors::JobError;
 use futures::StreamExt;
 
 use super::{deliver, JobSub, Session};
-use crate::ws::hub::EventBody;
-use crate::ws::protocol;
+use crate::transport::ws::hub::EventBody;
+use crate::transport::ws::protocol;
 
 /// Queue length a replay waits under before pushing its next frame.
 const REPLAY_HIGH_WATER: usize = 256;
@@ -65,8 +65,8 @@ impl Session {
     /// Sends the job's snapshot from the database, then goes live above the
     /// sequence of its last stored event (read first, so nothing falls between).
     async fn snapshot(self: &Arc<Self>, job_id: &str, generation: u64, gap: bool) {
-        let subject = self.app.hub.job_subject(self.org, job_id);
-        let floor = match self.app.hub.last_seq(&subject).await {
+        let subject = self.hub.job_subject(self.org, job_id);
+        let floor = match self.hub.last_seq(&subject).await {
             Ok(seq) => seq,
             Err(e) => {
                 tracing::warn!(org_id = %self.org, job_id, error = %e, "ws: last event unknown");
@@ -106,7 +106,7 @@ impl Session {
             Err(e) => return Err(e.into()),
             Ok(_) => {}
         }
-        let hub = &self.app.hub;
+        let hub = &self.hub;
         let (first, last) = hub.bounds().await?;
         if since.saturating_add(1) < first || since > last {
             tracing::debug!(org_id = %self.org, job_id, since, first, last, "ws replay impossible");

@@ -25,7 +25,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::commands::{org_of, App, DeleteOutcome, RestoreOutcome};
+use crate::app::{org_of, App, DeleteOutcome, RestoreOutcome};
 use crate::config::Config;
 
 /// Queue group shared by every instance, so each command is answered once.

@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{bearer, ApiError, Auth};
+use crate::app::App;
 use crate::auth::{SCOPE_EXPORT, SCOPE_READ};
-use crate::commands::App;
 
 const BATCH: usize = 1000;
 
@@ -33,7 +33,7 @@ pub async fn query_bulk_export(
     let caller = auth.require(SCOPE_EXPORT)?.clone();
     let filter = filter_from_query_params(&params).map_err(|e| ApiError::from_job(e.into()))?;
     app.quota
-        .admit(caller.org, crate::quota::Admission::Check)
+        .admit(caller.org, crate::app::quota::Admission::Check)
         .await?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
