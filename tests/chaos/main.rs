@@ -43,9 +43,9 @@ async fn chaos_kill_nine_and_server_restarts_lose_no_job() {
         kills: 24,
         min_while_running: 20,
         sizes: Sizes {
-            export: 30_000,
-            stage_delete: 6_000,
-            org_delete: 4_000,
+            export: 40_000,
+            stage_delete: 9_000,
+            org_delete: 6_000,
             bystander: 1_000,
         },
     })
@@ -60,9 +60,9 @@ async fn chaos_on_a_three_node_nats_cluster_with_r3_streams() {
         kills: 10,
         min_while_running: 8,
         sizes: Sizes {
-            export: 15_000,
-            stage_delete: 3_000,
-            org_delete: 2_000,
+            export: 40_000,
+            stage_delete: 8_000,
+            org_delete: 5_000,
             bystander: 500,
         },
     })
