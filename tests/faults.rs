@@ -674,3 +674,69 @@ async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() 
         }
     }
 }
+
+/// A delete failing for good after a batch's keep deleted the children and
+/// before its contacts went: the give-back puts the children back from what
+/// was kept, so no contact lives on without its conversations and messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_failing_after_its_keep_gives_back_contacts_with_their_children() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let (org, ids) = seed(&db, 300, true).await;
+    let _svc = stack
+        .service_with(|c| {
+            c.delete_batch = 50;
+            c.max_attempts = 2;
+            c.step_retries = 1;
+            c.retry_max_ms = 100;
+        })
+        .await;
+    failpoint::arm(failpoint::DELETE_AFTER_KEEP_FAILS, &org.to_hex(), u32::MAX);
+    let client = stack.client().await;
+    let job = job_id(
+        &request(
+            &client,
+            "bulk.v1.delete",
+            json!({"orgId": org.to_hex(), "filter": {"orgWide": true}}),
+        )
+        .await,
+    );
+    let snap = wait_terminal(&client, org, &job).await;
+    assert_eq!(snap["status"], "failed", "{snap}");
+    assert!(
+        failpoint::remaining(failpoint::DELETE_AFTER_KEEP_FAILS, &org.to_hex()) < u32::MAX,
+        "the keep ran and the batch failed after it"
+    );
+    let contacts = db
+        .collection::<Document>("contacts")
+        .count_documents(doc! {"orgId": org})
+        .await
+        .unwrap();
+    assert_eq!(contacts, ids.len() as u64, "no contact was deleted");
+    // The give-back is the failed job's clean-up, which runs beside its
+    // terminal event: wait for it (its entries gone) with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let entries = db
+            .collection::<Document>("event_logs")
+            .count_documents(doc! {"jobId": &job})
+            .await
+            .unwrap();
+        if entries == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{entries} entries never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (coll, per_contact) in [("conversations", 1u64), ("messages", 2)] {
+        let n = db
+            .collection::<Document>(coll)
+            .count_documents(doc! {"orgId": org})
+            .await
+            .unwrap();
+        assert_eq!(n, per_contact * ids.len() as u64, "every {coll} is back");
+    }
+}

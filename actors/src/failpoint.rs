@@ -40,6 +40,9 @@ pub const DELETE_STEP_FAILS: &str = "delete.step.fails";
 /// A restore batch that put its contacts back then fails on its own work
 /// before their children.
 pub const RESTORE_CHILDREN_FAILS: &str = "restore.children.fails";
+/// A delete batch whose keep deleted its children then fails on its own work
+/// before deleting its contacts.
+pub const DELETE_AFTER_KEEP_FAILS: &str = "delete.after_keep.fails";
 /// An export step that wrote rows then fails on its own work.
 pub const EXPORT_STEP_FAILS: &str = "export.step.fails";
 

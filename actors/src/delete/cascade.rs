@@ -85,6 +85,9 @@ pub(super) async fn apply(batch: Batch) -> Result<Pass, JobError> {
             kept.contacts.dedup();
         }
         crate::failpoint::hit("delete.children");
+        if crate::failpoint::fires(crate::failpoint::DELETE_AFTER_KEEP_FAILS, &org.to_hex()) {
+            return Err(JobError::Internal("injected failure".into()));
+        }
         laps.lap("children");
         // The audit entry is the decision: the contact goes even if it left the
         // filter since (its children already may have). A delete that keeps

@@ -385,7 +385,7 @@ async fn release_held(run: &mut JobRun) -> Result<(), JobError> {
 /// or failure before `inflight`, a cancel), so the contacts are anyone's again.
 /// Their children are intact: nothing is deleted before a batch is `inflight`.
 /// Called for a failed job too, where it also gives back what its unfinished
-/// batch had not deleted yet.
+/// batch had not deleted yet, its kept children put back first.
 pub async fn release_undecided(crm: &Crm, job: &JobRecord) -> Result<(), JobError> {
     let after = job.checkpoint.last_id;
     let decided = crm.audit.decided_after(job, after).await?;
@@ -394,6 +394,15 @@ pub async fn release_undecided(crm: &Crm, job: &JobRecord) -> Result<(), JobErro
         let present: Vec<ObjectId> = crm.contacts.present(job, &ids).await?;
         if !present.is_empty() {
             tracing::info!(job_id = %job.job_id, contacts = present.len(), "releasing undeleted contacts");
+            // A batch given back after its keep deleted some children (a job
+            // failing for good mid-keep): those children come back before the
+            // contact is anyone's again, or it would live on without them.
+            if !job.hard_delete {
+                let (v, m) = crm.kept.put_back_children(job, &present).await?;
+                if v + m > 0 {
+                    tracing::info!(job_id = %job.job_id, conversations = v, messages = m, "children put back");
+                }
+            }
             crm.audit.withdraw(job, &present).await?;
         }
     }

@@ -308,3 +308,40 @@ async fn a_lost_reply_to_the_batch_record_counts_the_batch_once() {
     }
     exact(&w, &sink);
 }
+
+/// A delete that fails for good after a batch's keep deleted the children
+/// but before the contacts went: giving the batch back puts the children back
+/// first, so no contact lives on without them.
+#[tokio::test(start_paused = true)]
+async fn a_failed_delete_gives_back_its_batch_with_the_children_it_had_deleted() {
+    let w = world(10).await;
+    let sink = Arc::new(RecordingSink::default());
+    let mut a = take(&w, "a", &sink).await;
+    w.crm.crash_at("delete", 1, false);
+    drive(&mut a).await.expect_err("the crash point fired");
+    drop(a);
+    let present: BTreeSet<ObjectId> = w.crm.contact_ids(CONTACTS).into_iter().collect();
+    let stripped: Vec<ObjectId> = w
+        .doomed
+        .keys()
+        .filter(|c| present.contains(c) && w.crm.children_of(**c) == 0)
+        .copied()
+        .collect();
+    assert!(!stripped.is_empty(), "the keep had deleted some children");
+    // The job failed for good: its unfinished batch is given back.
+    let job = w.jobs.peek(&w.job.job_id).unwrap();
+    let crm = crate::repo::Crm::of(Arc::new(w.crm.clone()));
+    super::release_undecided(&crm, &job).await.unwrap();
+    for c in &stripped {
+        assert_eq!(w.crm.children_of(*c), 3, "{c} got its children back");
+    }
+    let audited: BTreeSet<ObjectId> = w.crm.audited(&w.job.job_id).into_iter().collect();
+    for c in w.doomed.keys().filter(|c| present.contains(c)) {
+        assert!(!audited.contains(c), "{c} is anyone's again");
+    }
+    // Done again (a give-back that crashed half way): nothing doubles.
+    super::release_undecided(&crm, &job).await.unwrap();
+    for c in &stripped {
+        assert_eq!(w.crm.children_of(*c), 3);
+    }
+}

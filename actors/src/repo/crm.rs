@@ -153,6 +153,16 @@ pub trait KeptRepo: Send + Sync + 'static {
         after: Option<ObjectId>,
         upto: ObjectId,
     ) -> Result<(u64, u64), JobError>;
+
+    /// Puts back the kept conversations and messages of the contacts `ids`
+    /// of the delete `job` (contacts that still exist: a batch given back
+    /// after its keep had deleted their children), byte for byte; a child
+    /// whose `_id` exists stays as it is. Returns how many were put back.
+    async fn put_back_children(
+        &self,
+        job: &JobRecord,
+        ids: &[ObjectId],
+    ) -> Result<(u64, u64), JobError>;
 }
 
 /// The repositories of a delete, together.

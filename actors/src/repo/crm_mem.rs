@@ -570,4 +570,35 @@ impl KeptRepo for MemCrm {
             (conversations, messages)
         })
     }
+
+    async fn put_back_children(
+        &self,
+        job: &JobRecord,
+        ids: &[ObjectId],
+    ) -> Result<(u64, u64), JobError> {
+        let wanted: std::collections::BTreeSet<ObjectId> = ids.iter().copied().collect();
+        self.guarded("put_back_children", |d| {
+            let (mut conversations, mut messages) = (0, 0);
+            let kept: Vec<_> = d
+                .kept
+                .iter()
+                .filter(|((j, _, contact, child), _)| {
+                    *j == job.job_id && child.is_some() && wanted.contains(contact)
+                })
+                .map(|((_, tag, _, child), doc)| (*tag, *child, doc.clone()))
+                .collect();
+            for (tag, child, doc) in kept {
+                let Some(child) = child else { continue };
+                let (map, n) = match tag {
+                    'v' => (&mut d.conversations, &mut conversations),
+                    _ => (&mut d.messages, &mut messages),
+                };
+                if let std::collections::btree_map::Entry::Vacant(v) = map.entry(child) {
+                    v.insert(doc);
+                    *n += 1;
+                }
+            }
+            (conversations, messages)
+        })
+    }
 }

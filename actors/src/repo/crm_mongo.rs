@@ -330,4 +330,12 @@ impl KeptRepo for MongoCrm {
     ) -> Result<(u64, u64), JobError> {
         super::keep::kept_children(&self.db, job_id, after, upto).await
     }
+
+    async fn put_back_children(
+        &self,
+        job: &JobRecord,
+        ids: &[ObjectId],
+    ) -> Result<(u64, u64), JobError> {
+        super::keep::put_back_children(&self.db, job, ids).await
+    }
 }
