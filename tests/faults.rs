@@ -640,22 +640,30 @@ async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() 
         "{}",
         present.len()
     );
-    let mut entries = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"jobId": &job})
-        .await
-        .unwrap();
-    let mut decided = BTreeSet::new();
-    while let Some(e) = entries.next().await {
-        decided.insert(e.unwrap().get_object_id("contactId").unwrap());
-    }
     // Every contact gone has its entry; none still there keeps one (each is
-    // anyone's again, for a later delete).
+    // anyone's again, for a later delete). The give-back is the failed job's
+    // clean-up, beside its terminal event: wait for it with a deadline.
     let gone: BTreeSet<ObjectId> = ids
         .iter()
         .filter(|i| !present.contains(i))
         .copied()
         .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let decided = loop {
+        let mut entries = db
+            .collection::<Document>("event_logs")
+            .find(doc! {"jobId": &job})
+            .await
+            .unwrap();
+        let mut decided = BTreeSet::new();
+        while let Some(e) = entries.next().await {
+            decided.insert(e.unwrap().get_object_id("contactId").unwrap());
+        }
+        if decided == gone || std::time::Instant::now() > deadline {
+            break decided;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         decided, gone,
         "audit entries are exactly the deleted contacts"

@@ -476,54 +476,68 @@ pub async fn kept_children(
     Ok((conversations + non_negative(v), messages + non_negative(m)))
 }
 
-/// [`super::crm::KeptRepo::put_back_children`] on MongoDB: per contact, the
-/// children its bundle holds, then those kept apart (read by pages of the
-/// `_id` index), inserted unordered (an `_id` that exists stays as it is);
-/// conversations before messages. Idempotent, so a give-back that crashes
-/// half way is simply done again.
+/// [`super::crm::KeptRepo::put_back_children`] on MongoDB: the bundles of
+/// the contacts (one `$in` read per 1,000; a contact without a bundle lost
+/// nothing, as a bundle is written before any of its children is deleted),
+/// the children they hold, then those kept apart for spilled bundles (read
+/// by pages of the `_id` index); inserted unordered (an `_id` that exists
+/// stays as it is), conversations before messages. Idempotent, so a
+/// give-back that crashes half way is simply done again.
 pub async fn put_back_children(
     db: &Database,
     job: &JobRecord,
     ids: &[ObjectId],
 ) -> Result<(u64, u64), JobError> {
     let coll = kept::collection(db);
-    let conversations = db.collection::<RawDocumentBuf>(names::CONVERSATIONS);
-    let messages = db.collection::<RawDocumentBuf>(names::MESSAGES);
-    let (mut put_v, mut put_m) = (0u64, 0u64);
-    for contact in ids {
-        let key = kept::contact_key(&job.job_id, *contact);
-        let bundle = coll.find_one(doc! {"_id": &key}).await?;
-        let spilled = bundle.as_ref().is_none_or(|b| kept::spilled(b));
-        for (kind, target, put) in [
-            (Kind::Conversation, &conversations, &mut put_v),
-            (Kind::Message, &messages, &mut put_m),
-        ] {
-            if let Some(b) = &bundle {
-                let docs: Vec<RawDocumentBuf> = kept::embedded(b, kind)?
-                    .into_iter()
-                    .map(|d| d.to_raw_document_buf())
-                    .collect();
-                *put += kept::insert_raw(target, docs).await?;
-            }
-            if !spilled {
-                continue;
-            }
-            let tag = match kind {
-                Kind::Conversation => 'v',
-                _ => 'm',
-            };
-            let prefix = format!("{}:{tag}:{}", job.job_id, contact.to_hex());
-            let filter = doc! {"_id": {"$gt": format!("{prefix}:"), "$lt": format!("{prefix};")}};
-            let mut cursor = coll.find(filter).sort(doc! {"_id": 1}).await?;
+    let targets = [
+        (
+            Kind::Conversation,
+            'v',
+            db.collection::<RawDocumentBuf>(names::CONVERSATIONS),
+        ),
+        (
+            Kind::Message,
+            'm',
+            db.collection::<RawDocumentBuf>(names::MESSAGES),
+        ),
+    ];
+    let mut put = [0u64, 0u64];
+    for chunk in ids.chunks(1000) {
+        let keys: Vec<String> = chunk
+            .iter()
+            .map(|c| kept::contact_key(&job.job_id, *c))
+            .collect();
+        let bundles: Vec<RawDocumentBuf> = coll
+            .find(doc! {"_id": {"$in": keys}})
+            .await?
+            .try_collect()
+            .await?;
+        for (n, (kind, tag, target)) in targets.iter().enumerate() {
             let mut page = Vec::new();
-            while let Some(k) = cursor.try_next().await? {
-                page.push(kept::original(&k)?.to_raw_document_buf());
-                if page.len() == 1000 {
-                    *put += kept::insert_raw(target, std::mem::take(&mut page)).await?;
+            for b in &bundles {
+                for d in kept::embedded(b, *kind)? {
+                    page.push(d.to_raw_document_buf());
+                    if page.len() == 1000 {
+                        put[n] += kept::insert_raw(target, std::mem::take(&mut page)).await?;
+                    }
                 }
             }
-            *put += kept::insert_raw(target, page).await?;
+            put[n] += kept::insert_raw(target, std::mem::take(&mut page)).await?;
+            for b in bundles.iter().filter(|b| kept::spilled(b)) {
+                let contact = kept::contact_of(b)?;
+                let prefix = format!("{}:{tag}:{}", job.job_id, contact.to_hex());
+                let filter =
+                    doc! {"_id": {"$gt": format!("{prefix}:"), "$lt": format!("{prefix};")}};
+                let mut cursor = coll.find(filter).sort(doc! {"_id": 1}).await?;
+                while let Some(k) = cursor.try_next().await? {
+                    page.push(kept::original(&k)?.to_raw_document_buf());
+                    if page.len() == 1000 {
+                        put[n] += kept::insert_raw(target, std::mem::take(&mut page)).await?;
+                    }
+                }
+                put[n] += kept::insert_raw(target, std::mem::take(&mut page)).await?;
+            }
         }
     }
-    Ok((put_v, put_m))
+    Ok((put[0], put[1]))
 }
