@@ -597,12 +597,15 @@ async fn a_failed_export_leaves_no_chunk_and_a_completed_one_no_leftover() {
     assert_eq!(past, 0, "leftover removed");
 }
 
-#[tokio::test]
-async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() {
-    let stack = Stack::start().await;
-    let db = stack.db().await;
-    let (org, ids) = seed(&db, 2000, true).await;
-    let _svc = stack
+/// A service whose deletes fail for good at the in-process `point` (armed
+/// for `org`; two attempts, quick retries, batches of 50), an org-wide delete
+/// of `org`, and its terminal snapshot (asserted `failed`).
+async fn failing_delete(
+    stack: &Stack,
+    org: ObjectId,
+    point: &str,
+) -> (contact_bulk::Service, String, serde_json::Value) {
+    let svc = stack
         .service_with(|c| {
             c.delete_batch = 50;
             c.max_attempts = 2;
@@ -610,7 +613,7 @@ async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() 
             c.retry_max_ms = 100;
         })
         .await;
-    failpoint::arm(failpoint::DELETE_STEP_FAILS, &org.to_hex(), u32::MAX);
+    failpoint::arm(point, &org.to_hex(), u32::MAX);
     let client = stack.client().await;
     let job = job_id(
         &request(
@@ -622,6 +625,15 @@ async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() 
     );
     let snap = wait_terminal(&client, org, &job).await;
     assert_eq!(snap["status"], "failed", "{snap}");
+    (svc, job, snap)
+}
+
+#[tokio::test]
+async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let (org, ids) = seed(&db, 2000, true).await;
+    let (_svc, job, snap) = failing_delete(&stack, org, failpoint::DELETE_STEP_FAILS).await;
     assert_eq!(snap["attempts"], 2, "{snap}");
     let present: BTreeSet<ObjectId> = {
         let mut c = db
@@ -691,26 +703,7 @@ async fn a_delete_failing_after_its_keep_gives_back_contacts_with_their_children
     let stack = Stack::start().await;
     let db = stack.db().await;
     let (org, ids) = seed(&db, 300, true).await;
-    let _svc = stack
-        .service_with(|c| {
-            c.delete_batch = 50;
-            c.max_attempts = 2;
-            c.step_retries = 1;
-            c.retry_max_ms = 100;
-        })
-        .await;
-    failpoint::arm(failpoint::DELETE_AFTER_KEEP_FAILS, &org.to_hex(), u32::MAX);
-    let client = stack.client().await;
-    let job = job_id(
-        &request(
-            &client,
-            "bulk.v1.delete",
-            json!({"orgId": org.to_hex(), "filter": {"orgWide": true}}),
-        )
-        .await,
-    );
-    let snap = wait_terminal(&client, org, &job).await;
-    assert_eq!(snap["status"], "failed", "{snap}");
+    let (_svc, job, _) = failing_delete(&stack, org, failpoint::DELETE_AFTER_KEEP_FAILS).await;
     assert!(
         failpoint::remaining(failpoint::DELETE_AFTER_KEEP_FAILS, &org.to_hex()) < u32::MAX,
         "the keep ran and the batch failed after it"
