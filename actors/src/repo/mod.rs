@@ -17,10 +17,14 @@ pub mod jobs_mem;
 pub mod jobs_mongo;
 pub mod keep;
 pub mod kept;
+pub mod kept_restore;
+mod kept_restore_mem;
+mod kept_restore_mongo;
 
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
 pub use crm_mem::MemCrm;
+pub use kept_restore::{KeptContact, KeptSummary, RestoreRepo};
 pub use crm_mongo::MongoCrm;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
