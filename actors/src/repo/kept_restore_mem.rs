@@ -129,10 +129,8 @@ impl RestoreRepo for MemCrm {
                 .map(|((_, _, c, _), doc)| (*c, doc.clone()))
                 .collect()
         })?;
-        let docs: Vec<Result<(ObjectId, RawDocumentBuf), JobError>> = found
-            .iter()
-            .map(|(c, doc)| Ok((*c, raw(doc)?)))
-            .collect();
+        let docs: Vec<Result<(ObjectId, RawDocumentBuf), JobError>> =
+            found.iter().map(|(c, doc)| Ok((*c, raw(doc)?))).collect();
         Ok(futures::stream::iter(docs).boxed())
     }
 
@@ -299,7 +297,6 @@ impl RestoreRepo for MemCrm {
         })
     }
 }
-
 
 impl MemCrm {
     /// The audit entry under `key` (`bulkKey`), if any.

@@ -169,7 +169,12 @@ impl RestoreRepo for MongoCrm {
             return Ok(true);
         }
         let opts = InsertManyOptions::builder().ordered(false).build();
-        match self.event_logs().insert_many(entries).with_options(opts).await {
+        match self
+            .event_logs()
+            .insert_many(entries)
+            .with_options(opts)
+            .await
+        {
             Ok(r) => Ok(r.inserted_ids.len() == entries.len()),
             Err(e) if is_duplicate_key(&e) => Ok(false),
             Err(e) => Err(e.into()),

@@ -24,11 +24,11 @@ mod kept_restore_mongo;
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
 pub use crm_mem::MemCrm;
-pub use kept_restore::{KeptContact, KeptSummary, RestoreRepo};
 pub use crm_mongo::MongoCrm;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;
+pub use kept_restore::{KeptContact, KeptSummary, RestoreRepo};
 
 #[cfg(test)]
 mod tests;

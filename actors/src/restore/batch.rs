@@ -252,7 +252,8 @@ async fn put_back_children(
     for child in embedded {
         docs.push(child);
         if docs.len() >= INSERT_DOCS {
-            repo.put_back(job, target, std::mem::take(&mut docs)).await?;
+            repo.put_back(job, target, std::mem::take(&mut docs))
+                .await?;
         }
     }
     if let Some((source, after, upto, restored)) = apart {
@@ -264,7 +265,8 @@ async fn put_back_children(
             docs.push(child);
             n += 1;
             if docs.len() >= INSERT_DOCS {
-                repo.put_back(job, target, std::mem::take(&mut docs)).await?;
+                repo.put_back(job, target, std::mem::take(&mut docs))
+                    .await?;
             }
         }
     }

@@ -85,7 +85,10 @@ pub async fn existing(
 /// What a restore of `source` started now would put back: its kept contacts
 /// whose `_id` is free (and not restored already), with their kept children,
 /// counted a thousand contacts at a time.
-pub async fn dry_run(repo: &dyn RestoreRepo, source: &JobRecord) -> Result<RestoreCounts, JobError> {
+pub async fn dry_run(
+    repo: &dyn RestoreRepo,
+    source: &JobRecord,
+) -> Result<RestoreCounts, JobError> {
     let src = source.job_id.as_str();
     let mut counts = RestoreCounts::default();
     let mut after: Option<ObjectId> = None;

@@ -208,10 +208,11 @@ fn exact(w: &World, job: &JobRecord, skipped: &BTreeSet<ObjectId>) {
 #[tokio::test(start_paused = true)]
 async fn a_restore_puts_back_every_contact_then_its_children_exactly_once() {
     let w = world(10).await;
-    let counts = super::dry_run(&w.crm, &w.delete)
-        .await
-        .unwrap();
-    assert_eq!((counts.contacts, counts.conversations, counts.messages), (10, 10, 20));
+    let counts = super::dry_run(&w.crm, &w.delete).await.unwrap();
+    assert_eq!(
+        (counts.contacts, counts.conversations, counts.messages),
+        (10, 10, 20)
+    );
     let job = restore_job(&w, 0).await;
     let mut s = take(&w, &job, "a").await;
     drive(&mut s).await.unwrap();
@@ -221,10 +222,11 @@ async fn a_restore_puts_back_every_contact_then_its_children_exactly_once() {
         vec![JobStatus::Processing, JobStatus::Completed]
     );
     // Nothing is left to put back: a dry run now counts nothing.
-    let after = super::dry_run(&w.crm, &w.delete)
-        .await
-        .unwrap();
-    assert_eq!((after.contacts, after.conversations, after.messages), (0, 0, 0));
+    let after = super::dry_run(&w.crm, &w.delete).await.unwrap();
+    assert_eq!(
+        (after.contacts, after.conversations, after.messages),
+        (0, 0, 0)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -237,11 +239,12 @@ async fn contacts_whose_id_is_taken_again_are_skipped_and_left_as_they_are() {
             doc! {"_id": c, "orgId": w.delete.org_id, "firstName": "new"},
         );
     }
-    let counts = super::dry_run(&w.crm, &w.delete)
-        .await
-        .unwrap();
+    let counts = super::dry_run(&w.crm, &w.delete).await.unwrap();
     let n = 10 - taken.len() as u64;
-    assert_eq!((counts.contacts, counts.conversations, counts.messages), (n, n, 2 * n));
+    assert_eq!(
+        (counts.contacts, counts.conversations, counts.messages),
+        (n, n, 2 * n)
+    );
     let job = restore_job(&w, 0).await;
     let mut s = take(&w, &job, "a").await;
     drive(&mut s).await.unwrap();
@@ -277,11 +280,12 @@ async fn a_contact_a_failed_restore_left_half_back_is_finished_by_the_next() {
     // contacts' stay (they exist).
     tokio::time::advance(Duration::from_secs(11)).await;
     let mut b = take(&w, &first, "b").await;
-    b.run.finish(Ending::Failed("gave up".into())).await.unwrap();
-    let failed = w.jobs.peek(&first.job_id).unwrap();
-    release_undecided(&w.crm, &failed)
+    b.run
+        .finish(Ending::Failed("gave up".into()))
         .await
         .unwrap();
+    let failed = w.jobs.peek(&first.job_id).unwrap();
+    release_undecided(&w.crm, &failed).await.unwrap();
     let second = restore_job(&w, 1).await;
     let mut c = take(&w, &second, "c").await;
     drive(&mut c).await.unwrap();
