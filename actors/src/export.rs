@@ -578,3 +578,6 @@ async fn pack(spec: &ExportSpec, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
 fn io_err(e: std::io::Error) -> JobError {
     JobError::Internal(format!("encoding: {e}"))
 }
+
+#[cfg(test)]
+mod tests;

@@ -56,7 +56,9 @@ impl NameCache {
                     self.names.stages.extend(p.stages);
                 }
                 for id in unknown {
-                    if !self.names.pipelines.contains_key(&id) && !self.names.stages.contains_key(&id) {
+                    if !self.names.pipelines.contains_key(&id)
+                        && !self.names.stages.contains_key(&id)
+                    {
                         self.missing.insert(id);
                     }
                 }
@@ -65,7 +67,9 @@ impl NameCache {
         if need_owners {
             let unknown = self.unknown(rows, &["ownerId"], |n, id| n.owners.contains_key(id));
             if !unknown.is_empty() {
-                self.names.owners.extend(source.owners(org, &unknown).await?);
+                self.names
+                    .owners
+                    .extend(source.owners(org, &unknown).await?);
                 for id in unknown {
                     if !self.names.owners.contains_key(&id) {
                         self.missing.insert(id);

@@ -31,8 +31,7 @@ pub trait ExportSource: NameSource {
 
     /// Every custom-field key of the selection's documents with
     /// `_id <= bound` (the first `limit` in `_id` order), sorted.
-    async fn custom_keys(&self, job: &JobRecord, bound: ObjectId)
-        -> Result<Vec<String>, JobError>;
+    async fn custom_keys(&self, job: &JobRecord, bound: ObjectId) -> Result<Vec<String>, JobError>;
 
     /// The selection's documents in `range`, whole, in `_id` order, at most
     /// `limit` of them, `batch` per [`RawBatch`]. The stream ends after the

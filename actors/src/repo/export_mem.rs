@@ -132,11 +132,7 @@ impl ExportSource for MemExport {
         Ok(job.filter.limit.map_or(n, |l| n.min(l as i64)))
     }
 
-    async fn custom_keys(
-        &self,
-        job: &JobRecord,
-        bound: ObjectId,
-    ) -> Result<Vec<String>, JobError> {
+    async fn custom_keys(&self, job: &JobRecord, bound: ObjectId) -> Result<Vec<String>, JobError> {
         let limit = job.filter.limit.map_or(usize::MAX, |l| l as usize);
         let mut keys = BTreeSet::new();
         for doc in self.selection(job, None, bound).iter().take(limit) {
@@ -199,8 +195,7 @@ impl NameSource for MemExport {
             .pipelines
             .iter()
             .filter(|(o, p)| {
-                *o == org
-                    && (ids.contains(&p.id) || p.stages.iter().any(|(s, _)| ids.contains(s)))
+                *o == org && (ids.contains(&p.id) || p.stages.iter().any(|(s, _)| ids.contains(s)))
             })
             .map(|(_, p)| p.clone())
             .collect())

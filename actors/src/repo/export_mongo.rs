@@ -15,9 +15,7 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::options::{FindOptions, Hint};
 use mongodb::{Cursor, Database};
 
-use super::export::{
-    bad_bson, BatchStream, ExportSource, NameSource, PipelineNames, RawBatch,
-};
+use super::export::{bad_bson, BatchStream, ExportSource, NameSource, PipelineNames, RawBatch};
 use crate::error::JobError;
 use crate::id_ranges::IdRange;
 use crate::model::JobRecord;
@@ -69,11 +67,7 @@ impl ExportSource for MongoExport {
         crate::snapshot::count(&self.db, collection, &query, None, job.filter.limit).await
     }
 
-    async fn custom_keys(
-        &self,
-        job: &JobRecord,
-        bound: ObjectId,
-    ) -> Result<Vec<String>, JobError> {
+    async fn custom_keys(&self, job: &JobRecord, bound: ObjectId) -> Result<Vec<String>, JobError> {
         let coll = self
             .db
             .collection::<RawDocumentBuf>(job.filter.pipeline_type.collection());
@@ -135,17 +129,20 @@ impl ExportSource for MongoExport {
 /// A cursor's documents as raw batches of `batch`, each row copied once from
 /// the driver's buffer (no document built, no allocation per row).
 fn batches(cursor: Cursor<RawDocumentBuf>, batch: usize) -> BatchStream {
-    futures::stream::try_unfold((cursor, 0usize), move |(mut cursor, row_bytes)| async move {
-        let mut rows = RawBatch::with_capacity(batch, row_bytes.max(64));
-        while rows.len() < batch && cursor.advance().await? {
-            rows.push(cursor.current());
-        }
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let per_row = rows.byte_len() / rows.len() + 1;
-        Ok(Some((rows, (cursor, per_row))))
-    })
+    futures::stream::try_unfold(
+        (cursor, 0usize),
+        move |(mut cursor, row_bytes)| async move {
+            let mut rows = RawBatch::with_capacity(batch, row_bytes.max(64));
+            while rows.len() < batch && cursor.advance().await? {
+                rows.push(cursor.current());
+            }
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let per_row = rows.byte_len() / rows.len() + 1;
+            Ok(Some((rows, (cursor, per_row))))
+        },
+    )
     .boxed()
 }
 
