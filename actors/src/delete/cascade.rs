@@ -6,14 +6,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use bson::{oid::ObjectId, DateTime, Document};
+use bson::oid::ObjectId;
 use tokio::sync::oneshot;
 
 use super::NOTIFICATION_SAMPLE;
 use crate::error::JobError;
 use crate::events::{EventSink, RemovedContact};
 use crate::model::JobRecord;
-use crate::repo::{Crm, NotificationRepo, Pass};
+use crate::repo::{Crm, Decision, NotificationRepo, Pass};
 
 /// One batch to apply: the contacts of `audits` (this job's CONTACT_DELETE
 /// entries for the batch), up to `upto`.
@@ -22,7 +22,7 @@ pub(super) struct Batch {
     pub sink: Arc<dyn EventSink>,
     pub job: Arc<JobRecord>,
     pub upto: ObjectId,
-    pub audits: Vec<Document>,
+    pub audits: Vec<Decision>,
     /// Resolves once the previous batch is fully applied: notifications count
     /// batches in order, and a batch is announced after the one before it.
     pub after_previous: Option<oneshot::Receiver<()>>,
@@ -52,10 +52,7 @@ pub(super) async fn apply(batch: Batch) -> Result<Pass, JobError> {
         sampled,
     } = batch;
     let mut laps = Laps::started();
-    let ids: Vec<ObjectId> = audits
-        .iter()
-        .filter_map(|a| a.get_object_id("contactId").ok())
-        .collect();
+    let ids: Vec<ObjectId> = audits.iter().map(|a| a.contact).collect();
     let org = job.org_id;
     let mut kept = Pass::default();
     if !ids.is_empty() {
@@ -141,13 +138,13 @@ pub(crate) async fn notify(
     job: &JobRecord,
     kind: &'static str,
     upto: ObjectId,
-    audits: &[Document],
+    audits: &[Decision],
     sampled: &Sampled,
 ) -> Result<(), JobError> {
     let mut by_owner: BTreeMap<ObjectId, Vec<ObjectId>> = BTreeMap::new();
     for a in audits {
-        if let (Ok(owner), Ok(id)) = (a.get_object_id("ownerId"), a.get_object_id("contactId")) {
-            by_owner.entry(owner).or_default().push(id);
+        if let Some(owner) = a.owner {
+            by_owner.entry(owner).or_default().push(a.contact);
         }
     }
     let updates = by_owner.into_iter().map(|(owner, contact_ids)| {
@@ -177,22 +174,17 @@ pub(crate) async fn notify(
 async fn announce(
     sink: &dyn EventSink,
     job: &JobRecord,
-    audits: &[Document],
+    audits: &[Decision],
 ) -> Result<(), JobError> {
     let removed: Vec<RemovedContact> = audits
         .iter()
-        .filter_map(|a| {
-            Some(RemovedContact {
-                org_id: job.org_id,
-                contact_id: a.get_object_id("contactId").ok()?,
-                job_id: job.job_id.clone(),
-                pipeline_type: job.filter.pipeline_type,
-                owner_id: a.get_object_id("ownerId").ok(),
-                at: a
-                    .get_datetime("createdAt")
-                    .copied()
-                    .unwrap_or_else(|_| DateTime::now()),
-            })
+        .map(|a| RemovedContact {
+            org_id: job.org_id,
+            contact_id: a.contact,
+            job_id: job.job_id.clone(),
+            pipeline_type: job.filter.pipeline_type,
+            owner_id: a.owner,
+            at: a.at,
         })
         .collect();
     if removed.is_empty() {

@@ -5,21 +5,21 @@
 
 use std::collections::HashSet;
 
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use bson::{oid::ObjectId, rawdoc, DateTime, Document, RawBson, RawDocumentBuf};
 use futures::TryStreamExt;
 
 use crate::error::JobError;
 use crate::model::{DeleteInflight, JobRecord};
 use crate::repo::crm::IdStream;
 use crate::repo::crm_mongo::audit_key;
-use crate::repo::Crm;
+use crate::repo::{Crm, Decision};
 
 /// A batch decided and counted, not yet recorded as `inflight`.
 pub(super) struct Prepared {
     /// What the `inflight` record will say.
     pub inflight: DeleteInflight,
-    /// The batch's audit entries (at least `contactId`, `ownerId`, `createdAt`).
-    pub audits: Vec<Document>,
+    /// The batch's decisions (its audit entries as the cascade needs them).
+    pub audits: Vec<Decision>,
 }
 
 /// Prepares the batch after `after`: `None` when no candidate is left.
@@ -72,22 +72,20 @@ pub(super) async fn prepare(
         .iter()
         .filter_map(|d| d.get_object_id("_id").ok())
         .collect();
-    let entries = audit_entries(job, &current);
+    let (entries, decisions) = audit_entries(job, &current)?;
+    drop(current);
     // A hard delete counts the children now, so the counts survive a crash
     // mid-batch; a delete that keeps counts them as it keeps them
     // (`repo/keep.rs`), one request less per batch.
-    let (written, counted) =
+    let (all_new, counted) =
         futures::try_join!(crm.audit.decide(entries), count_children(crm, job, &ids))?;
-    let (audits, (conversations, messages)) = match written {
-        Some(entries) => (entries, counted),
-        None => {
+    let (audits, (conversations, messages)) = match all_new {
+        true => (decisions, counted),
+        false => {
             // Some contacts were decided on already (by another job, or by this
             // one before a failure): the batch is this job's entries.
             let audits = crm.audit.recorded(job, after, Some(upto)).await?;
-            let ids: Vec<ObjectId> = audits
-                .iter()
-                .filter_map(|a| a.get_object_id("contactId").ok())
-                .collect();
+            let ids: Vec<ObjectId> = audits.iter().map(|a| a.contact).collect();
             let counted = count_children(crm, job, &ids).await?;
             (audits, counted)
         }
@@ -103,33 +101,58 @@ pub(super) async fn prepare(
     }))
 }
 
-/// One CONTACT_DELETE entry per contact document (as `ContactRepo::read_range` reads it).
-fn audit_entries(job: &JobRecord, contacts: &[Document]) -> Vec<Document> {
+/// One CONTACT_DELETE entry per contact document (as `ContactRepo::read_range`
+/// reads it), raw (one allocation each, with its `_id`, so the driver does
+/// not copy it to add one), and what the batch keeps of it.
+fn audit_entries(
+    job: &JobRecord,
+    contacts: &[Document],
+) -> Result<(Vec<RawDocumentBuf>, Vec<Decision>), JobError> {
     let now = DateTime::now();
-    let field = |c: &Document, k: &str| c.get(k).cloned().unwrap_or(Bson::Null);
-    contacts
-        .iter()
-        .filter_map(|c| {
-            let id = c.get_object_id("_id").ok()?;
-            Some(doc! {
-                "orgId": job.org_id,
-                "type": "CONTACT_DELETE",
-                "contactId": id,
-                "jobId": &job.job_id,
-                "actorId": job.requested_by,
-                "createdAt": now,
-                "contact": {
-                    "firstName": field(c, "firstName"),
-                    "lastName": field(c, "lastName"),
-                    "email": field(c, "email"),
-                    "phone": field(c, "phone"),
-                },
-                "ownerId": field(c, "ownerId"),
-                "pipelineType": job.filter.pipeline_type.as_str(),
-                "bulkKey": audit_key(job.org_id, id),
-            })
-        })
-        .collect()
+    let field = |c: &Document, k: &str| -> Result<RawBson, JobError> {
+        match c.get(k) {
+            None => Ok(RawBson::Null),
+            Some(v) => RawBson::try_from(v.clone())
+                .map_err(|e| JobError::Internal(format!("audit entry {k}: {e}"))),
+        }
+    };
+    let (mut entries, mut decisions) = (
+        Vec::with_capacity(contacts.len()),
+        Vec::with_capacity(contacts.len()),
+    );
+    for c in contacts {
+        let Ok(id) = c.get_object_id("_id") else {
+            continue;
+        };
+        let requested_by = match job.requested_by {
+            Some(u) => RawBson::ObjectId(u),
+            None => RawBson::Null,
+        };
+        entries.push(rawdoc! {
+            "_id": ObjectId::new(),
+            "orgId": job.org_id,
+            "type": "CONTACT_DELETE",
+            "contactId": id,
+            "jobId": job.job_id.as_str(),
+            "actorId": requested_by,
+            "createdAt": now,
+            "contact": {
+                "firstName": field(c, "firstName")?,
+                "lastName": field(c, "lastName")?,
+                "email": field(c, "email")?,
+                "phone": field(c, "phone")?,
+            },
+            "ownerId": field(c, "ownerId")?,
+            "pipelineType": job.filter.pipeline_type.as_str(),
+            "bulkKey": audit_key(job.org_id, id),
+        });
+        decisions.push(Decision {
+            contact: id,
+            owner: c.get_object_id("ownerId").ok(),
+            at: now,
+        });
+    }
+    Ok((entries, decisions))
 }
 
 /// Conversations and messages of these contacts, counted now by a hard

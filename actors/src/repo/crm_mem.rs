@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use bson::{oid::ObjectId, Bson, Document};
+use bson::{oid::ObjectId, Bson, Document, RawDocumentBuf};
 use futures::StreamExt;
 
-use super::crm::{AuditRepo, ContactRepo, IdStream, KeptRepo, NotificationRepo};
+use super::crm::{AuditRepo, ContactRepo, Decision, IdStream, KeptRepo, NotificationRepo};
 use super::crm_mongo::audit_key;
 use crate::error::JobError;
 use crate::filter::{Filter, OwnerFilter};
@@ -420,19 +420,24 @@ impl ContactRepo for MemCrm {
 
 #[async_trait]
 impl AuditRepo for MemCrm {
-    async fn decide(&self, entries: Vec<Document>) -> Result<Option<Vec<Document>>, JobError> {
+    async fn decide(&self, entries: Vec<RawDocumentBuf>) -> Result<bool, JobError> {
+        let entries: Vec<Document> = entries
+            .iter()
+            .map(|e| e.to_document())
+            .collect::<Result<_, _>>()
+            .map_err(|e| JobError::Internal(format!("raw: {e}")))?;
         self.guarded("decide", |d| {
             let mut all_new = true;
-            for e in &entries {
+            for e in entries {
                 let key = e.get_str("bulkKey").unwrap_or_default().to_string();
                 match d.audits.entry(key) {
                     Entry::Occupied(_) => all_new = false,
                     Entry::Vacant(v) => {
-                        v.insert(e.clone());
+                        v.insert(e);
                     }
                 }
             }
-            all_new.then_some(entries)
+            all_new
         })
     }
 
@@ -441,8 +446,13 @@ impl AuditRepo for MemCrm {
         job: &JobRecord,
         after: Option<ObjectId>,
         upto: Option<ObjectId>,
-    ) -> Result<Vec<Document>, JobError> {
-        self.guarded("recorded", |d| own_entries(d, job, after, upto))
+    ) -> Result<Vec<Decision>, JobError> {
+        self.guarded("recorded", |d| {
+            own_entries(d, job, after, upto)
+                .iter()
+                .filter_map(Decision::of)
+                .collect()
+        })
     }
 
     async fn decided_after(

@@ -8,12 +8,12 @@
 use std::future::IntoFuture;
 
 use async_trait::async_trait;
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use bson::{doc, oid::ObjectId, Bson, DateTime, Document, RawDocumentBuf};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::options::{InsertManyOptions, UpdateOptions};
 use mongodb::{Collection, Database};
 
-use super::crm::{AuditRepo, ContactRepo, IdStream, KeptRepo, NotificationRepo, Pass};
+use super::crm::{AuditRepo, ContactRepo, Decision, IdStream, KeptRepo, NotificationRepo, Pass};
 use crate::error::JobError;
 use crate::model::JobRecord;
 use crate::store::{is_duplicate_key, names};
@@ -219,20 +219,21 @@ impl ContactRepo for MongoCrm {
 
 #[async_trait]
 impl AuditRepo for MongoCrm {
-    async fn decide(&self, entries: Vec<Document>) -> Result<Option<Vec<Document>>, JobError> {
+    async fn decide(&self, entries: Vec<RawDocumentBuf>) -> Result<bool, JobError> {
         if entries.is_empty() {
-            return Ok(Some(entries));
+            return Ok(true);
         }
+        let n = entries.len();
         let opts = InsertManyOptions::builder().ordered(false).build();
         match self
-            .coll(names::EVENT_LOGS)
-            .insert_many(&entries)
+            .db
+            .collection::<RawDocumentBuf>(names::EVENT_LOGS)
+            .insert_many(entries)
             .with_options(opts)
             .await
         {
-            Ok(r) if r.inserted_ids.len() == entries.len() => Ok(Some(entries)),
-            Ok(_) => Ok(None),
-            Err(e) if is_duplicate_key(&e) => Ok(None),
+            Ok(r) => Ok(r.inserted_ids.len() == n),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -242,12 +243,13 @@ impl AuditRepo for MongoCrm {
         job: &JobRecord,
         after: Option<ObjectId>,
         upto: Option<ObjectId>,
-    ) -> Result<Vec<Document>, JobError> {
+    ) -> Result<Vec<Decision>, JobError> {
         Ok(self
             .coll(names::EVENT_LOGS)
             .find(own_entries(job, after, upto))
             .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1})
             .await?
+            .try_filter_map(|e| async move { Ok(Decision::of(&e)) })
             .try_collect()
             .await?)
     }

@@ -25,7 +25,7 @@ mod kept_restore_mem;
 mod kept_restore_mongo;
 
 pub use chunks::{ChunkRepo, MemChunks};
-pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
+pub use crm::{AuditRepo, ContactRepo, Crm, Decision, KeptRepo, NotificationRepo, Pass};
 pub use crm_mem::MemCrm;
 pub use crm_mongo::MongoCrm;
 pub use export::{BatchStream, ExportSource, NameSource, PipelineNames, RawBatch};

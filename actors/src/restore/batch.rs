@@ -13,6 +13,7 @@ use crate::events::{EventSink, RestoredContact};
 use crate::failpoint;
 use crate::model::JobRecord;
 use crate::repo::kept_restore::{restore_key, Child, KeptContact, RestoreRepo, Target};
+use crate::repo::Decision;
 
 /// A batch: the kept contacts after `after`, in `_id` order.
 pub(super) struct Batch<'a> {
@@ -36,8 +37,8 @@ pub(super) struct Decided {
     /// The restored contacts, in `_id` order.
     bundles: Vec<KeptContact>,
     restored: HashSet<ObjectId>,
-    /// Their CONTACT_RESTORE entries (`contactId`, `ownerId`, `createdAt`).
-    mine: Vec<Document>,
+    /// Their CONTACT_RESTORE entries.
+    mine: Vec<Decision>,
 }
 
 /// What the put-back of a decided batch needs besides it, owned (it runs in
@@ -108,16 +109,17 @@ pub(super) async fn decide(b: Batch<'_>) -> Result<Decided, JobError> {
     }
     let all_new = repo.write_restores(&entries).await?;
     failpoint::hit("restore.decided");
-    let mine: Vec<Document> = match all_new && present.is_empty() {
+    let mine: Vec<Decision> = match all_new && present.is_empty() {
         // Every contact of the batch is new to every restore: the entries
         // just written are the batch.
-        true => entries,
-        false => decided(repo, job, source, &ids, unfinished).await?,
+        true => entries.iter().filter_map(Decision::of).collect(),
+        false => decided(repo, job, source, &ids, unfinished)
+            .await?
+            .iter()
+            .filter_map(Decision::of)
+            .collect(),
     };
-    let restored: HashSet<ObjectId> = mine
-        .iter()
-        .filter_map(|e| e.get_object_id("contactId").ok())
-        .collect();
+    let restored: HashSet<ObjectId> = mine.iter().map(|e| e.contact).collect();
     let skipped = ids.len() as u64 - restored.len() as u64;
     if restored.is_empty() {
         return Ok(Decided {
@@ -322,23 +324,18 @@ async fn announce(
     sink: &dyn EventSink,
     job: &JobRecord,
     source: &str,
-    entries: &[Document],
+    entries: &[Decision],
 ) -> Result<(), JobError> {
     let restored: Vec<RestoredContact> = entries
         .iter()
-        .filter_map(|e| {
-            Some(RestoredContact {
-                org_id: job.org_id,
-                contact_id: e.get_object_id("contactId").ok()?,
-                job_id: job.job_id.clone(),
-                source_job_id: source.to_string(),
-                pipeline_type: job.filter.pipeline_type,
-                owner_id: e.get_object_id("ownerId").ok(),
-                at: e
-                    .get_datetime("createdAt")
-                    .copied()
-                    .unwrap_or_else(|_| DateTime::now()),
-            })
+        .map(|e| RestoredContact {
+            org_id: job.org_id,
+            contact_id: e.contact,
+            job_id: job.job_id.clone(),
+            source_job_id: source.to_string(),
+            pipeline_type: job.filter.pipeline_type,
+            owner_id: e.owner,
+            at: e.at,
         })
         .collect();
     if restored.is_empty() {
