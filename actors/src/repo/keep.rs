@@ -96,6 +96,9 @@ pub async fn keep(db: &Database, job: &JobRecord, ids: &[ObjectId]) -> Result<Pa
 /// Contacts kept together (one read of each collection, one bundle write).
 pub const SLICE_CONTACTS: usize = 500;
 
+/// Most children per reply of the keep's reads.
+const CHILD_BATCH: u32 = 4000;
+
 async fn keep_slice(db: &Database, job: &JobRecord, ids: &[ObjectId]) -> Result<Pass, JobError> {
     if ids.is_empty() {
         return Ok(Pass::default());
@@ -364,9 +367,12 @@ async fn read_contacts(
     job: &JobRecord,
     ids: &[ObjectId],
 ) -> Result<Vec<RawDocumentBuf>, JobError> {
+    // The whole slice in the first reply: one round trip.
+    let batch = u32::try_from(ids.len()).unwrap_or(u32::MAX).max(1);
     Ok(db
         .collection::<RawDocumentBuf>(job.filter.pipeline_type.collection())
         .find(doc! {"_id": {"$in": ids}, "orgId": job.org_id})
+        .batch_size(batch)
         .await?
         .try_collect()
         .await?)
@@ -384,12 +390,14 @@ async fn read_children(
         db.collection::<RawDocumentBuf>(names::CONVERSATIONS),
         db.collection::<RawDocumentBuf>(names::MESSAGES),
     );
+    // Replies of up to CHILD_BATCH documents (a few hundred KB of ordinary
+    // children): a slice's children in one or two round trips.
     let (conversations, messages) = futures::try_join!(
         conversations_coll
             .find(filter.clone())
-            .batch_size(1000)
+            .batch_size(CHILD_BATCH)
             .into_future(),
-        messages_coll.find(filter).batch_size(1000).into_future(),
+        messages_coll.find(filter).batch_size(CHILD_BATCH).into_future(),
     )?;
     let tag = |kind: Kind| {
         move |r: mongodb::error::Result<RawDocumentBuf>| {
