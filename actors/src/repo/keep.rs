@@ -397,7 +397,10 @@ async fn read_children(
             .find(filter.clone())
             .batch_size(CHILD_BATCH)
             .into_future(),
-        messages_coll.find(filter).batch_size(CHILD_BATCH).into_future(),
+        messages_coll
+            .find(filter)
+            .batch_size(CHILD_BATCH)
+            .into_future(),
     )?;
     let tag = |kind: Kind| {
         move |r: mongodb::error::Result<RawDocumentBuf>| {
