@@ -126,7 +126,7 @@ impl Service {
         let mut tasks = JoinSet::new();
         let hub = ws::Hub::start(js.clone(), &config, &mut tasks).await?;
         let quota = quota::Quota::new(
-            &db,
+            Arc::new(contact_bulk_actors::repo::MongoQuota::new(&db)),
             store.clone(),
             config.rate_per_min,
             config.max_pending_per_org,

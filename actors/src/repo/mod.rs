@@ -17,6 +17,7 @@ pub mod jobs_mem;
 pub mod jobs_mongo;
 pub mod keep;
 pub mod kept;
+pub mod quota;
 
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
@@ -25,6 +26,7 @@ pub use crm_mongo::MongoCrm;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;
+pub use quota::{MemQuota, MongoQuota, QuotaRepo};
 
 #[cfg(test)]
 mod tests;
