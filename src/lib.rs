@@ -131,8 +131,10 @@ impl Service {
             config.rate_per_min,
             config.max_pending_per_org,
         );
+        let reads = Arc::new(contact_bulk_actors::repo::MongoReads::new(&db));
         let app = Arc::new(App {
-            db,
+            reads: reads.clone(),
+            names: reads,
             store,
             artifacts,
             supervisor,

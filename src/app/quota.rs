@@ -304,14 +304,17 @@ mod tests {
         async fn concurrent_requests_never_get_more_than_the_cap() {
             let (q, windows, _) = quota(25, 0);
             let org = ObjectId::new();
-            let all = futures::future::join_all(
-                (0..40).map(|_| q.admit_at(org, Admission::Check, NOW)),
-            )
-            .await;
+            let all =
+                futures::future::join_all((0..40).map(|_| q.admit_at(org, Admission::Check, NOW)))
+                    .await;
             let admitted = all.iter().filter(|r| r.is_ok()).count();
             assert_eq!(admitted, 25);
             let (id, _, _) = window(org, NOW);
-            assert_eq!(windows.used(&id).await.unwrap(), 40, "refused ones count too");
+            assert_eq!(
+                windows.used(&id).await.unwrap(),
+                40,
+                "refused ones count too"
+            );
         }
 
         #[tokio::test]

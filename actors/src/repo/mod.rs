@@ -18,6 +18,8 @@ pub mod jobs_mongo;
 pub mod keep;
 pub mod kept;
 pub mod quota;
+pub mod reads;
+pub mod reads_mem;
 
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
@@ -27,6 +29,10 @@ pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;
 pub use quota::{MemQuota, MongoQuota, QuotaRepo};
+pub use reads::{ContactReads, DocStream, MongoReads, NameRepo, Pipeline};
+pub use reads_mem::MemReads;
 
+#[cfg(test)]
+mod reads_tests;
 #[cfg(test)]
 mod tests;
