@@ -614,12 +614,22 @@ async fn failing_delete(
     org: ObjectId,
     point: &str,
 ) -> (contact_bulk::Service, String, serde_json::Value) {
+    failing_delete_with(stack, org, point, |_| {}).await
+}
+
+async fn failing_delete_with(
+    stack: &Stack,
+    org: ObjectId,
+    point: &str,
+    more: impl Fn(&mut contact_bulk::config::Config),
+) -> (contact_bulk::Service, String, serde_json::Value) {
     let svc = stack
         .service_with(|c| {
             c.delete_batch = 50;
             c.max_attempts = 2;
             c.step_retries = 1;
             c.retry_max_ms = 100;
+            more(c);
         })
         .await;
     failpoint::arm(point, &org.to_hex(), u32::MAX);
@@ -663,7 +673,7 @@ async fn a_failed_delete_gives_back_the_contacts_of_batches_it_never_recorded() 
     );
     // Every contact gone has its entry; none still there keeps one (each is
     // anyone's again, for a later delete). The give-back is the failed job's
-    // clean-up, beside its terminal event: wait for it with a deadline.
+    // clean-up (the record says `failed` from the write that owes it): wait for it.
     let gone: BTreeSet<ObjectId> = ids
         .iter()
         .filter(|i| !present.contains(i))
@@ -717,19 +727,62 @@ async fn a_delete_failing_after_its_keep_gives_back_contacts_with_their_children
         failpoint::remaining(failpoint::DELETE_AFTER_KEEP_FAILS, &org.to_hex()) < u32::MAX,
         "the keep ran and the batch failed after it"
     );
-    let contacts = db
+    children_given_back(&db, org, &job, ids.len() as u64).await;
+}
+
+/// The same, when the failed job's clean-up itself meets an outage: the job
+/// record owes it, and a later scan does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deletes_clean_up_that_meets_an_outage_is_redone_by_a_later_scan() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let (org, ids) = seed(&db, 300, true).await;
+    failpoint::arm(failpoint::CLEANUP_FAILS, &org.to_hex(), 1);
+    let (_svc, job, _) =
+        failing_delete_with(&stack, org, failpoint::DELETE_AFTER_KEEP_FAILS, |c| {
+            c.lease_ms = 1000;
+            c.scan_ms = 200;
+        })
+        .await;
+    assert_eq!(
+        failpoint::remaining(failpoint::CLEANUP_FAILS, &org.to_hex()),
+        0,
+        "the first clean-up failed"
+    );
+    children_given_back(&db, org, &job, ids.len() as u64).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let record = db
+            .collection::<Document>("bulk_jobs")
+            .find_one(doc! {"_id": &job})
+            .await
+            .unwrap()
+            .unwrap();
+        if !record.contains_key("cleanupPending") {
+            assert_eq!(record.get_str("status").unwrap(), "failed");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "clean-up still owed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (with a deadline) until `job`'s give-back is done: no entry of it
+/// left, every contact still there with its conversation and two messages.
+async fn children_given_back(db: &mongodb::Database, org: ObjectId, job: &str, contacts: u64) {
+    let count = db
         .collection::<Document>("contacts")
         .count_documents(doc! {"orgId": org})
         .await
         .unwrap();
-    assert_eq!(contacts, ids.len() as u64, "no contact was deleted");
-    // The give-back is the failed job's clean-up, which runs beside its
-    // terminal event: wait for it (its entries gone) with a deadline.
+    assert_eq!(count, contacts, "no contact was deleted");
+    // The give-back is the failed job's clean-up: the record says `failed`
+    // from the write that owes it, so wait for it (its entries gone).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let entries = db
             .collection::<Document>("event_logs")
-            .count_documents(doc! {"jobId": &job})
+            .count_documents(doc! {"jobId": job})
             .await
             .unwrap();
         if entries == 0 {
@@ -747,6 +800,6 @@ async fn a_delete_failing_after_its_keep_gives_back_contacts_with_their_children
             .count_documents(doc! {"orgId": org})
             .await
             .unwrap();
-        assert_eq!(n, per_contact * ids.len() as u64, "every {coll} is back");
+        assert_eq!(n, per_contact * contacts, "every {coll} is back");
     }
 }

@@ -43,6 +43,9 @@ pub const RESTORE_CHILDREN_FAILS: &str = "restore.children.fails";
 /// A delete batch whose keep deleted its children then fails on its own work
 /// before deleting its contacts.
 pub const DELETE_AFTER_KEEP_FAILS: &str = "delete.after_keep.fails";
+/// The clean-up of a job that failed for good meets an outage (scope: the
+/// job's organisation).
+pub const CLEANUP_FAILS: &str = "cleanup.fails";
 /// An export step that wrote rows then fails on its own work.
 pub const EXPORT_STEP_FAILS: &str = "export.step.fails";
 

@@ -72,6 +72,15 @@ pub async fn ensure_indexes(db: &Database) -> Result<(), JobError> {
         ),
         (
             names::JOBS,
+            // The clean-ups still owed (`cleanupPending` exists only while
+            // one is): each scan looks, so the look must not read every job.
+            IndexModel::builder()
+                .keys(doc! {"cleanupPending": 1})
+                .options(IndexOptions::builder().sparse(true).build())
+                .build(),
+        ),
+        (
+            names::JOBS,
             // The n-th restore of a delete: one at a time, and how a
             // delete's restores are found.
             IndexModel::builder()

@@ -23,6 +23,8 @@ pub use crate::kinds::{Actors, JobKinds};
 use crate::model::JobRecord;
 use crate::repo::{Ending, Lease};
 
+mod cleanup;
+
 /// Limits on running jobs.
 #[derive(Debug, Clone)]
 pub struct Caps {
@@ -255,9 +257,13 @@ async fn on_failure(
         {
             Ok(job) => {
                 // What the job had decided on but not done goes back (a
-                // delete's undeleted contacts, an export's partial file).
-                if let Err(e) = state.kinds.abandon(env, &job).await {
-                    tracing::warn!(job_id, error = %e, "failed job not cleaned up");
+                // delete's undeleted contacts, an export's partial file)
+                // before the failure is announced. The record owes it until
+                // then: if this instance dies or meets an outage here, a
+                // later scan does it (`cleanup.rs`).
+                crate::failpoint::hit("job.failed.before_cleanup");
+                if let Err(e) = cleanup::clean_up(env, state.kinds.as_ref(), Some(job_id)).await {
+                    tracing::warn!(job_id, error = %e, "failed job not cleaned up yet");
                 }
                 crate::metrics::job_finished(job.kind.as_str(), job.status.as_str());
                 state.counters.failed += 1;
@@ -302,7 +308,11 @@ async fn on_failure(
 const SCAN_ORGS: i64 = 256;
 
 async fn scan(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
-    if state.draining.is_some() || state.running.len() >= state.caps.max_running {
+    if state.draining.is_some() {
+        return;
+    }
+    cleanup::sweep(&state.env, state.kinds.as_ref()).await;
+    if state.running.len() >= state.caps.max_running {
         return;
     }
     state.counters.scans += 1;

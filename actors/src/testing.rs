@@ -279,6 +279,8 @@ impl JobStep for Scripted {
 pub struct ScriptedKinds {
     /// Jobs abandoned after failing for good.
     pub abandoned: Mutex<Vec<String>>,
+    /// Clean-ups still to fail before they work (as in an outage).
+    pub abandon_failures: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait]
@@ -295,6 +297,16 @@ impl JobKinds for ScriptedKinds {
     }
 
     async fn abandon(&self, _env: &JobEnv, job: &JobRecord) -> Result<(), JobError> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .abandon_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(JobError::Unavailable {
+                service: crate::error::Dependency::Mongodb,
+                message: "clean-up met an outage".into(),
+            });
+        }
         self.abandoned.lock().unwrap().push(job.job_id.clone());
         Ok(())
     }

@@ -182,6 +182,22 @@ pub trait JobRepo: Send + Sync + std::fmt::Debug + 'static {
     /// (drain on shutdown). Fenced: a lease already lost is left alone.
     async fn release(&self, job_id: &str, lease: &Lease) -> Result<(), JobError>;
 
+    /// Claims, for `ttl`, the clean-up of a job that failed for good and was
+    /// not cleaned up yet (`Failed` leaves it owed, in the same write): this
+    /// one (`job_id`) or the one that failed first. `None` when none is owed
+    /// or another instance's claim is still live. An instance that dies
+    /// mid-clean-up leaves the claim to expire, and the next scan redoes it.
+    async fn claim_cleanup(
+        &self,
+        job_id: Option<&str>,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<JobRecord>, JobError>;
+
+    /// The clean-up claimed by `owner` is done: nothing is owed any more. A
+    /// claim lost meanwhile is left to its new owner.
+    async fn cleaned(&self, job_id: &str, owner: &str) -> Result<(), JobError>;
+
     /// Asks for a cancel. A pending job nobody holds is cancelled at once; a
     /// running one gets `cancelRequested` and stops at its next batch boundary.
     /// Returns the record after the change (unchanged when already terminal)

@@ -27,6 +27,8 @@ struct Entry {
     expired_at: Option<DateTime>,
     /// Insertion order, the tie-break of equal `createdAt`s.
     seq: u64,
+    /// `cleanupPending` with its claim (`cleanupOwner`, `cleanupUntil`).
+    cleanup: Option<(Option<String>, Option<DateTime>)>,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +96,14 @@ impl MemJobs {
     /// A record as stored, outage or not (tests).
     pub fn peek(&self, job_id: &str) -> Option<JobRecord> {
         self.records().jobs.get(job_id).map(|e| e.job.clone())
+    }
+
+    /// Whether the clean-up of a job that failed for good is still owed (tests).
+    pub fn cleanup_owed(&self, job_id: &str) -> bool {
+        self.records()
+            .jobs
+            .get(job_id)
+            .is_some_and(|e| e.cleanup.is_some())
     }
 
     /// Every record, oldest first, outage or not (tests).
@@ -212,6 +222,7 @@ impl JobRepo for MemJobs {
                 job: job.clone(),
                 expired_at: None,
                 seq,
+                cleanup: None,
             },
         );
         Ok((job, true))
@@ -381,7 +392,10 @@ impl JobRepo for MemJobs {
                 Ending::Failed(error) => job.error = Some(error.clone()),
                 Ending::Completed(None) | Ending::Cancelled => {}
             }
-            return Ok(job.clone());
+            if matches!(ending, Ending::Failed(_)) {
+                e.cleanup = Some((None, None));
+            }
+            return Ok(e.job.clone());
         }
         match r.jobs.get(job_id) {
             // Nobody took the job since: this lease finished it.
@@ -390,6 +404,38 @@ impl JobRepo for MemJobs {
             }
             _ => Err(lost(job_id)),
         }
+    }
+
+    async fn claim_cleanup(
+        &self,
+        job_id: Option<&str>,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<JobRecord>, JobError> {
+        let now = self.store_now();
+        let until = self.until(ttl);
+        let mut r = self.lock()?;
+        let owed = r
+            .jobs
+            .values_mut()
+            .filter(|e| job_id.is_none_or(|id| e.job.job_id == id))
+            .filter(|e| e.job.status == JobStatus::Failed)
+            .filter(|e| matches!(&e.cleanup, Some((_, u)) if u.is_none_or(|u| u < now)))
+            .min_by_key(|e| (e.job.finished_at, e.seq));
+        Ok(owed.map(|e| {
+            e.cleanup = Some((Some(owner.to_string()), Some(until)));
+            e.job.clone()
+        }))
+    }
+
+    async fn cleaned(&self, job_id: &str, owner: &str) -> Result<(), JobError> {
+        let mut r = self.lock()?;
+        if let Some(e) = r.jobs.get_mut(job_id) {
+            if matches!(&e.cleanup, Some((Some(o), _)) if o == owner) {
+                e.cleanup = None;
+            }
+        }
+        Ok(())
     }
 
     async fn count_failure(
@@ -460,8 +506,10 @@ impl JobRepo for MemJobs {
             .filter(|e| {
                 ended(e.job.status)
                     && e.job.finished_at.is_some_and(|f| f <= finished_by)
-                    && (what == Sweep::Records
-                        || (e.job.kind == JobKind::Export && e.expired_at.is_none()))
+                    && match what {
+                        Sweep::Records => e.cleanup.is_none(),
+                        Sweep::Exports => e.job.kind == JobKind::Export && e.expired_at.is_none(),
+                    }
             })
             .take(limit.max(0) as usize)
             .map(|e| e.job.job_id.clone())

@@ -361,6 +361,9 @@ impl JobRepo for MongoJobs {
             }
             Ending::Failed(error) => {
                 set.insert("error", error.as_str());
+                // The clean-up is owed from the same write that fails the
+                // job, so a crash right after it cannot skip the clean-up.
+                set.insert("cleanupPending", true);
             }
             Ending::Completed(None) | Ending::Cancelled => {}
         }
@@ -380,6 +383,44 @@ impl JobRepo for MongoJobs {
             Some(job) if job.status.is_terminal() && job.lease_epoch == lease.epoch => Ok(job),
             _ => Err(JobError::Conflict(format!("lease on job {job_id} lost"))),
         }
+    }
+
+    async fn claim_cleanup(
+        &self,
+        job_id: Option<&str>,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<JobRecord>, JobError> {
+        let mut filter = doc! {
+            "cleanupPending": true,
+            "status": "failed",
+            "$or": [
+                {"cleanupUntil": null},
+                {"$expr": {"$lt": ["$cleanupUntil", "$$NOW"]}},
+            ],
+        };
+        if let Some(id) = job_id {
+            filter.insert("_id", id);
+        }
+        Ok(self
+            .jobs
+            .find_one_and_update(
+                filter,
+                doc! {"$set": {"cleanupOwner": owner, "cleanupUntil": self.lease_until(ttl)}},
+            )
+            .sort(doc! {"finishedAt": 1})
+            .with_options(after())
+            .await?)
+    }
+
+    async fn cleaned(&self, job_id: &str, owner: &str) -> Result<(), JobError> {
+        self.jobs
+            .update_one(
+                doc! {"_id": job_id, "cleanupOwner": owner},
+                doc! {"$unset": {"cleanupPending": "", "cleanupOwner": "", "cleanupUntil": ""}},
+            )
+            .await?;
+        Ok(())
     }
 
     async fn count_failure(
@@ -457,6 +498,9 @@ impl JobRepo for MongoJobs {
         if what == Sweep::Exports {
             filter.insert("kind", JobKind::Export.as_str());
             filter.insert("expiredAt", doc! {"$exists": false});
+        } else {
+            // A record owing its clean-up is what makes the clean-up happen.
+            filter.insert("cleanupPending", doc! {"$exists": false});
         }
         self.ids(filter, limit).await
     }

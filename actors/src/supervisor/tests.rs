@@ -360,3 +360,87 @@ async fn a_cancel_lands_at_the_next_batch_boundary() {
         Some(&JobStatus::Cancelled)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_up_that_meets_an_outage_is_owed_and_redone_by_a_later_scan() {
+    let jobs = MemJobs::new();
+    let plan = Plan::new(3, Duration::from_millis(10));
+    plan.fails.store(u32::MAX, Ordering::SeqCst);
+    let job = job_with(&jobs, ObjectId::new(), &plan).await;
+    let kinds = Arc::new(ScriptedKinds::default());
+    kinds.abandon_failures.store(1, Ordering::SeqCst);
+    let sink = Arc::new(RecordingSink::default());
+    let (sup, _) = Actor::spawn(
+        None,
+        Supervisor::with_kinds(kinds.clone()),
+        (env(&jobs, "me", sink), caps()),
+    )
+    .await
+    .expect("supervisor");
+    until(60, "job failed", || {
+        status(&jobs, &job) == JobStatus::Failed
+    })
+    .await;
+    assert!(
+        jobs.cleanup_owed(&job.job_id),
+        "the failed clean-up is owed"
+    );
+    assert!(kinds.abandoned.lock().unwrap().is_empty());
+    // The claim of the failed try runs out (the lease's length), then a scan
+    // does it, once.
+    until(60, "clean-up redone", || !jobs.cleanup_owed(&job.job_id)).await;
+    assert_eq!(*kinds.abandoned.lock().unwrap(), vec![job.job_id.clone()]);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(kinds.abandoned.lock().unwrap().len(), 1, "done once");
+    sup.stop(None);
+}
+
+/// A job that instance "dead" failed for good, dying before its clean-up.
+async fn failed_by_a_dead_instance(jobs: &MemJobs) -> JobRecord {
+    let job = stored(jobs, pending(ObjectId::new())).await;
+    let held = jobs
+        .acquire(&job.job_id, "dead", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("lease");
+    let lease = crate::repo::Lease {
+        owner: "dead".into(),
+        epoch: held.lease_epoch,
+    };
+    let ending = crate::repo::Ending::Failed("gave up".into());
+    jobs.finish(&job.job_id, &lease, &ending).await.unwrap();
+    assert!(jobs.cleanup_owed(&job.job_id));
+    job
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clean_up_owed_by_an_instance_that_died_is_done_by_another() {
+    let jobs = MemJobs::new();
+    let job = failed_by_a_dead_instance(&jobs).await;
+    // Another's clean-up, claimed by a live instance for 20 s.
+    let other = failed_by_a_dead_instance(&jobs).await;
+    let claimed = jobs
+        .claim_cleanup(Some(&other.job_id), "third", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(claimed.is_some());
+    let me = instance(&jobs, "me", caps()).await;
+    until(5, "owed clean-up done", || !jobs.cleanup_owed(&job.job_id)).await;
+    assert_eq!(
+        *me.kinds.abandoned.lock().unwrap(),
+        vec![job.job_id.clone()]
+    );
+    assert_eq!(status(&jobs, &job), JobStatus::Failed, "still failed");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        jobs.cleanup_owed(&other.job_id),
+        "a live claim is respected"
+    );
+    assert_eq!(me.kinds.abandoned.lock().unwrap().len(), 1);
+    until(30, "claim ran out and was taken over", || {
+        !jobs.cleanup_owed(&other.job_id)
+    })
+    .await;
+    assert_eq!(me.kinds.abandoned.lock().unwrap().len(), 2);
+    me.sup.stop(None);
+}
