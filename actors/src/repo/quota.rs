@@ -101,12 +101,14 @@ fn count_of(d: &Document) -> i64 {
     }
 }
 
+/// Window id → (org, end, count).
+type Windows = BTreeMap<String, (ObjectId, DateTime, i64)>;
+
 /// [`QuotaRepo`] in memory, atomic under one lock like the upsert; clones
 /// share the counters.
 #[derive(Debug, Clone, Default)]
 pub struct MemQuota {
-    /// Window id → (org, end, count).
-    windows: Arc<Mutex<BTreeMap<String, (ObjectId, DateTime, i64)>>>,
+    windows: Arc<Mutex<Windows>>,
 }
 
 impl MemQuota {
@@ -120,7 +122,7 @@ impl MemQuota {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (ObjectId, DateTime, i64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
         self.windows.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
