@@ -96,7 +96,12 @@ impl Service {
             .context("reading the database's clock")?;
         let artifacts: Arc<dyn contact_bulk_actors::repo::ChunkRepo> =
             Arc::new(Artifacts::new(&db));
-        let webhooks = webhooks::Webhooks::new(&db, store.clone(), &config.webhooks, keys.clone());
+        let webhooks = webhooks::Webhooks::new(
+            Arc::new(contact_bulk_actors::repo::MongoWebhooks::new(&db)),
+            store.clone(),
+            &config.webhooks,
+            keys.clone(),
+        );
         webhooks
             .ensure_indexes()
             .await

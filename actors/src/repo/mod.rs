@@ -20,6 +20,9 @@ pub mod kept;
 pub mod quota;
 pub mod reads;
 pub mod reads_mem;
+pub mod webhooks;
+pub mod webhooks_mem;
+pub mod webhooks_mongo;
 
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
@@ -31,6 +34,9 @@ pub use jobs_mongo::MongoJobs;
 pub use quota::{MemQuota, MongoQuota, QuotaRepo};
 pub use reads::{ContactReads, DocStream, MongoReads, NameRepo, Pipeline};
 pub use reads_mem::MemReads;
+pub use webhooks::WebhookRepo;
+pub use webhooks_mem::MemWebhooks;
+pub use webhooks_mongo::MongoWebhooks;
 
 #[cfg(test)]
 mod reads_tests;
