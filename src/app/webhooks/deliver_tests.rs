@@ -11,8 +11,8 @@ use contact_bulk_actors::model::{JobKind, JobRecord, JobStatus};
 use contact_bulk_actors::repo::webhooks::{DeliveryStatus, Hook, Retry, WebhookRepo};
 use contact_bulk_actors::repo::{JobRepo, MemJobs, MemWebhooks};
 
-use super::super::{Clock, WebhookConfig, Webhooks, MAX_PER_ORG};
 use super::Outcome;
+use crate::app::webhooks::{Clock, WebhookConfig, Webhooks, MAX_PER_ORG};
 use crate::auth::Keys;
 
 /// The wall clock of the test: a fixed start plus tokio's (paused) time.

@@ -45,22 +45,21 @@ pub use crate::config::WebhookConfig;
 /// The webhooks of every organisation, and their delivery machinery.
 #[derive(Clone)]
 pub struct Webhooks {
-    /// Read and written by the HTTP handlers (`transport/http/webhooks.rs`).
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
+struct Inner {
     /// Job records (the sweep reads recently ended jobs).
     jobs: Arc<dyn JobRepo>,
     /// Registrations and the outbox.
-    pub(crate) repo: Arc<dyn WebhookRepo>,
+    repo: Arc<dyn WebhookRepo>,
     config: WebhookConfig,
     keys: Keys,
     /// The time deliveries are scheduled by (the wall clock; tokio's paused
     /// clock in unit tests).
     clock: Clock,
     /// Wakes idle workers when deliveries were just created.
-    pub(crate) wake: Notify,
+    wake: Notify,
 }
 
 /// A source of the current time.
