@@ -1,19 +1,8 @@
 //! The command line: `serve`, `dev`, `token`, the operator commands (`export`,
 //! `delete`, `watch`, `cancel`, over NATS) and the benchmarks (`bench`).
 
-pub mod bench;
-// Shared by the benchmarks, some of it by only one of them.
-#[allow(dead_code)]
-pub mod bench_cpu;
-pub mod bench_delete;
-pub mod bench_export;
-pub mod bench_restore;
-pub mod bench_ws;
-pub mod client;
-pub mod download;
 pub mod operator;
-#[allow(dead_code)]
-pub mod yardsticks;
+pub mod view;
 
 use std::path::PathBuf;
 
@@ -52,7 +41,7 @@ pub enum Command {
     /// Cancel a job (it stops at its next batch boundary).
     Cancel(operator::JobArgs),
     /// Benchmarks against the real service binary with their own servers.
-    Bench(bench::BenchArgs),
+    Bench(contact_bulk_testkit::bench::BenchArgs),
 }
 
 /// Options of `dev`.
@@ -126,7 +115,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(a) => operator::restore(a).await,
         Command::Watch(a) => operator::watch(a).await,
         Command::Cancel(a) => operator::cancel(a).await,
-        Command::Bench(a) => bench::main(a).await,
+        Command::Bench(a) => contact_bulk_testkit::bench::main(a).await,
     }
 }
 

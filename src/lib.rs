@@ -116,6 +116,7 @@ impl Service {
             crm: contact_bulk_actors::repo::Crm::of(Arc::new(
                 contact_bulk_actors::repo::MongoCrm::new(&db),
             )),
+            export: Arc::new(contact_bulk_actors::repo::MongoExport::new(&db)),
             db: db.clone(),
             artifacts: artifacts.clone(),
             sink: sink.clone(),
@@ -138,8 +139,8 @@ impl Service {
         );
         let reads = Arc::new(contact_bulk_actors::repo::MongoReads::new(&db));
         let app = Arc::new(App {
-            reads: reads.clone(),
-            names: reads,
+            reads,
+            names: Arc::new(contact_bulk_actors::repo::MongoExport::new(&db)),
             store,
             artifacts,
             supervisor,

@@ -658,7 +658,7 @@ async fn the_latency_benchmark_measures_every_client() {
     let stack = Stack::start().await;
     let svc = stack.service().await;
     let org = ObjectId::new();
-    let (p50, p99) = contact_bulk::transport::ws::bench_latency(
+    let (p50, p99) = contact_bulk_testkit::bench::ws_latency::bench_latency(
         &stack.nats.url(),
         svc.addr,
         org,

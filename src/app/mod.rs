@@ -13,7 +13,7 @@ use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
-use contact_bulk_actors::repo::{ContactReads, JobRepo, NameRepo};
+use contact_bulk_actors::repo::{ContactReads, JobRepo, NameSource};
 use contact_bulk_actors::restore::{self, RestoreCounts};
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
@@ -31,7 +31,7 @@ pub struct App {
     /// Counts, dry runs and the streamed export's reads of the CRM data.
     pub reads: std::sync::Arc<dyn ContactReads>,
     /// Pipeline, stage and owner names of export rows.
-    pub names: std::sync::Arc<dyn NameRepo>,
+    pub names: std::sync::Arc<dyn NameSource>,
     /// Job records.
     pub store: std::sync::Arc<dyn JobRepo>,
     /// Export files.

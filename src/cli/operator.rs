@@ -11,8 +11,10 @@ use clap::Args;
 use contact_bulk_protocol::subjects::Command;
 use serde_json::{json, Map, Value};
 
-use super::client::{counts, is_terminal, status, JobView, Nats};
-use super::download::{download, target_path};
+use contact_bulk_client::download::{download, target_path};
+use contact_bulk_client::{counts, is_terminal, status, Nats};
+
+use super::view::{download_bar, JobView};
 
 /// Where the service is.
 #[derive(Debug, Clone, Args)]
@@ -243,7 +245,12 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
         result["bytes"].as_u64().unwrap_or(0)
     );
     let path = target_path(args.output.as_deref(), name);
-    let got = download(url, &path, sha, result["bytes"].as_u64()).await?;
+    let bar = download_bar(result["bytes"].as_u64());
+    let got = download(url, &path, sha, result["bytes"].as_u64(), &mut |n| {
+        bar.set_position(n)
+    })
+    .await?;
+    bar.finish_and_clear();
     println!("downloaded {} bytes to {}", got.bytes, got.path.display());
     println!("sha256 ok: {}", got.sha256);
     Ok(())

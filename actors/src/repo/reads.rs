@@ -1,6 +1,6 @@
-//! The reads of the use cases, behind typed repositories: counts and dry runs
-//! of a selection, the streamed export's cursor, the organisation's pipelines,
-//! and the names export rows show ([`NameRepo`], used by [`crate::lookup`]).
+//! The reads of the use cases, behind a typed repository: counts and dry runs
+//! of a selection, the streamed export's cursor, the organisation's pipelines.
+//! (The names export rows show are read through [`super::NameSource`].)
 //!
 //! Every read is scoped to the caller's organisation by the repository (the
 //! filter's query always carries `orgId`); nothing here writes. The MongoDB
@@ -14,6 +14,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 
+use super::PipelineNames;
 use crate::error::JobError;
 use crate::filter::Filter;
 use crate::model::{Counts, JobRecord};
@@ -25,17 +26,6 @@ pub type DocStream = BoxStream<'static, Result<Document, JobError>>;
 
 /// Pipelines an organisation's pages offer at most.
 pub const PIPELINES_LISTED: i64 = 500;
-
-/// A pipeline with its stages, as names.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Pipeline {
-    /// `_id`.
-    pub id: ObjectId,
-    /// Its name (empty when the record has none).
-    pub name: String,
-    /// `(stage _id, stage name)`, in the pipeline's order.
-    pub stages: Vec<(ObjectId, String)>,
-}
 
 /// Read-only questions about an organisation's contacts.
 #[async_trait]
@@ -65,29 +55,10 @@ pub trait ContactReads: Send + Sync + 'static {
     ) -> Result<DocStream, JobError>;
 
     /// The organisation's pipelines (at most [`PIPELINES_LISTED`]).
-    async fn pipelines(&self, org: ObjectId) -> Result<Vec<Pipeline>, JobError>;
+    async fn list_pipelines(&self, org: ObjectId) -> Result<Vec<PipelineNames>, JobError>;
 }
 
-/// The names export rows show, looked up by id within one organisation.
-#[async_trait]
-pub trait NameRepo: Send + Sync + 'static {
-    /// The pipelines of `org` whose `_id`, or the `_id` of one of whose
-    /// stages, is among `ids`.
-    async fn pipelines_of(
-        &self,
-        org: ObjectId,
-        ids: &[ObjectId],
-    ) -> Result<Vec<Pipeline>, JobError>;
-
-    /// `(user _id, name)` of the users of `org` among `ids`.
-    async fn owners_of(
-        &self,
-        org: ObjectId,
-        ids: &[ObjectId],
-    ) -> Result<Vec<(ObjectId, String)>, JobError>;
-}
-
-/// [`ContactReads`] and [`NameRepo`] on MongoDB.
+/// [`ContactReads`] on MongoDB.
 #[derive(Debug, Clone)]
 pub struct MongoReads {
     db: Database,
@@ -101,7 +72,7 @@ impl MongoReads {
 }
 
 /// A pipeline record as names (missing fields read as empty).
-pub fn pipeline_of(p: &Document) -> Option<Pipeline> {
+pub fn pipeline_of(p: &Document) -> Option<PipelineNames> {
     let stages = p
         .get_array("stages")
         .map(|s| {
@@ -114,7 +85,7 @@ pub fn pipeline_of(p: &Document) -> Option<Pipeline> {
                 .collect()
         })
         .unwrap_or_default();
-    Some(Pipeline {
+    Some(PipelineNames {
         id: p.get_object_id("_id").ok()?,
         name: p.get_str("name").unwrap_or_default().to_string(),
         stages,
@@ -165,7 +136,7 @@ impl ContactReads for MongoReads {
         Ok(find.await?.map_err(JobError::from).boxed())
     }
 
-    async fn pipelines(&self, org: ObjectId) -> Result<Vec<Pipeline>, JobError> {
+    async fn list_pipelines(&self, org: ObjectId) -> Result<Vec<PipelineNames>, JobError> {
         let docs: Vec<Document> = self
             .db
             .collection::<Document>(names::PIPELINES)
@@ -175,69 +146,5 @@ impl ContactReads for MongoReads {
             .try_collect()
             .await?;
         Ok(docs.iter().filter_map(pipeline_of).collect())
-    }
-}
-
-#[async_trait]
-impl NameRepo for MongoReads {
-    async fn pipelines_of(
-        &self,
-        org: ObjectId,
-        ids: &[ObjectId],
-    ) -> Result<Vec<Pipeline>, JobError> {
-        self.db.pipelines_of(org, ids).await
-    }
-
-    async fn owners_of(
-        &self,
-        org: ObjectId,
-        ids: &[ObjectId],
-    ) -> Result<Vec<(ObjectId, String)>, JobError> {
-        self.db.owners_of(org, ids).await
-    }
-}
-
-/// The MongoDB name lookups, on the database handle itself so that a job step
-/// holding one (the export step, until its reads move behind its own
-/// repository) passes it where a [`NameRepo`] is asked for.
-#[async_trait]
-impl NameRepo for Database {
-    async fn pipelines_of(
-        &self,
-        org: ObjectId,
-        ids: &[ObjectId],
-    ) -> Result<Vec<Pipeline>, JobError> {
-        // A stage id only says which pipeline by lookup, so match either.
-        let filter =
-            doc! {"orgId": org, "$or": [{"_id": {"$in": ids}}, {"stages._id": {"$in": ids}}]};
-        let docs: Vec<Document> = self
-            .collection::<Document>(names::PIPELINES)
-            .find(filter)
-            .projection(doc! {"name": 1, "stages": 1})
-            .await?
-            .try_collect()
-            .await?;
-        Ok(docs.iter().filter_map(pipeline_of).collect())
-    }
-
-    async fn owners_of(
-        &self,
-        org: ObjectId,
-        ids: &[ObjectId],
-    ) -> Result<Vec<(ObjectId, String)>, JobError> {
-        let docs: Vec<Document> = self
-            .collection::<Document>(names::USERS)
-            .find(doc! {"orgId": org, "_id": {"$in": ids}})
-            .projection(doc! {"name": 1})
-            .await?
-            .try_collect()
-            .await?;
-        Ok(docs
-            .iter()
-            .filter_map(|u| {
-                let id = u.get_object_id("_id").ok()?;
-                Some((id, u.get_str("name").unwrap_or_default().to_string()))
-            })
-            .collect())
     }
 }

@@ -16,7 +16,8 @@ use futures::StreamExt;
 
 use super::crm::{ContactRepo, KeptRepo};
 use super::crm_mem::MemCrm;
-use super::reads::{ContactReads, DocStream, NameRepo, Pipeline, PIPELINES_LISTED};
+use super::export::{NameSource, PipelineNames};
+use super::reads::{ContactReads, DocStream, PIPELINES_LISTED};
 use crate::error::{Dependency, JobError};
 use crate::filter::Filter;
 use crate::model::{Counts, JobKind, JobRecord};
@@ -31,7 +32,7 @@ const TOP: ObjectId = ObjectId::from_bytes([0xff; 12]);
 pub struct MemReads {
     /// The contacts and what deletes kept.
     pub crm: MemCrm,
-    pipelines: Arc<Mutex<Vec<(ObjectId, Pipeline)>>>,
+    pipelines: Arc<Mutex<Vec<(ObjectId, PipelineNames)>>>,
     users: Arc<Mutex<Vec<(ObjectId, ObjectId, String)>>>,
     down: Arc<AtomicBool>,
     /// Name queries answered, per kind: `(pipelines, owners)`.
@@ -48,7 +49,7 @@ impl MemReads {
     }
 
     /// Adds a pipeline of `org`.
-    pub fn add_pipeline(&self, org: ObjectId, pipeline: Pipeline) {
+    pub fn add_pipeline(&self, org: ObjectId, pipeline: PipelineNames) {
         lock(&self.pipelines).push((org, pipeline));
     }
 
@@ -178,7 +179,7 @@ impl ContactReads for MemReads {
         Ok(futures::stream::iter(docs.into_iter().map(Ok)).boxed())
     }
 
-    async fn pipelines(&self, org: ObjectId) -> Result<Vec<Pipeline>, JobError> {
+    async fn list_pipelines(&self, org: ObjectId) -> Result<Vec<PipelineNames>, JobError> {
         self.up()?;
         Ok(lock(&self.pipelines)
             .iter()
@@ -190,12 +191,12 @@ impl ContactReads for MemReads {
 }
 
 #[async_trait]
-impl NameRepo for MemReads {
-    async fn pipelines_of(
+impl NameSource for MemReads {
+    async fn pipelines(
         &self,
         org: ObjectId,
         ids: &[ObjectId],
-    ) -> Result<Vec<Pipeline>, JobError> {
+    ) -> Result<Vec<PipelineNames>, JobError> {
         self.up()?;
         lock(&self.queries).0 += 1;
         Ok(lock(&self.pipelines)
@@ -207,7 +208,7 @@ impl NameRepo for MemReads {
             .collect())
     }
 
-    async fn owners_of(
+    async fn owners(
         &self,
         org: ObjectId,
         ids: &[ObjectId],

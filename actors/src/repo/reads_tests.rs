@@ -6,7 +6,8 @@ use futures::TryStreamExt;
 
 use super::crm::KeptRepo;
 use super::crm_mem::MemCrm;
-use super::reads::{ContactReads, Pipeline};
+use super::export::PipelineNames;
+use super::reads::ContactReads;
 use super::reads_mem::MemReads;
 use crate::error::JobError;
 use crate::filter::Filter;
@@ -144,7 +145,7 @@ async fn names_are_looked_up_once_per_batch_and_misses_are_remembered() {
     let (pipe, stage, ghost) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
     reads.add_pipeline(
         org,
-        Pipeline {
+        PipelineNames {
             id: pipe,
             name: "Sales".into(),
             stages: vec![(stage, "Won".into())],
@@ -154,12 +155,15 @@ async fn names_are_looked_up_once_per_batch_and_misses_are_remembered() {
     reads.add_user(org, owner, "Ann");
     let foreign = ObjectId::new();
     reads.add_user(other, foreign, "Eve");
-    let docs = vec![
+    let docs = [
         doc! {"pipelineId": pipe, "stageId": stage, "ownerId": owner},
         doc! {"stageId": ghost, "ownerId": foreign},
     ];
     let mut cache = NameCache::default();
-    cache.resolve(&reads, org, &docs, true, true).await.unwrap();
+    cache
+        .resolve(&reads, org, docs.iter(), true, true)
+        .await
+        .unwrap();
     assert_eq!(
         reads.name_queries(),
         (1, 1),
@@ -182,6 +186,9 @@ async fn names_are_looked_up_once_per_batch_and_misses_are_remembered() {
         "another organisation's user"
     );
     // Known and missing ids cost nothing on the next batch.
-    cache.resolve(&reads, org, &docs, true, true).await.unwrap();
+    cache
+        .resolve(&reads, org, docs.iter(), true, true)
+        .await
+        .unwrap();
     assert_eq!(reads.name_queries(), (1, 1));
 }

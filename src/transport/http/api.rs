@@ -260,7 +260,7 @@ pub async fn list_jobs(
 /// `GET /api/pipelines`: the organisation's pipelines and stages (for the page's filter form).
 pub async fn pipelines(State(app): State<Arc<App>>, auth: Auth) -> ApiResult {
     let caller = auth.require_any(&[SCOPE_READ, SCOPE_EXPORT, SCOPE_DELETE])?;
-    let pipelines = app.reads.pipelines(caller.org).await?;
+    let pipelines = app.reads.list_pipelines(caller.org).await?;
     let list: Vec<Value> = pipelines
         .iter()
         .map(|p| {

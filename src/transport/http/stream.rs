@@ -80,7 +80,7 @@ async fn produce_csv(
         docs.extend(next);
         if docs.len() == BATCH || (done && !docs.is_empty()) {
             names
-                .resolve(app.names.as_ref(), org, &docs, true, false)
+                .resolve(app.names.as_ref(), org, docs.iter(), true, false)
                 .await?;
             let mut out = Vec::with_capacity(docs.len() * 96);
             encoder

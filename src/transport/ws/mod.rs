@@ -9,9 +9,7 @@
 //!   latest progress of a job replaces an older unsent one, status frames are
 //!   never dropped and `contact_removed` events coalesce. A slow client only
 //!   ever slows itself down.
-//! - [`bench_latency`] measures publish → arrival latency over many clients.
 
-mod bench;
 mod hub;
 mod outbox;
 mod protocol;
@@ -30,7 +28,6 @@ use crate::app::App;
 use crate::auth::{AuthError, SCOPE_READ};
 use crate::transport::http::{bearer, ApiError};
 
-pub use bench::{bench_latency, bench_latency_with_prefix};
 pub use hub::{Event, EventBody, Hub, JobEvent};
 
 /// Largest client frame the bridge reads; bigger ones get a `too_large` error frame.

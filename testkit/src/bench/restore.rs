@@ -16,10 +16,10 @@ use contact_bulk_protocol::subjects::Command;
 use futures::TryStreamExt;
 use serde_json::json;
 
-use super::bench::{mb, print_table, round, Common, Harness};
-use super::client::{counts, status, JobView};
+use super::{mb, print_table, round, Common, Harness};
+use crate::seed::{seed_org, SeedSpec};
 use contact_bulk_actors::restore::kept::{self, Kind};
-use contact_bulk_testkit::seed::{seed_org, SeedSpec};
+use contact_bulk_client::{counts, status, Quiet};
 
 /// Documents per `insertMany` of the yardstick.
 const YARDSTICK_BATCH: usize = 1000;
@@ -216,7 +216,7 @@ async fn run_one(h: &mut Harness, n: u64) -> anyhow::Result<RunResult> {
             .await?;
     }
 
-    let load = super::bench_delete::load_average();
+    let load = super::delete::load_average();
     let t = Instant::now();
     let restored = run_job(
         h,
@@ -314,10 +314,7 @@ async fn run_job(
     let job_id = reply["jobId"]
         .as_str()
         .with_context(|| format!("{subject} reply without jobId: {reply}"))?;
-    let snap = h
-        .nats
-        .follow(org, job_id, &mut events, &mut JobView::quiet())
-        .await?;
+    let snap = h.nats.follow(org, job_id, &mut events, &mut Quiet).await?;
     if status(&snap) != "completed" {
         bail!("{subject} job did not complete: {snap}");
     }

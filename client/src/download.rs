@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -38,12 +37,14 @@ pub fn target_path(output: Option<&Path>, file_name: &str) -> PathBuf {
 
 /// Downloads `url` to `path` through `<path>.part`, renamed once the sha256
 /// equals `expected_sha256`. On a mismatch the `.part` file is kept and an
-/// error names both digests.
+/// error names both digests. `progress` is told the bytes written so far
+/// after each chunk.
 pub async fn download(
     url: &str,
     path: &Path,
     expected_sha256: &str,
     expected_bytes: Option<u64>,
+    progress: &mut dyn FnMut(u64),
 ) -> anyhow::Result<Downloaded> {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -57,12 +58,6 @@ pub async fn download(
     if !status.is_success() {
         let body = resp.text().await.unwrap_or_default();
         bail!("download failed with http {status}: {body}");
-    }
-    let bar = ProgressBar::with_draw_target(expected_bytes, ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "download [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} · {bytes_per_sec}",
-    ) {
-        bar.set_style(style);
     }
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
@@ -81,11 +76,10 @@ pub async fn download(
             .await
             .with_context(|| format!("writing {}", part.display()))?;
         bytes += chunk.len() as u64;
-        bar.set_position(bytes);
+        progress(bytes);
     }
     out.flush().await?;
     out.into_inner().sync_all().await?;
-    bar.finish_and_clear();
     let sha256 = hex::encode(hasher.finalize());
     if !sha256.eq_ignore_ascii_case(expected_sha256) {
         bail!(

@@ -1,13 +1,12 @@
 //! `contact-bulk bench ws`: publish-to-frame latency of the WebSocket bridge of
 //! the real service binary, with many clients subscribed to one job's events
-//! (measured by [`contact_bulk::transport::ws::bench_latency`]).
+//! (measured by [`super::ws_latency::bench_latency`]).
 
 use bson::oid::ObjectId;
 use clap::Args;
 use serde_json::json;
 
-use super::bench::{mb, print_table, timed, Common, Harness};
-use contact_bulk::auth::Keys;
+use super::{mb, print_table, timed, Common, Harness};
 
 /// Options of `bench ws`.
 #[derive(Debug, Clone, Args)]
@@ -28,14 +27,9 @@ pub async fn run(args: WsBench) -> anyhow::Result<()> {
     let mut h = Harness::start(&args.common).await?;
     let service = h.service().await?;
     let org = ObjectId::new();
-    let token = Keys::new(&h.secret, "").mint(
-        &ObjectId::new().to_hex(),
-        &org.to_hex(),
-        "jobs:read",
-        3600,
-    )?;
+    let token = h.token(org, "jobs:read").await?;
     let nats_url = h.nats_server.url();
-    let (measured, took) = timed(contact_bulk::transport::ws::bench_latency(
+    let (measured, took) = timed(super::ws_latency::bench_latency(
         &nats_url,
         service.addr,
         org,

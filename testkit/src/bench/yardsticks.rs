@@ -21,11 +21,11 @@ use tokio::process::Command;
 const FILES: [(&str, &str); 4] = [
     (
         "package.json",
-        include_str!("../../yardsticks/package.json"),
+        include_str!("../../../yardsticks/package.json"),
     ),
-    ("export.js", include_str!("../../yardsticks/export.js")),
-    ("delete.js", include_str!("../../yardsticks/delete.js")),
-    ("README.md", include_str!("../../yardsticks/README.md")),
+    ("export.js", include_str!("../../../yardsticks/export.js")),
+    ("delete.js", include_str!("../../../yardsticks/delete.js")),
+    ("README.md", include_str!("../../../yardsticks/README.md")),
 ];
 
 /// Written last into a copy whose `npm install` succeeded.

@@ -73,7 +73,7 @@ pub async fn bench_latency_with_prefix(
         .map(|c| tokio::spawn(c.measure(base, sent.clone())))
         .collect();
 
-    let nats = async_nats::connect(crate::config::nats_servers(nats_url)?)
+    let nats = async_nats::connect(contact_bulk_client::nats_servers(nats_url)?)
         .await
         .context("connecting to nats")?;
     let js = async_nats::jetstream::new(nats);

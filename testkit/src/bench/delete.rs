@@ -18,11 +18,11 @@ use bson::{doc, oid::ObjectId, Document};
 use clap::Args;
 use serde_json::json;
 
-use super::bench::{mb, print_table, rate, round, Common, Harness, Memory};
-use super::bench_cpu::CpuProbe;
-use super::client::{counts, status, JobView};
+use super::cpu::CpuProbe;
 use super::yardsticks::Yardsticks;
-use contact_bulk_testkit::seed::{seed_org, SeedSpec};
+use super::{mb, print_table, rate, round, Common, Harness, Memory};
+use crate::seed::{seed_org, SeedSpec};
+use contact_bulk_client::{counts, status, Quiet};
 
 /// Ids per `deleteMany` of the batched yardstick.
 const YARDSTICK_BATCH: usize = 1000;
@@ -184,11 +184,7 @@ fn spec(n: u64) -> SeedSpec {
 }
 
 /// Seeds `count` organisations of `n` contacts side by side.
-async fn seed(
-    h: &Harness,
-    n: u64,
-    count: usize,
-) -> anyhow::Result<Vec<contact_bulk_testkit::seed::SeededOrg>> {
+async fn seed(h: &Harness, n: u64, count: usize) -> anyhow::Result<Vec<crate::seed::SeededOrg>> {
     let spec = spec(n);
     eprintln!(
         "seeding {count} organisations of {n} contacts, {} conversations, {} messages",
@@ -262,7 +258,7 @@ async fn run_one(
             let stage = *c.stage_ids.first().context("seeded without a stage")?;
             let before = probe.sample();
             let run = node
-                .delete(&h.mongo.uri(), super::bench::DB, c.org_id, stage)
+                .delete(&h.mongo.uri(), super::DB, c.org_id, stage)
                 .await?;
             let side = Side {
                 contacts: run.count,
@@ -341,10 +337,7 @@ async fn delete_job(h: &Harness, org: ObjectId) -> anyhow::Result<Side> {
     let job_id = reply["jobId"]
         .as_str()
         .context("delete reply without jobId")?;
-    let snap = h
-        .nats
-        .follow(&org, job_id, &mut events, &mut JobView::quiet())
-        .await?;
+    let snap = h.nats.follow(&org, job_id, &mut events, &mut Quiet).await?;
     let took = t0.elapsed();
     if status(&snap) != "completed" {
         bail!("delete job did not complete: {snap}");

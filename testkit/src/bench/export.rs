@@ -18,11 +18,11 @@ use contact_bulk_actors::filter::Filter;
 use futures::TryStreamExt;
 use serde_json::json;
 
-use super::bench::{mb, print_table, rate, round, timed, Common, Harness, Memory};
-use super::bench_cpu::CpuProbe;
-use super::client::{status, JobView};
+use super::cpu::CpuProbe;
 use super::yardsticks::Yardsticks;
-use contact_bulk_testkit::seed::{seed_org, SeedSpec};
+use super::{mb, print_table, rate, round, timed, Common, Harness, Memory};
+use crate::seed::{seed_org, SeedSpec};
+use contact_bulk_client::{status, Quiet};
 
 /// Options of `bench export`.
 #[derive(Debug, Clone, Args)]
@@ -229,9 +229,7 @@ async fn run_one(
         let before = probe.sample();
         let (export, init) = export_job(h, n, org).await?;
         let cpu = probe.sample().json_since(&before);
-        let node_run = node
-            .export(&h.mongo.uri(), super::bench::DB, org, &out)
-            .await?;
+        let node_run = node.export(&h.mongo.uri(), super::DB, org, &out).await?;
         let _ = std::fs::remove_file(&out);
         check("the node export", node_run.count)?;
         let (count, drain_after) = timed(drain(&h.db, org)).await;
@@ -298,10 +296,7 @@ async fn export_job(h: &Harness, n: u64, org: ObjectId) -> anyhow::Result<(Durat
     let job_id = reply["jobId"]
         .as_str()
         .context("export reply without jobId")?;
-    let snap = h
-        .nats
-        .follow(&org, job_id, &mut events, &mut JobView::quiet())
-        .await?;
+    let snap = h.nats.follow(&org, job_id, &mut events, &mut Quiet).await?;
     let took = t0.elapsed();
     if status(&snap) != "completed" || snap["result"]["rows"].as_u64() != Some(n) {
         bail!("export did not complete with {n} rows: {snap}");

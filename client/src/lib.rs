@@ -1,18 +1,21 @@
-//! NATS plumbing of the operator commands and benchmarks: requests whose error
-//! replies become errors naming the field, and following a job to its terminal
-//! state from its events (with a progress bar, or silently).
+//! contact-bulk-client: the typed NATS client of contact-bulk, shared by the
+//! CLI's operator commands and the benchmarks (as mini-redis shares its client):
+//! requests whose error replies become errors naming the field, following a job
+//! to its terminal state from its events, and downloading an export's file
+//! ([`download`]). It depends on the protocol crate only, never on the service.
 
-use std::time::{Duration, Instant};
+pub mod download;
+
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use async_nats::Subscriber;
+use async_nats::{ServerAddr, Subscriber};
 use contact_bulk_protocol::commands::{JobId, JobQuery};
 use contact_bulk_protocol::error::ErrorReply;
 use contact_bulk_protocol::events::JobEvent;
 use contact_bulk_protocol::subjects::{Command, Subjects};
 use contact_bulk_protocol::Id;
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -59,7 +62,7 @@ impl Nats {
     /// Connects to `url` (one server or a cluster's comma-separated list),
     /// giving up after 10 s.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Nats> {
-        let servers = contact_bulk::config::nats_servers(url)?;
+        let servers = nats_servers(url)?;
         let connect = async_nats::ConnectOptions::new()
             .name("contact-bulk-cli")
             .request_timeout(None)
@@ -145,7 +148,7 @@ impl Nats {
         org: &str,
         job_id: &str,
         events: &mut Subscriber,
-        view: &mut JobView,
+        view: &mut dyn Progress,
     ) -> anyhow::Result<Value> {
         let wanted = self.subjects.job_events(org, job_id);
         let mut snap: Option<Value> = None;
@@ -228,7 +231,8 @@ pub fn status_label(snap: &Value) -> String {
     }
 }
 
-fn processed(snap: &Value) -> u64 {
+/// Rows exported or contacts handled so far.
+pub fn processed(snap: &Value) -> u64 {
     snap["processed"].as_u64().unwrap_or(0)
 }
 
@@ -239,88 +243,36 @@ pub fn counts(v: &Value) -> (u64, u64, u64) {
     (n("contacts"), n("conversations"), n("messages"))
 }
 
-/// How a followed job is shown: a progress bar on a terminal, one line per
-/// status change otherwise, or nothing (benchmarks).
-pub struct JobView {
-    bar: ProgressBar,
-    quiet: bool,
-    sized: bool,
-    last_status: String,
-    started: Instant,
+/// What a follower shows of a job: a progress bar (the CLI), or nothing
+/// ([`Quiet`], the benchmarks).
+pub trait Progress {
+    /// A newer snapshot of the job.
+    fn update(&mut self, snap: &Value);
+    /// The last snapshot, once the job is terminal.
+    fn finish(&mut self, _snap: &Value) {}
 }
 
-impl JobView {
-    /// A view drawing on stderr.
-    pub fn stderr() -> JobView {
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        bar.set_style(spinner_style());
-        bar.enable_steady_tick(Duration::from_millis(200));
-        JobView::with(bar, false)
-    }
+/// Shows nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quiet;
 
-    /// A view that shows nothing.
-    pub fn quiet() -> JobView {
-        JobView::with(ProgressBar::hidden(), true)
-    }
-
-    fn with(bar: ProgressBar, quiet: bool) -> JobView {
-        JobView {
-            bar,
-            quiet,
-            sized: false,
-            last_status: String::new(),
-            started: Instant::now(),
-        }
-    }
-
-    /// Shows a snapshot.
-    pub fn update(&mut self, snap: &Value) {
-        let status = status_label(snap);
-        if let (Some(total), false) = (snap["total"].as_u64(), self.sized) {
-            self.bar.set_length(total);
-            self.bar.set_style(bar_style());
-            self.sized = true;
-        }
-        self.bar.set_position(processed(snap));
-        let mut msg = status.clone();
-        if snap["kind"] == "delete" {
-            let (c, v, m) = counts(snap);
-            msg = format!("{status} · {c} contacts, {v} conversations, {m} messages");
-        }
-        self.bar.set_message(msg);
-        if status != self.last_status {
-            if !self.quiet && self.bar.is_hidden() {
-                let total = snap["total"]
-                    .as_u64()
-                    .map_or_else(|| "?".into(), |t| t.to_string());
-                eprintln!(
-                    "job {} {status}: {}/{total} after {:.1} s",
-                    snap["jobId"].as_str().unwrap_or("?"),
-                    processed(snap),
-                    self.started.elapsed().as_secs_f64()
-                );
-            }
-            self.last_status = status;
-        }
-    }
-
-    /// Leaves the final state on screen.
-    pub fn finish(&self, snap: &Value) {
-        self.bar.set_position(processed(snap));
-        self.bar.abandon();
-    }
+impl Progress for Quiet {
+    fn update(&mut self, _snap: &Value) {}
 }
 
-fn spinner_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} processed · {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner())
-}
-
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "[{elapsed_precise}] {wide_bar} {pos}/{len} · {per_sec} · eta {eta} · {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
+/// The servers of a NATS URL: one server or a cluster's comma-separated list.
+pub fn nats_servers(list: &str) -> anyhow::Result<Vec<ServerAddr>> {
+    let servers = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ServerAddr>()
+                .map_err(|e| anyhow!("NATS_URL: invalid server {s:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!servers.is_empty(), "NATS_URL: no server given");
+    Ok(servers)
 }
 
 #[cfg(test)]

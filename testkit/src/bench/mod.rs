@@ -19,8 +19,17 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::instrument::WithSubscriber;
 
-use super::client::Nats;
-use contact_bulk_testkit::servers::{repo_nats_conf, MongoServer, NatsServer};
+use crate::servers::{repo_nats_conf, MongoServer, NatsServer};
+use bson::oid::ObjectId;
+use contact_bulk_client::Nats;
+
+pub mod cpu;
+pub mod delete;
+pub mod export;
+pub mod restore;
+pub mod ws;
+pub mod ws_latency;
+pub mod yardsticks;
 
 /// Database the benchmarks use.
 pub const DB: &str = "crm";
@@ -37,13 +46,13 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum BenchCommand {
     /// Export job rows/s against a raw cursor drain, and the service's peak RSS.
-    Export(super::bench_export::ExportBench),
+    Export(export::ExportBench),
     /// Cascade-delete job documents/s against plain deleteMany calls.
-    Delete(super::bench_delete::DeleteBench),
+    Delete(delete::DeleteBench),
     /// Restore job documents/s against plain insertMany of the same documents.
-    Restore(super::bench_restore::RestoreBench),
+    Restore(restore::RestoreBench),
     /// WebSocket bridge latency (p50/p99) with many clients on one job.
-    Ws(super::bench_ws::WsBench),
+    Ws(ws::WsBench),
 }
 
 /// Options every benchmark takes.
@@ -60,10 +69,10 @@ pub struct Common {
 /// Runs `bench`.
 pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
-        BenchCommand::Export(a) => super::bench_export::run(a).await,
-        BenchCommand::Delete(a) => super::bench_delete::run(a).await,
-        BenchCommand::Restore(a) => super::bench_restore::run(a).await,
-        BenchCommand::Ws(a) => super::bench_ws::run(a).await,
+        BenchCommand::Export(a) => export::run(a).await,
+        BenchCommand::Delete(a) => delete::run(a).await,
+        BenchCommand::Restore(a) => restore::run(a).await,
+        BenchCommand::Ws(a) => ws::run(a).await,
     }
 }
 
@@ -145,6 +154,28 @@ impl Harness {
         &self.scratch.path
     }
 
+    /// A bearer token of `org` with `scope`, minted by `contact-bulk token`
+    /// (this executable) with the secret the service child gets, so the
+    /// benchmarks need nothing of the service's library.
+    pub async fn token(&self, org: ObjectId, scope: &str) -> anyhow::Result<String> {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let out = Command::new(exe)
+            .args(["token", "--org", &org.to_hex(), "--scope", scope])
+            .args(["--user", &ObjectId::new().to_hex(), "--ttl", "3600"])
+            .env("JWT_SECRET", &self.secret)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running `contact-bulk token`")?;
+        if !out.status.success() {
+            bail!(
+                "`contact-bulk token` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
     /// Starts `contact-bulk serve` (this executable) against the servers and
     /// waits for its `listening on http://` line.
     pub async fn service(&mut self) -> anyhow::Result<ServiceChild> {
@@ -202,7 +233,7 @@ impl ServiceChild {
         };
         cmd.env("RUST_LOG", filter);
         // Like the servers: killed with this process, even by SIGKILL.
-        let mut child = contact_bulk_testkit::servers::spawn_child(cmd)
+        let mut child = crate::servers::spawn_child(cmd)
             .await
             .context("starting the service")?;
         let pid = child.id().context("service exited at once")?;
