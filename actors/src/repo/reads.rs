@@ -112,7 +112,7 @@ impl ContactReads for MongoReads {
     }
 
     async fn restore_dry_run(&self, source: &JobRecord) -> Result<RestoreCounts, JobError> {
-        crate::restore::dry_run(&self.db, source).await
+        crate::restore::dry_run(&super::MongoCrm::new(&self.db), source).await
     }
 
     async fn documents(

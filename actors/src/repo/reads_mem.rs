@@ -2,10 +2,8 @@
 //! the selection is evaluated as the query would (organisation, collection,
 //! stages, owners, dates, tags), so the use cases' counts and dry runs are
 //! unit-tested without servers.
-//!
-//! One simplification: a restore's dry run does not see earlier restores'
-//! audit entries (the fake keeps none by `bulkKey`), so a contact put back
-//! before and deleted since counts as restorable here.
+//! The restore's dry run is the restore's own count over the CRM fake's
+//! [`crate::repo::RestoreRepo`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +12,7 @@ use async_trait::async_trait;
 use bson::{oid::ObjectId, Document};
 use futures::StreamExt;
 
-use super::crm::{ContactRepo, KeptRepo};
+use super::crm::ContactRepo;
 use super::crm_mem::MemCrm;
 use super::export::{NameSource, PipelineNames};
 use super::reads::{ContactReads, DocStream, PIPELINES_LISTED};
@@ -134,31 +132,7 @@ impl ContactReads for MemReads {
 
     async fn restore_dry_run(&self, source: &JobRecord) -> Result<RestoreCounts, JobError> {
         self.up()?;
-        let mut kept: Vec<ObjectId> = self
-            .crm
-            .kept(&source.job_id)
-            .into_iter()
-            .filter_map(|(contact, child)| child.is_none().then_some(contact))
-            .collect();
-        kept.sort();
-        let present = self.crm.present(source, &kept).await?;
-        let mut counts = RestoreCounts::default();
-        let mut before = None;
-        for contact in kept {
-            // Kept children are read by contact range: (previous kept, this one].
-            let (conversations, messages) = self
-                .crm
-                .kept_children(&source.job_id, before, contact)
-                .await?;
-            before = Some(contact);
-            if present.contains(&contact) {
-                continue;
-            }
-            counts.contacts += 1;
-            counts.conversations += conversations;
-            counts.messages += messages;
-        }
-        Ok(counts)
+        crate::restore::dry_run(&self.crm, source).await
     }
 
     async fn documents(
