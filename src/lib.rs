@@ -111,6 +111,7 @@ impl Service {
             crm: contact_bulk_actors::repo::Crm::of(Arc::new(
                 contact_bulk_actors::repo::MongoCrm::new(&db),
             )),
+            export: Arc::new(contact_bulk_actors::repo::MongoExport::new(&db)),
             db: db.clone(),
             artifacts: artifacts.clone(),
             sink: sink.clone(),

@@ -8,20 +8,22 @@
 //! batch, so a chunk stays near that size however large the rows are (far
 //! from MongoDB's 16 MB document limit).
 
-use bson::{doc, oid::ObjectId, Bson, Document, RawDocumentBuf};
-use futures::{FutureExt, StreamExt, TryStreamExt};
-use mongodb::options::{FindOptions, Hint};
+use std::sync::Arc;
+
+use bson::{oid::ObjectId, Bson, Document, RawDocument};
+use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::encode::{collect_custom_keys, Encoder};
+use crate::encode::Encoder;
 use crate::error::JobError;
 use crate::id_ranges::{self, IdRange, OpenRange, RangeReader};
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::lookup::NameCache;
 use crate::model::{Checkpoint, ExportFile, ExportSpec, JobRecord};
 use crate::pending_chunk::PendingChunk;
-use crate::repo::{Ending, JobPatch};
+use crate::repo::export::bad_bson;
+use crate::repo::{Ending, JobPatch, NameSource, RawBatch};
 
 /// The export actor.
 pub type ExportActor = JobActor<ExportState>;
@@ -32,7 +34,7 @@ pub struct ExportState {
     spec: ExportSpec,
     encoder: Option<Encoder>,
     /// The rows to export, read ahead as bounded `_id` ranges (see [`crate::id_ranges`]).
-    reader: Option<RangeReader<Document>>,
+    reader: Option<RangeReader<RawBatch>>,
     names: NameCache,
     /// Encoded rows not yet flushed.
     buf: Vec<u8>,
@@ -113,12 +115,7 @@ impl Drop for Counting {
 
 /// The top-level fields of a projection, applied to raw documents: a
 /// `customFields.<key>` column keeps the whole `customFields` (the encoder
-/// picks its keys).
-///
-/// The query asks for whole documents and the reader keeps only the fields
-/// the columns need: a server-side projection is applied per document by the
-/// server (MongoDB's `PROJECTION_DEFAULT` stage), and on the stand-in server
-/// it halved the rate of a sorted read of a large range.
+/// picks its keys). The rows come whole (see [`crate::repo::MongoExport`]).
 #[derive(Debug, Clone)]
 struct Fields(Vec<String>);
 
@@ -135,7 +132,7 @@ impl Fields {
     /// The wanted fields of `raw` as a document. A handful of fields: a
     /// linear scan beats hashing every key, and only the wanted values are
     /// parsed.
-    fn project(&self, raw: &RawDocumentBuf) -> Result<Document, JobError> {
+    fn project(&self, raw: &RawDocument) -> Result<Document, JobError> {
         let mut doc = Document::new();
         for element in raw.iter_elements() {
             let element = element.map_err(bad_bson)?;
@@ -147,10 +144,6 @@ impl Fields {
         }
         Ok(doc)
     }
-}
-
-fn bad_bson(e: impl std::fmt::Display) -> JobError {
-    JobError::Internal(format!("reading a document: {e}"))
 }
 
 impl JobStep for ExportState {
@@ -259,32 +252,14 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
 /// Freezes the snapshot, discovers custom keys when asked, writes the header;
 /// `total` is counted beside the first batches.
 async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
-    let db = s.run.env.db.clone();
-    let collection = s.run.job.filter.pipeline_type.collection();
-    let coll = db.collection::<Document>(collection);
-    let query = s.run.job.filter.query(s.run.job.org_id);
+    let source = s.run.env.export.clone();
     let limit = s.run.job.filter.limit;
-    let max_id = crate::snapshot::bound(&db, collection, &query).await?;
+    let max_id = source.bound(&s.run.job).await?;
     let mut counting = start_count(s, max_id);
     let mut custom_keys = None;
     if s.spec.columns.needs_custom_discovery() {
-        let mut bounded = query;
-        bounded.insert("_id", doc! {"$lte": max_id});
-        let mut keys = std::collections::BTreeSet::new();
-        let mut find = coll
-            .find(bounded)
-            .sort(doc! {"_id": 1})
-            .projection(doc! {"customFields": 1});
-        if let Some(limit) = limit {
-            find = find.limit(limit as i64);
-        }
-        let pass = async move {
-            let mut cursor = find.batch_size(2000).await?;
-            while let Some(d) = cursor.try_next().await? {
-                collect_custom_keys(&d, &mut keys);
-            }
-            Ok::<_, JobError>(keys.into_iter().collect::<Vec<_>>())
-        };
+        let job = s.run.job.clone();
+        let pass = async move { source.custom_keys(&job, max_id).await };
         // A pass over a large organisation is one step: it must hear a cancel.
         match s.run.listening(pass).await? {
             Some(keys) => custom_keys = Some(keys),
@@ -363,27 +338,33 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
         .min(s.run.env.settings.export_batch as i64) as usize;
     let waited = std::time::Instant::now();
     // The first batch may take the server a while: the lease is renewed meanwhile.
-    let mut docs = match s.reader.as_mut() {
-        Some(reader) => s.run.alive(reader.next()).await?,
-        None => Vec::new(),
+    let mut rows = match s.reader.as_mut() {
+        Some(reader) => s.run.alive(reader.next()).await?.unwrap_or_default(),
+        None => RawBatch::default(),
     };
     s.laps.read += waited.elapsed();
-    if docs.is_empty() {
+    if rows.is_empty() {
         s.exhausted = true;
     }
-    docs.truncate(want);
-    if remaining.is_some_and(|r| r <= docs.len() as i64) {
+    rows.truncate(want);
+    if remaining.is_some_and(|r| r <= rows.len() as i64) {
         s.exhausted = true;
     }
-    if docs.is_empty() {
+    if rows.is_empty() {
         return Ok(());
     }
+    let fields = Fields::of(&s.spec.columns.projection());
+    let docs = rows
+        .iter()
+        .map(|raw| fields.project(raw?))
+        .collect::<Result<Vec<_>, _>>()?;
     let cols = &s.spec.columns;
+    let names: &dyn NameSource = &*s.run.env.export;
     s.names
         .resolve(
-            &s.run.env.db,
+            names,
             s.run.job.org_id,
-            &docs,
+            docs.iter(),
             cols.needs_pipeline() || cols.needs_stage(),
             cols.needs_owner(),
         )
@@ -428,81 +409,28 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
 ///
 /// Without a `limit` the selection is read as several `_id` ranges, the next
 /// one prepared by the server while this one streams (see [`crate::id_ranges`]).
-/// Each range's query bounds `_id` on both sides, so the planner reads it
-/// from the `{orgId: 1, _id: 1}` index in `_id` order, only that range: a
-/// hint would not do better, and on the stand-in server a hinted query read
-/// the organisation's whole key range whatever its `_id` bounds.
-///
-/// A limited export reads one range (the limit counts from its start) and,
-/// org-wide, hints the `{orgId: 1, _id: 1}` index: it hands the rows over in
-/// `_id` order with no sort, whereas a planner that picks the index by the
-/// first key of the filter (secantusd-rs) read the `orgId` and `_id` bounds
-/// through another index and sorted, 2.5 times slower to the first batch.
+/// A limited export reads one range (the limit counts from its start).
 fn open_reader(s: &mut ExportState, max_id: ObjectId, remaining: Option<i64>) {
-    let job = &s.run.job;
-    let base = job.filter.query(job.org_id);
-    let coll = s
-        .run
-        .env
-        .db
-        .collection::<RawDocumentBuf>(job.filter.pipeline_type.collection());
-    let batch = s.run.env.settings.export_batch;
-    let (ranges, hint) = match job.filter.limit {
-        Some(_) => (
-            vec![IdRange {
-                after: s.read_last,
-                upto: max_id,
-            }],
-            job.filter
-                .org_wide
-                .then(|| Hint::Keys(doc! {"orgId": 1, "_id": 1})),
-        ),
-        None => (
-            id_ranges::split(
-                s.read_last,
-                max_id,
-                job.org_id,
-                s.run.env.settings.export_ranges,
-            ),
-            None,
+    let job = Arc::new(s.run.job.clone());
+    let source = s.run.env.export.clone();
+    let batch = s.run.env.settings.export_batch as usize;
+    let ranges = match job.filter.limit {
+        Some(_) => vec![IdRange {
+            after: s.read_last,
+            upto: max_id,
+        }],
+        None => id_ranges::split(
+            s.read_last,
+            max_id,
+            job.org_id,
+            s.run.env.settings.export_ranges,
         ),
     };
-    let fields = Fields::of(&s.spec.columns.projection());
-    let open: OpenRange<Document> = Box::new(move |range: IdRange| {
-        let mut query = base.clone();
-        // Both bounds, also below the first range: `$gte` the least ObjectId
-        // (`_id`s are ObjectIds; the bound only makes the range explicit).
-        let lower = match range.after {
-            Some(after) => doc! {"$gt": after},
-            None => doc! {"$gte": ObjectId::from_bytes([0; 12])},
-        };
-        let mut bounds = lower;
-        bounds.insert("$lte", range.upto);
-        query.insert("_id", bounds);
-        let options = FindOptions::builder()
-            .sort(doc! {"_id": 1})
-            .batch_size(batch)
-            .limit(remaining)
-            .hint(hint.clone())
-            .build();
-        let coll = coll.clone();
-        let fields = fields.clone();
-        async move {
-            let cursor = coll.find(query).with_options(options).await?;
-            let rows = cursor.map(move |row| match row {
-                Ok(raw) => fields.project(&raw),
-                Err(e) => Err(JobError::from(e)),
-            });
-            Ok(rows.boxed())
-        }
-        .boxed()
+    let open: OpenRange<RawBatch> = Box::new(move |range: IdRange| {
+        let (source, job) = (source.clone(), job.clone());
+        async move { source.rows(&job, range, remaining, batch).await }.boxed()
     });
-    s.reader = Some(RangeReader::new(
-        ranges,
-        batch as usize,
-        id_ranges::RANGES_AHEAD,
-        open,
-    ));
+    s.reader = Some(RangeReader::new(ranges, id_ranges::RANGES_AHEAD, open));
 }
 
 /// Settles the chunk in flight, if any: stored, then checkpointed.
@@ -537,24 +465,14 @@ async fn flush(s: &mut ExportState) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Starts counting `total` beside the export.
-///
-/// The count bounds `_id` on both sides, as the reader's ranges do, and names
-/// no index: a hinted `count` on the stand-in server collects every matching
-/// document before counting them, an unhinted one only looks at each.
+/// Starts counting `total` beside the export: the selection under the
+/// snapshot's bound, as the reader's ranges read it.
 fn start_count(s: &ExportState, max_id: ObjectId) -> Counting {
-    let job = &s.run.job;
-    let db = s.run.env.db.clone();
-    let collection = job.filter.pipeline_type.collection();
-    let mut query = job.filter.query(job.org_id);
-    query.insert(
-        "_id",
-        doc! {"$gte": ObjectId::from_bytes([0; 12]), "$lte": max_id},
-    );
-    let limit = job.filter.limit;
-    Counting(tokio::spawn(async move {
-        crate::snapshot::count(&db, collection, &query, None, limit).await
-    }))
+    let source = s.run.env.export.clone();
+    let job = s.run.job.clone();
+    Counting(tokio::spawn(
+        async move { source.count(&job, max_id).await },
+    ))
 }
 
 /// Records `total` once the count has landed (or, with `wait`, waits for it).
@@ -660,3 +578,6 @@ async fn pack(spec: &ExportSpec, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
 fn io_err(e: std::io::Error) -> JobError {
     JobError::Internal(format!("encoding: {e}"))
 }
+
+#[cfg(test)]
+mod tests;

@@ -100,16 +100,34 @@ pub fn split(
     ranges
 }
 
-/// Opens the rows of one range, in `_id` order.
+/// Opens the rows of one range, a batch at a time, in `_id` order.
 pub type OpenRange<T> = Box<
     dyn Fn(IdRange) -> BoxFuture<'static, Result<BoxStream<'static, Result<T, JobError>>, JobError>>
         + Send
         + Sync,
 >;
 
+/// A batch of rows: how many it holds (for the range's debug line).
+pub trait Rows {
+    /// Rows held.
+    fn rows(&self) -> usize;
+}
+
+impl<T> Rows for Vec<T> {
+    fn rows(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Rows for crate::repo::RawBatch {
+    fn rows(&self) -> usize {
+        self.len()
+    }
+}
+
 /// One range being read by its task.
 struct Running<T> {
-    rx: mpsc::Receiver<Result<Vec<T>, JobError>>,
+    rx: mpsc::Receiver<Result<T, JobError>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -119,29 +137,27 @@ impl<T> Drop for Running<T> {
     }
 }
 
-/// Hands over the rows of a list of ranges in order, batch by batch, reading
-/// up to [`RANGES_AHEAD`] ranges ahead. Dropping it stops every task (and
-/// closes their cursors).
-pub struct RangeReader<T: Send + 'static> {
+/// Hands over the batches of a list of ranges in order, reading up to
+/// [`RANGES_AHEAD`] ranges ahead. Dropping it stops every task (and closes
+/// their cursors).
+pub struct RangeReader<T: Rows + Send + 'static> {
     open: std::sync::Arc<OpenRange<T>>,
     waiting: VecDeque<IdRange>,
     running: VecDeque<Running<T>>,
-    batch: usize,
     ahead: usize,
     /// A range failed: nothing more is handed over (the rest of that range
     /// would be skipped), the caller opens a new reader.
     failed: bool,
 }
 
-impl<T: Send + 'static> RangeReader<T> {
-    /// Starts reading `ranges` (in order) in batches of `batch` rows, with
-    /// `ahead` ranges read ahead of the current one.
-    pub fn new(ranges: Vec<IdRange>, batch: usize, ahead: usize, open: OpenRange<T>) -> Self {
+impl<T: Rows + Send + 'static> RangeReader<T> {
+    /// Starts reading `ranges` (in order), with `ahead` ranges read ahead of
+    /// the current one.
+    pub fn new(ranges: Vec<IdRange>, ahead: usize, open: OpenRange<T>) -> Self {
         let mut reader = RangeReader {
             open: std::sync::Arc::new(open),
             waiting: ranges.into(),
             running: VecDeque::new(),
-            batch: batch.max(1),
             ahead,
             failed: false,
         };
@@ -161,11 +177,10 @@ impl<T: Send + 'static> RangeReader<T> {
             };
             let (tx, rx) = mpsc::channel(RANGE_QUEUE);
             let open = self.open.clone();
-            let batch = self.batch;
             let task = tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let mut rows = match open(range).await {
-                    Ok(rows) => rows,
+                let mut batches = match open(range).await {
+                    Ok(batches) => batches,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
@@ -174,54 +189,33 @@ impl<T: Send + 'static> RangeReader<T> {
                 let opened = started.elapsed();
                 let mut first = None;
                 let mut count = 0usize;
-                loop {
-                    let mut docs = Vec::with_capacity(batch);
-                    let mut failed = None;
-                    while docs.len() < batch {
-                        match rows.next().await {
-                            Some(Ok(d)) => docs.push(d),
-                            Some(Err(e)) => {
-                                failed = Some(e);
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
+                while let Some(batch) = batches.next().await {
                     first.get_or_insert_with(|| started.elapsed());
-                    count += docs.len();
-                    let last = docs.len() < batch || failed.is_some();
-                    if last {
-                        tracing::debug!(
-                            after = ?range.after.map(|a| a.to_hex()),
-                            upto = %range.upto.to_hex(),
-                            rows = count,
-                            opened_ms = opened.as_millis() as u64,
-                            first_batch_ms = first.map_or(0, |f| f.as_millis() as u64),
-                            read_ms = started.elapsed().as_millis() as u64,
-                            "export range read"
-                        );
-                    }
-                    if !docs.is_empty() && tx.send(Ok(docs)).await.is_err() {
-                        return;
-                    }
-                    if let Some(e) = failed {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                    if last {
-                        // Dropping the sender ends the range.
+                    let failed = batch.is_err();
+                    count += batch.as_ref().map_or(0, Rows::rows);
+                    if tx.send(batch).await.is_err() || failed {
                         return;
                     }
                 }
+                tracing::debug!(
+                    after = ?range.after.map(|a| a.to_hex()),
+                    upto = %range.upto.to_hex(),
+                    rows = count,
+                    opened_ms = opened.as_millis() as u64,
+                    first_batch_ms = first.map_or(0, |f| f.as_millis() as u64),
+                    read_ms = started.elapsed().as_millis() as u64,
+                    "export range read"
+                );
+                // Dropping the sender ends the range.
             });
             self.running.push_back(Running { rx, task });
         }
     }
 
-    /// The next batch in `_id` order; empty once every range is exhausted.
+    /// The next batch in `_id` order; `None` once every range is exhausted.
     /// An error leaves the failed range in place: the caller drops the reader
     /// and opens a new one after the last row it took.
-    pub async fn next(&mut self) -> Result<Vec<T>, JobError> {
+    pub async fn next(&mut self) -> Result<Option<T>, JobError> {
         if self.failed {
             return Err(JobError::Internal(
                 "an export range failed; the reader must be opened again".into(),
@@ -230,10 +224,10 @@ impl<T: Send + 'static> RangeReader<T> {
         loop {
             self.top_up();
             let Some(current) = self.running.front_mut() else {
-                return Ok(Vec::new());
+                return Ok(None);
             };
             match current.rx.recv().await {
-                Some(Ok(batch)) => return Ok(batch),
+                Some(Ok(batch)) => return Ok(Some(batch)),
                 Some(Err(e)) => {
                     self.failed = true;
                     self.running.clear();

@@ -81,7 +81,9 @@ pub struct JobEnv {
     pub jobs: Arc<dyn JobRepo>,
     /// The CRM data a delete works on.
     pub crm: crate::repo::Crm,
-    /// The CRM database, for the queries of exports and restores.
+    /// What exports read.
+    pub export: Arc<dyn crate::repo::ExportSource>,
+    /// The CRM database, for the queries of restores.
     pub db: mongodb::Database,
     /// Export files.
     pub artifacts: Arc<dyn crate::repo::ChunkRepo>,

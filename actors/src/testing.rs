@@ -129,6 +129,7 @@ pub fn env_full(
     JobEnv {
         jobs: Arc::new(jobs.clone()),
         crm: Crm::of(Arc::new(crm.clone())),
+        export: Arc::new(crate::repo::MemExport::new()),
         artifacts: Arc::new(chunks.clone()),
         db,
         sink,

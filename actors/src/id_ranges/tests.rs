@@ -88,54 +88,49 @@ fn a_selection_within_one_second_or_past_its_end_is_one_range_or_none() {
     );
 }
 
-/// A reader over `data` (sorted), each range answered from memory; ranges in
-/// `fail` answer one row and then an error.
+/// A reader over `data` (sorted), each range answered from memory in
+/// batches of `batch`; ranges in `fail` answer one row and then an error.
 fn reader(
     data: Vec<ObjectId>,
     ranges: Vec<IdRange>,
     batch: usize,
     ahead: usize,
     fail: Option<IdRange>,
-) -> RangeReader<ObjectId> {
+) -> RangeReader<Vec<ObjectId>> {
     let data = std::sync::Arc::new(data);
     RangeReader::new(
         ranges,
-        batch,
         ahead,
         Box::new(move |range: IdRange| {
             let data = data.clone();
             async move {
-                let rows: Vec<Result<ObjectId, JobError>> = data
+                let rows: Vec<ObjectId> = data
                     .iter()
                     .filter(|x| contains(&range, x))
                     .copied()
-                    .map(Ok)
                     .collect();
-                let rows = if fail == Some(range) {
-                    rows.into_iter()
-                        .take(1)
-                        .chain([Err(JobError::Internal("cursor lost".into()))])
-                        .collect()
+                let batches: Vec<Result<Vec<ObjectId>, JobError>> = if fail == Some(range) {
+                    vec![
+                        Ok(rows.into_iter().take(1).collect()),
+                        Err(JobError::Internal("cursor lost".into())),
+                    ]
                 } else {
-                    rows
+                    rows.chunks(batch).map(|c| Ok(c.to_vec())).collect()
                 };
-                Ok(futures::stream::iter(rows).boxed())
+                Ok(futures::stream::iter(batches).boxed())
             }
             .boxed()
         }),
     )
 }
 
-async fn drain(r: &mut RangeReader<ObjectId>, batch: usize) -> Vec<ObjectId> {
+async fn drain(r: &mut RangeReader<Vec<ObjectId>>, batch: usize) -> Vec<ObjectId> {
     let mut out = Vec::new();
-    loop {
-        let b = r.next().await.expect("no error");
-        assert!(b.len() <= batch);
-        if b.is_empty() {
-            return out;
-        }
+    while let Some(b) = r.next().await.expect("no error") {
+        assert!(!b.is_empty() && b.len() <= batch);
         out.extend(b);
     }
+    out
 }
 
 #[tokio::test]
@@ -146,7 +141,7 @@ async fn rows_come_out_in_id_order_whatever_the_read_ahead() {
         let mut r = reader(data.clone(), ranges, batch, ahead, None);
         assert_eq!(drain(&mut r, batch).await, data, "{parts} {batch} {ahead}");
         assert_eq!(r.ranges_left(), 0);
-        assert!(r.next().await.expect("still fine").is_empty());
+        assert!(r.next().await.expect("still fine").is_none());
     }
 }
 
@@ -175,10 +170,7 @@ async fn a_failed_range_stops_the_reader_rather_than_skip_rows() {
     let mut got = Vec::new();
     let err = loop {
         match r.next().await {
-            Ok(b) => {
-                assert!(!b.is_empty(), "ended without the error");
-                got.extend(b)
-            }
+            Ok(b) => got.extend(b.expect("ended without the error")),
             Err(e) => break e,
         }
     };

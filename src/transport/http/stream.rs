@@ -88,7 +88,9 @@ async fn produce_csv(
         let done = next.is_none();
         docs.extend(next);
         if docs.len() == BATCH || (done && !docs.is_empty()) {
-            names.resolve(&app.db, org, &docs, true, false).await?;
+            names
+                .resolve(&app.db, org, docs.iter(), true, false)
+                .await?;
             let mut out = Vec::with_capacity(docs.len() * 96);
             encoder
                 .encode_batch(&docs, &names.names, &mut out)
