@@ -140,6 +140,7 @@ impl Service {
         let reads = Arc::new(contact_bulk_actors::repo::MongoReads::new(&db));
         let app = Arc::new(App {
             reads,
+            restore: Arc::new(contact_bulk_actors::repo::MongoCrm::new(&db)),
             names: Arc::new(contact_bulk_actors::repo::MongoExport::new(&db)),
             store,
             artifacts,

@@ -13,7 +13,7 @@ use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
-use contact_bulk_actors::repo::{ContactReads, JobRepo, NameSource};
+use contact_bulk_actors::repo::{ContactReads, JobRepo, NameSource, RestoreRepo};
 use contact_bulk_actors::restore::{self, RestoreCounts};
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
@@ -30,6 +30,8 @@ pub use view::decorate;
 pub struct App {
     /// Counts, dry runs and the streamed export's reads of the CRM data.
     pub reads: std::sync::Arc<dyn ContactReads>,
+    /// Kept documents of deletes (the restore's dry run).
+    pub restore: std::sync::Arc<dyn RestoreRepo>,
     /// Pipeline, stage and owner names of export rows.
     pub names: std::sync::Arc<dyn NameSource>,
     /// Job records.
@@ -199,7 +201,7 @@ impl App {
         if dry {
             self.quota.admit(org, Admission::Check).await?;
             return Ok(RestoreOutcome::DryRun(
-                self.reads.restore_dry_run(&source).await?,
+                restore::dry_run(self.restore.as_ref(), &source).await?,
             ));
         }
         let (live, n) = restore::existing(self.store.as_ref(), &source.job_id).await?;

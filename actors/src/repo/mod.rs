@@ -49,6 +49,4 @@ pub use webhooks_mem::MemWebhooks;
 pub use webhooks_mongo::MongoWebhooks;
 
 #[cfg(test)]
-mod reads_tests;
-#[cfg(test)]
 mod tests;

@@ -4,9 +4,10 @@
 //!
 //! Every read is scoped to the caller's organisation by the repository (the
 //! filter's query always carries `orgId`); nothing here writes. The MongoDB
-//! implementations keep the exact queries the service ran before (the `count`
-//! command, the dry runs' batched `$in` reads, the sorted, projected cursor);
-//! [`super::reads_mem`] has the in-memory fakes.
+//! implementation keeps the exact queries the service ran before (the `count`
+//! command, the delete dry run's batched `$in` reads, the sorted, projected
+//! cursor); [`super::reads_mem`] has the in-memory fake. A restore's dry run
+//! is the restore's own count over [`super::RestoreRepo`].
 
 use async_trait::async_trait;
 use bson::{doc, oid::ObjectId, Document};
@@ -14,11 +15,10 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 
-use super::PipelineNames;
+use super::{ContactRepo, MongoCrm, PipelineNames};
 use crate::error::JobError;
 use crate::filter::Filter;
-use crate::model::{Counts, JobRecord};
-use crate::restore::RestoreCounts;
+use crate::model::Counts;
 use crate::store::names;
 
 /// Documents read from a cursor, a batch at a time.
@@ -39,10 +39,6 @@ pub trait ContactReads: Send + Sync + 'static {
     /// What a delete with `filter` would remove now: contacts, and their
     /// conversations and messages (the delete's `dryRun`).
     async fn delete_dry_run(&self, org: ObjectId, filter: &Filter) -> Result<Counts, JobError>;
-
-    /// What a restore of the delete `source` started now would put back (the
-    /// restore's `dryRun`, contract section 11).
-    async fn restore_dry_run(&self, source: &JobRecord) -> Result<RestoreCounts, JobError>;
 
     /// The documents of `filter` in `org`, in `_id` order, with `projection`,
     /// capped by the filter's `limit`, read `batch` at a time from one cursor.
@@ -108,11 +104,30 @@ impl ContactReads for MongoReads {
     }
 
     async fn delete_dry_run(&self, org: ObjectId, filter: &Filter) -> Result<Counts, JobError> {
-        crate::delete::dry_run(&self.db, org, filter).await
-    }
-
-    async fn restore_dry_run(&self, source: &JobRecord) -> Result<RestoreCounts, JobError> {
-        crate::restore::dry_run(&super::MongoCrm::new(&self.db), source).await
+        // Exactly what a delete would remove now: the selection's ids in
+        // batches (never collecting the cursor), their children counted per batch.
+        let coll = self
+            .db
+            .collection::<Document>(filter.pipeline_type.collection());
+        let crm = MongoCrm::new(&self.db);
+        let cursor = coll
+            .find(filter.query(org))
+            .projection(doc! {"_id": 1})
+            .batch_size(1000)
+            .await?;
+        let mut counts = Counts::default();
+        let mut chunks = cursor.try_chunks(1000);
+        while let Some(chunk) = chunks.try_next().await.map_err(|e| e.1)? {
+            let ids: Vec<ObjectId> = chunk
+                .iter()
+                .filter_map(|d| d.get_object_id("_id").ok())
+                .collect();
+            let (conversations, messages) = crm.count_children(org, &ids).await?;
+            counts.contacts += ids.len() as u64;
+            counts.conversations += conversations;
+            counts.messages += messages;
+        }
+        Ok(counts)
     }
 
     async fn documents(
@@ -148,3 +163,6 @@ impl ContactReads for MongoReads {
         Ok(docs.iter().filter_map(pipeline_of).collect())
     }
 }
+
+#[cfg(test)]
+mod tests;

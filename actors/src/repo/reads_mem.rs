@@ -2,8 +2,6 @@
 //! the selection is evaluated as the query would (organisation, collection,
 //! stages, owners, dates, tags), so the use cases' counts and dry runs are
 //! unit-tested without servers.
-//! The restore's dry run is the restore's own count over the CRM fake's
-//! [`crate::repo::RestoreRepo`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +17,6 @@ use super::reads::{ContactReads, DocStream, PIPELINES_LISTED};
 use crate::error::{Dependency, JobError};
 use crate::filter::Filter;
 use crate::model::{Counts, JobKind, JobRecord};
-use crate::restore::RestoreCounts;
 
 /// The highest `_id` there is: "no bound".
 const TOP: ObjectId = ObjectId::from_bytes([0xff; 12]);
@@ -128,11 +125,6 @@ impl ContactReads for MemReads {
             counts.messages += messages;
         }
         Ok(counts)
-    }
-
-    async fn restore_dry_run(&self, source: &JobRecord) -> Result<RestoreCounts, JobError> {
-        self.up()?;
-        crate::restore::dry_run(&self.crm, source).await
     }
 
     async fn documents(

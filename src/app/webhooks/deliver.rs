@@ -245,5 +245,4 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
 }
 
 #[cfg(test)]
-#[path = "deliver_tests.rs"]
 mod tests;

@@ -25,13 +25,14 @@ use contact_bulk_client::{ensure_completed, ClientError, Nats, Quiet};
 use contact_bulk_protocol::job::JobSnapshot;
 use contact_bulk_protocol::replies::Accepted;
 
-pub mod cpu;
+// Private: shared by the benchmarks only, so anything unused is reported.
+mod cpu;
 pub mod delete;
 pub mod export;
 pub mod restore;
 pub mod ws;
 pub mod ws_latency;
-pub mod yardsticks;
+mod yardsticks;
 
 /// Database the benchmarks use.
 pub const DB: &str = "crm";

@@ -4,15 +4,11 @@
 use bson::{doc, oid::ObjectId};
 use futures::TryStreamExt;
 
-use super::crm::KeptRepo;
-use super::crm_mem::MemCrm;
-use super::export::PipelineNames;
-use super::reads::ContactReads;
-use super::reads_mem::MemReads;
 use crate::error::JobError;
 use crate::filter::Filter;
 use crate::lookup::NameCache;
-use crate::model::{Counts, JobKind, JobRecord};
+use crate::model::Counts;
+use crate::repo::{ContactReads, MemCrm, MemReads, PipelineNames};
 
 const CONTACTS: &str = "contacts";
 
@@ -78,25 +74,6 @@ async fn counts_and_delete_dry_runs_see_only_the_selection_of_the_organisation()
     // A dry run deletes nothing.
     assert_eq!(reads.count(other, &in_stage(stage)).await.unwrap(), 5);
     assert_eq!(reads.crm.contact_ids(CONTACTS).len(), 14);
-}
-
-#[tokio::test]
-async fn a_restore_dry_run_leaves_out_contacts_whose_id_exists_again() {
-    let reads = MemReads::new(MemCrm::new());
-    let (org, stage) = (ObjectId::new(), ObjectId::new());
-    let ids = add(&reads.crm, org, stage, 4);
-    let mut delete = JobRecord::new(JobKind::Delete, org, None, None, in_stage(stage), None);
-    delete.restorable_until = Some(bson::DateTime::from_millis(i64::MAX / 2));
-    let pass = reads.crm.keep(&delete, &ids).await.unwrap();
-    assert_eq!(pass.contacts.len(), 4);
-    use super::crm::ContactRepo;
-    reads.crm.delete(&delete, &ids[1..]).await.unwrap();
-    // ids[0] still exists (as if re-created): not put back, nor its children.
-    let counts = reads.restore_dry_run(&delete).await.unwrap();
-    assert_eq!(
-        (counts.contacts, counts.conversations, counts.messages),
-        (3, 3, 6)
-    );
 }
 
 #[tokio::test]
