@@ -590,7 +590,10 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
         60
     );
     // Every message was consumed (work queue emptied), the stray one included.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // A message published while the first instance stopped may have gone to
+    // its last pull request: JetStream hands it out again after the
+    // consumer's `ack_wait` (30 s), so the deadline covers one redelivery.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
     loop {
         let mut stream = js.get_stream("BULK_SUBMIT").await.unwrap();
         if stream.info().await.unwrap().state.messages == 0 {
