@@ -121,14 +121,7 @@ async fn check_invariants(
         .unwrap();
     assert_eq!(convs as usize, expected_convs);
     // One audit entry per deleted contact.
-    let audits: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let audits = find_all(&db, "event_logs", doc! {"jobId": job}).await;
     assert_eq!(audits.len(), gone.len());
     let audited: BTreeSet<ObjectId> = audits
         .iter()
@@ -170,14 +163,7 @@ async fn check_invariants(
             by_owner.entry(owner).or_default().insert(id);
         }
     }
-    let notes: Vec<Document> = db
-        .collection::<Document>("notifications")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let notes = find_all(&db, "notifications", doc! {"jobId": job}).await;
     assert_eq!(notes.len(), by_owner.len());
     for n in notes {
         let owner = n.get_object_id("userId").unwrap();
@@ -583,14 +569,12 @@ async fn overlapping_delete_jobs_never_delete_audit_or_count_a_contact_twice() {
     assert_eq!(left, 0);
     // Each contact was deleted by exactly one of the jobs: one audit entry in
     // all, and the jobs' counts add up to the organisation.
-    let entries: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"orgId": org.id, "type": "CONTACT_DELETE"})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let entries = find_all(
+        &db,
+        "event_logs",
+        doc! {"orgId": org.id, "type": "CONTACT_DELETE"},
+    )
+    .await;
     let audited: BTreeSet<ObjectId> = entries
         .iter()
         .map(|e| e.get_object_id("contactId").unwrap())

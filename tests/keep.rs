@@ -288,14 +288,12 @@ async fn a_restore_that_fails_with_a_contact_half_back_is_finished_by_the_next()
     assert_eq!(second["counts"], del["counts"], "{second}");
     assert_eq!(raw_state(&db, org).await, before, "every byte back");
     // One CONTACT_RESTORE entry per contact, all the second job's now.
-    let entries: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"orgId": org, "type": "CONTACT_RESTORE"})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let entries = find_all(
+        &db,
+        "event_logs",
+        doc! {"orgId": org, "type": "CONTACT_RESTORE"},
+    )
+    .await;
     assert_eq!(entries.len(), 200);
     let second_id = second["jobId"].as_str().unwrap();
     assert!(entries

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use common::*;
-use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 pub struct Org {
@@ -122,14 +121,7 @@ async fn check_restore_side_effects(
     restored: &BTreeSet<ObjectId>,
 ) {
     let db = stack.db().await;
-    let entries: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let entries = find_all(&db, "event_logs", doc! {"jobId": job}).await;
     let audited: Vec<ObjectId> = entries
         .iter()
         .map(|e| e.get_object_id("contactId").unwrap())
@@ -170,23 +162,14 @@ async fn check_restore_side_effects(
         assert_eq!(e["sourceJobId"], source);
         assert_eq!(e["type"], "contact_restored");
     }
-    let notes: Vec<Document> = db
-        .collection::<Document>("notifications")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let notes = find_all(&db, "notifications", doc! {"jobId": job}).await;
     let mut by_owner: BTreeMap<ObjectId, usize> = BTreeMap::new();
-    let owned: Vec<Document> = db
-        .collection::<Document>("contacts")
-        .find(doc! {"_id": {"$in": restored.iter().collect::<Vec<_>>()}, "ownerId": {"$ne": null}})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let owned = find_all(
+        &db,
+        "contacts",
+        doc! {"_id": {"$in": restored.iter().collect::<Vec<_>>()}, "ownerId": {"$ne": null}},
+    )
+    .await;
     for c in owned {
         *by_owner
             .entry(c.get_object_id("ownerId").unwrap())

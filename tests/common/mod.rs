@@ -327,3 +327,15 @@ pub async fn start_binary(stack: &Stack, env: &[(&str, &str)]) -> tokio::process
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     child
 }
+
+/// Every document of `coll` matching `filter`.
+pub async fn find_all(db: &mongodb::Database, coll: &str, filter: Document) -> Vec<Document> {
+    use futures::TryStreamExt;
+    db.collection::<Document>(coll)
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
