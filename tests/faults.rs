@@ -570,12 +570,23 @@ async fn a_failed_export_leaves_no_chunk_and_a_completed_one_no_leftover() {
     let snap = wait_terminal(&client, bad, &failing).await;
     assert_eq!(snap["status"], "failed", "{snap}");
     assert_eq!(snap["attempts"], 2, "{snap}");
-    let left = db
-        .collection::<Document>("export_chunks")
-        .count_documents(doc! {"jobId": &failing})
-        .await
-        .unwrap();
-    assert_eq!(left, 0, "a failed export's chunks are removed");
+    // The clean-up runs beside the terminal event: wait for it, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = db
+            .collection::<Document>("export_chunks")
+            .count_documents(doc! {"jobId": &failing})
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a failed export's chunks are removed ({left} left)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // A chunk a stale writer left past the end of a file is cleared at completion.
     let job = job_id(&request(&client, "bulk.v1.export", ids_export(org)).await);
     wait_job(&client, org, &job, 60, |s| s["status"] == "processing").await;
