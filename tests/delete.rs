@@ -4,14 +4,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, Document};
 use common::*;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 struct Org {
     id: ObjectId,
@@ -81,43 +79,6 @@ async fn ids(
         .collect()
 }
 
-/// Every `contact_removed` event of `org` in the BULK_EVENTS stream.
-async fn removed_events(client: &async_nats::Client, org: ObjectId) -> Vec<Value> {
-    let js = async_nats::jetstream::new(client.clone());
-    let stream = js.get_stream("BULK_EVENTS").await.unwrap();
-    let subject = format!("bulk.v1.events.{}.contact_removed", org.to_hex());
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut info = consumer.clone();
-    let pending = info.info().await.unwrap().num_pending as usize;
-    let mut out = Vec::with_capacity(pending);
-    if pending == 0 {
-        return out;
-    }
-    let mut messages = consumer.messages().await.unwrap();
-    while out.len() < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stream read deadline")
-            .unwrap()
-            .unwrap();
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string());
-        let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
-        v["_msgId"] = json!(id);
-        out.push(v);
-    }
-    out
-}
-
 /// Checks every invariant of a finished delete of `org` by `job`, against the
 /// contacts `expected` to be deleted. Returns the snapshot counts.
 async fn check_invariants(
@@ -160,14 +121,7 @@ async fn check_invariants(
         .unwrap();
     assert_eq!(convs as usize, expected_convs);
     // One audit entry per deleted contact.
-    let audits: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let audits = find_all(&db, "event_logs", doc! {"jobId": job}).await;
     assert_eq!(audits.len(), gone.len());
     let audited: BTreeSet<ObjectId> = audits
         .iter()
@@ -185,7 +139,7 @@ async fn check_invariants(
             .contains('@'));
     }
     // One contact_removed per deleted contact, with the dedup id.
-    let events = removed_events(&client, org.id).await;
+    let events = contact_events(&client, org.id, "contact_removed").await;
     let announced: Vec<ObjectId> = events
         .iter()
         .filter(|e| e["jobId"] == job)
@@ -209,14 +163,7 @@ async fn check_invariants(
             by_owner.entry(owner).or_default().insert(id);
         }
     }
-    let notes: Vec<Document> = db
-        .collection::<Document>("notifications")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let notes = find_all(&db, "notifications", doc! {"jobId": job}).await;
     assert_eq!(notes.len(), by_owner.len());
     for n in notes {
         let owner = n.get_object_id("userId").unwrap();
@@ -306,7 +253,9 @@ async fn cascade_delete_removes_exactly_the_filter_with_all_side_effects() {
             .len(),
         300
     );
-    assert!(removed_events(&client, b.id).await.is_empty());
+    assert!(contact_events(&client, b.id, "contact_removed")
+        .await
+        .is_empty());
     let audit = db
         .collection::<Document>("event_logs")
         .find_one(doc! {"jobId": &job})
@@ -442,37 +391,9 @@ struct Binary {
 }
 
 async fn start_binary(stack: &Stack) -> Binary {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"))
-        .arg("serve")
-        .env("NATS_URL", stack.nats.url())
-        .env("MONGODB_URI", stack.mongo.uri())
-        .env("MONGODB_DB", &stack.db_name)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("JWT_SECRET", SECRET)
-        .env("BULK_DELETE_BATCH", "20")
-        .env("BULK_LEASE_MS", "1000")
-        .env("BULK_SCAN_MS", "200")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("binary starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("listening on http://") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .expect("binary ready within 60 s");
-    assert!(ready, "binary exited before listening");
-    // Keep draining its output so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Binary { child }
+    Binary {
+        child: common::start_binary(stack, &[("BULK_DELETE_BATCH", "20")]).await,
+    }
 }
 
 #[tokio::test]
@@ -590,7 +511,10 @@ async fn a_delete_submitted_while_no_instance_runs_executes_once() {
         60
     );
     // Every message was consumed (work queue emptied), the stray one included.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // A message published while the first instance stopped may have gone to
+    // its last pull request: JetStream hands it out again after the
+    // consumer's `ack_wait` (30 s), so the deadline covers one redelivery.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
     loop {
         let mut stream = js.get_stream("BULK_SUBMIT").await.unwrap();
         if stream.info().await.unwrap().state.messages == 0 {
@@ -645,14 +569,12 @@ async fn overlapping_delete_jobs_never_delete_audit_or_count_a_contact_twice() {
     assert_eq!(left, 0);
     // Each contact was deleted by exactly one of the jobs: one audit entry in
     // all, and the jobs' counts add up to the organisation.
-    let entries: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"orgId": org.id, "type": "CONTACT_DELETE"})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let entries = find_all(
+        &db,
+        "event_logs",
+        doc! {"orgId": org.id, "type": "CONTACT_DELETE"},
+    )
+    .await;
     let audited: BTreeSet<ObjectId> = entries
         .iter()
         .map(|e| e.get_object_id("contactId").unwrap())

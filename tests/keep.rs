@@ -15,6 +15,10 @@ use contact_bulk_actors::restore::kept::{self, Kind, EMBED_BYTES};
 use futures::TryStreamExt;
 use serde_json::{json, Value};
 
+/// The binary of these tests: deletes by 40, and room for the many attempts
+/// their crashes cost (every start after a crash counts as one).
+const KEEP_ENV: &[(&str, &str)] = &[("BULK_DELETE_BATCH", "40"), ("BULK_MAX_ATTEMPTS", "50")];
+
 /// An organisation: `small` contacts with 2 conversations × 3 messages, plus
 /// one contact with `big` messages of ~300 bytes (far beyond a bundle), and
 /// `heavy` contacts whose 6 messages of 4 KB nearly fill a bundle each.
@@ -51,26 +55,6 @@ async fn seed(db: &mongodb::Database, small: usize, big: usize, heavy: usize) ->
     insert(db, "conversations", convs).await;
     insert(db, "messages", msgs).await;
     org
-}
-
-/// Every document of `org` in the three collections, as raw bytes by `_id`.
-async fn raw_state(db: &mongodb::Database, org: ObjectId) -> BTreeMap<(String, String), Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for coll in ["contacts", "conversations", "messages"] {
-        let docs: Vec<RawDocumentBuf> = db
-            .collection::<RawDocumentBuf>(coll)
-            .find(doc! {"orgId": org})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        for d in docs {
-            let id = d.get_object_id("_id").unwrap().to_hex();
-            out.insert((coll.to_string(), id), d.as_bytes().to_vec());
-        }
-    }
-    out
 }
 
 /// What a delete kept, checked: every removed document kept exactly once (in
@@ -196,44 +180,6 @@ async fn contacts_with_many_children_are_kept_in_bounded_pieces_and_come_back() 
     assert_eq!(raw_state(&db, org).await, before, "every byte back");
 }
 
-/// The real binary, its output drained.
-async fn start_binary(stack: &Stack, env: &[(&str, &str)]) -> tokio::process::Child {
-    use tokio::io::AsyncBufReadExt;
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"));
-    cmd.arg("serve")
-        .env("NATS_URL", stack.nats.url())
-        .env("MONGODB_URI", stack.mongo.uri())
-        .env("MONGODB_DB", &stack.db_name)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("JWT_SECRET", SECRET)
-        .env("BULK_DELETE_BATCH", "40")
-        .env("BULK_LEASE_MS", "1000")
-        .env("BULK_SCAN_MS", "200")
-        .env("BULK_MAX_ATTEMPTS", "50")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("binary starts");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("listening on http://") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .expect("binary ready within 60 s");
-    assert!(ready, "binary exited before listening");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
-}
-
 #[tokio::test]
 async fn a_crash_while_children_are_kept_apart_loses_nothing_and_keeps_each_once() {
     let stack = Stack::start().await;
@@ -243,7 +189,8 @@ async fn a_crash_while_children_are_kept_apart_loses_nothing_and_keeps_each_once
     for point in ["delete.spilled", "delete.kept"] {
         let org = seed(&db, 60, 2500, 0).await;
         let before = raw_state(&db, org).await;
-        let mut bin = start_binary(&stack, &[("BULK_FAILPOINT", point)]).await;
+        let mut bin =
+            start_binary(&stack, &[KEEP_ENV, &[("BULK_FAILPOINT", point)]].concat()).await;
         let body = json!({"orgId": org.to_hex(), "commandId": point, "filter": {"orgWide": true}});
         js.publish(
             "bulk.v1.submit.delete",
@@ -258,7 +205,7 @@ async fn a_crash_while_children_are_kept_apart_loses_nothing_and_keeps_each_once
             .unwrap_or_else(|_| panic!("the binary never reached {point}"))
             .unwrap();
         assert!(!status.success(), "aborted at {point}: {status}");
-        let mut bin = start_binary(&stack, &[]).await;
+        let mut bin = start_binary(&stack, KEEP_ENV).await;
         let found = request(
             &client,
             "bulk.v1.job",
@@ -341,14 +288,12 @@ async fn a_restore_that_fails_with_a_contact_half_back_is_finished_by_the_next()
     assert_eq!(second["counts"], del["counts"], "{second}");
     assert_eq!(raw_state(&db, org).await, before, "every byte back");
     // One CONTACT_RESTORE entry per contact, all the second job's now.
-    let entries: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"orgId": org, "type": "CONTACT_RESTORE"})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let entries = find_all(
+        &db,
+        "event_logs",
+        doc! {"orgId": org, "type": "CONTACT_RESTORE"},
+    )
+    .await;
     assert_eq!(entries.len(), 200);
     let second_id = second["jobId"].as_str().unwrap();
     assert!(entries

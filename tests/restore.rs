@@ -7,9 +7,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document, RawDocumentBuf};
+use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use common::*;
-use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 
 pub struct Org {
@@ -82,70 +81,11 @@ pub async fn seed(db: &mongodb::Database, n: usize) -> Org {
     }
 }
 
-/// Every document of `org` in the three collections, as raw bytes by `_id`.
-pub async fn raw_state(
-    db: &mongodb::Database,
-    org: ObjectId,
-) -> BTreeMap<(String, String), Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for coll in ["contacts", "conversations", "messages"] {
-        let docs: Vec<RawDocumentBuf> = db
-            .collection::<RawDocumentBuf>(coll)
-            .find(doc! {"orgId": org})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        for d in docs {
-            let id = d.get_object_id("_id").unwrap().to_hex();
-            out.insert((coll.to_string(), id), d.as_bytes().to_vec());
-        }
-    }
-    out
-}
-
 async fn count(db: &mongodb::Database, coll: &str, filter: Document) -> u64 {
     db.collection::<Document>(coll)
         .count_documents(filter)
         .await
         .unwrap()
-}
-
-/// Every event of `org` of this `kind` in the BULK_EVENTS stream, with its `Nats-Msg-Id` as `_msgId`.
-pub async fn contact_events(client: &async_nats::Client, org: ObjectId, kind: &str) -> Vec<Value> {
-    let js = async_nats::jetstream::new(client.clone());
-    let stream = js.get_stream("BULK_EVENTS").await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("bulk.v1.events.{}.{kind}", org.to_hex()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut info = consumer.clone();
-    let pending = info.info().await.unwrap().num_pending as usize;
-    let mut out = Vec::with_capacity(pending);
-    if pending == 0 {
-        return out;
-    }
-    let mut messages = consumer.messages().await.unwrap();
-    while out.len() < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stream read deadline")
-            .unwrap()
-            .unwrap();
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string());
-        let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
-        v["_msgId"] = json!(id);
-        out.push(v);
-    }
-    out
 }
 
 async fn delete_all(client: &async_nats::Client, org: ObjectId, extra: Value) -> Value {
@@ -181,14 +121,7 @@ async fn check_restore_side_effects(
     restored: &BTreeSet<ObjectId>,
 ) {
     let db = stack.db().await;
-    let entries: Vec<Document> = db
-        .collection::<Document>("event_logs")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let entries = find_all(&db, "event_logs", doc! {"jobId": job}).await;
     let audited: Vec<ObjectId> = entries
         .iter()
         .map(|e| e.get_object_id("contactId").unwrap())
@@ -229,23 +162,14 @@ async fn check_restore_side_effects(
         assert_eq!(e["sourceJobId"], source);
         assert_eq!(e["type"], "contact_restored");
     }
-    let notes: Vec<Document> = db
-        .collection::<Document>("notifications")
-        .find(doc! {"jobId": job})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let notes = find_all(&db, "notifications", doc! {"jobId": job}).await;
     let mut by_owner: BTreeMap<ObjectId, usize> = BTreeMap::new();
-    let owned: Vec<Document> = db
-        .collection::<Document>("contacts")
-        .find(doc! {"_id": {"$in": restored.iter().collect::<Vec<_>>()}, "ownerId": {"$ne": null}})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let owned = find_all(
+        &db,
+        "contacts",
+        doc! {"_id": {"$in": restored.iter().collect::<Vec<_>>()}, "ownerId": {"$ne": null}},
+    )
+    .await;
     for c in owned {
         *by_owner
             .entry(c.get_object_id("ownerId").unwrap())
@@ -681,44 +605,16 @@ async fn restores_over_http() {
     assert_eq!(body["error"], "gone");
 }
 
-/// The real binary, its output drained.
+/// The real binary with this file's batches (40 deletes, 30 restores) and
+/// room for the many attempts its crashes cost, then `env`.
 async fn start_binary(stack: &Stack, env: &[(&str, &str)]) -> tokio::process::Child {
-    use tokio::io::AsyncBufReadExt;
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"));
-    cmd.arg("serve")
-        .env("NATS_URL", stack.nats.url())
-        .env("MONGODB_URI", stack.mongo.uri())
-        .env("MONGODB_DB", &stack.db_name)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("JWT_SECRET", SECRET)
-        .env("BULK_DELETE_BATCH", "40")
-        .env("BULK_RESTORE_BATCH", "30")
-        .env("BULK_LEASE_MS", "1000")
-        .env("BULK_SCAN_MS", "200")
+    let base: &[(&str, &str)] = &[
+        ("BULK_DELETE_BATCH", "40"),
+        ("BULK_RESTORE_BATCH", "30"),
         // Every start after a crash counts as an attempt; these tests crash often.
-        .env("BULK_MAX_ATTEMPTS", "50")
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("binary starts");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("listening on http://") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .expect("binary ready within 60 s");
-    assert!(ready, "binary exited before listening");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
+        ("BULK_MAX_ATTEMPTS", "50"),
+    ];
+    common::start_binary(stack, &[base, env].concat()).await
 }
 
 /// Waits for the binary to end by itself (a failpoint), with a deadline.

@@ -119,12 +119,6 @@ impl<T> Rows for Vec<T> {
     }
 }
 
-impl Rows for crate::repo::RawBatch {
-    fn rows(&self) -> usize {
-        self.len()
-    }
-}
-
 /// One range being read by its task.
 struct Running<T> {
     rx: mpsc::Receiver<Result<T, JobError>>,

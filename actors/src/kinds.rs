@@ -65,7 +65,9 @@ impl JobKinds for Actors {
             JobKind::Export => env.artifacts.remove_from(&job.job_id, 0).await.map(drop),
             // Likewise the contacts a restore decided on but did not put
             // back: a later restore of the same delete puts them back.
-            JobKind::Restore => crate::restore::release_undecided(&env.db, job).await,
+            JobKind::Restore => {
+                crate::restore::release_undecided(env.crm.restore.as_ref(), job).await
+            }
         }
     }
 }

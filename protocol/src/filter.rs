@@ -195,6 +195,16 @@ pub struct FilterSpec<L> {
     pub limit: Option<L>,
 }
 
+impl<L> FilterSpec<L> {
+    /// `{"orgWide": true}`: every contact of the organisation.
+    pub fn org_wide() -> Self {
+        FilterSpec {
+            org_wide: Some(true),
+            ..FilterSpec::default()
+        }
+    }
+}
+
 impl<L> Default for FilterSpec<L> {
     fn default() -> Self {
         FilterSpec {

@@ -200,7 +200,8 @@ impl App {
         if dry {
             self.quota.admit(org, Admission::Check).await?;
             return Ok(RestoreOutcome::DryRun(
-                restore::dry_run(&self.db, &source).await?,
+                restore::dry_run(&contact_bulk_actors::repo::MongoCrm::new(&self.db), &source)
+                    .await?,
             ));
         }
         let (live, n) = restore::existing(self.store.as_ref(), &source.job_id).await?;

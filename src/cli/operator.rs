@@ -8,11 +8,14 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use contact_bulk_protocol::subjects::Command;
 use serde_json::{json, Map, Value};
 
 use contact_bulk_client::download::{download, target_path};
-use contact_bulk_client::{counts, is_terminal, status, Nats};
+use contact_bulk_client::{ensure_completed, ClientError, Nats, ReplyError};
+use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand, RestoreCommand};
+use contact_bulk_protocol::parse::decode_value;
+use contact_bulk_protocol::replies::Accepted;
+use serde::de::DeserializeOwned;
 
 use super::view::{download_bar, JobView};
 
@@ -169,20 +172,27 @@ async fn connect(conn: &Conn) -> anyhow::Result<Nats> {
     Nats::connect(&conn.nats_url, &conn.subject_prefix).await
 }
 
-/// Sends a job-creating command; retried once on a lost reply, which is safe
+/// The protocol's command for a request shaped from the flags: a flag the
+/// contract refuses is reported naming its field, as the service would, and
+/// nothing is sent.
+fn command<T: DeserializeOwned>(body: Value) -> Result<T, ReplyError> {
+    decode_value(body, "").map_err(|e| ReplyError::invalid(&e.field, e.message))
+}
+
+/// Sends a job-starting command; retried once on a lost reply, which is safe
 /// because it carries a `commandId`.
-async fn submit(nats: &Nats, cmd: Command, body: &Value) -> anyhow::Result<String> {
-    let reply = match nats.request(cmd, body).await {
-        Err(e) if e.to_string().starts_with("no reply") => {
+async fn submit<F, Fut>(send: F) -> anyhow::Result<Accepted>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Accepted, ClientError>>,
+{
+    match send().await {
+        Err(ClientError::NoReply { .. }) => {
             eprintln!("no reply yet, asking again with the same commandId");
-            nats.request(cmd, body).await?
+            Ok(send().await?)
         }
-        r => r?,
-    };
-    reply["jobId"]
-        .as_str()
-        .map(String::from)
-        .with_context(|| format!("unexpected reply: {reply}"))
+        r => Ok(r?),
+    }
 }
 
 fn command_id(given: &Option<String>) -> String {
@@ -191,22 +201,31 @@ fn command_id(given: &Option<String>) -> String {
         .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()))
 }
 
-fn ensure_completed(snap: &Value) -> anyhow::Result<()> {
-    if status(snap) == "completed" {
-        return Ok(());
+/// Asks on the terminal; refuses when stdin is not one.
+async fn confirm(what: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to {what} without --yes: stdin is not a terminal to confirm on");
     }
-    let reason = snap["error"].as_str().unwrap_or("no error recorded");
-    bail!(
-        "job {} ended {}: {reason}",
-        snap["jobId"].as_str().unwrap_or("?"),
-        status(snap)
-    )
+    eprint!("type yes to {what} them: ");
+    let answer = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    if answer.trim() != "yes" {
+        let done = if what == "delete" {
+            "deleted"
+        } else {
+            "restored"
+        };
+        bail!("not confirmed: nothing {done}");
+    }
+    Ok(())
 }
 
 /// `contact-bulk export`: starts the job, shows its progress, downloads the file.
 pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_json(args.limit)?;
-    let nats = connect(&args.conn).await?;
     let org = &args.conn.org;
     let mut body = json!({
         "orgId": org, "commandId": command_id(&args.command_id), "filter": filter,
@@ -221,9 +240,11 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     if let Some(r) = &args.requested_by {
         body["requestedBy"] = json!(r);
     }
+    let cmd: ExportCommand = command(body)?;
+    let nats = connect(&args.conn).await?;
     // Subscribed before the job exists, so its last event cannot be missed.
     let mut events = nats.job_events(org, None).await?;
-    let job_id = submit(&nats, Command::Export, &body).await?;
+    let job_id = submit(|| nats.export(&cmd)).await?.job_id;
     println!("export job {job_id} accepted");
     let snap = nats
         .follow(org, &job_id, &mut events, &mut JobView::stderr())
@@ -231,22 +252,17 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
     ensure_completed(&snap)?;
     // A fresh snapshot carries a fresh 15-minute link.
     let snap = nats.job(org, &job_id).await?;
-    let result = &snap["result"];
-    let (Some(url), Some(name), Some(sha)) = (
-        result["downloadUrl"].as_str(),
-        result["fileName"].as_str(),
-        result["sha256"].as_str(),
-    ) else {
-        bail!("completed export without a downloadable result: {snap}");
+    let Some((result, url)) = snap
+        .export_result()
+        .and_then(|r| Some((r, r.download_url.as_deref()?)))
+    else {
+        bail!("completed export {job_id} without a downloadable result");
     };
-    println!(
-        "completed: {} rows, {} bytes",
-        result["rows"],
-        result["bytes"].as_u64().unwrap_or(0)
-    );
-    let path = target_path(args.output.as_deref(), name);
-    let bar = download_bar(result["bytes"].as_u64());
-    let got = download(url, &path, sha, result["bytes"].as_u64(), &mut |n| {
+    println!("completed: {} rows, {} bytes", result.rows, result.bytes);
+    let bytes = u64::try_from(result.bytes).ok();
+    let path = target_path(args.output.as_deref(), &result.file_name);
+    let bar = download_bar(bytes);
+    let got = download(url, &path, &result.sha256, bytes, &mut |n| {
         bar.set_position(n)
     })
     .await?;
@@ -259,57 +275,49 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<()> {
 /// `contact-bulk delete`: dry run, confirmation, then the job with its progress.
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_json(None)?;
-    let nats = connect(&args.conn).await?;
     let org = &args.conn.org;
-    let mut body = json!({"orgId": org, "filter": filter, "dryRun": true});
+    let mut body =
+        json!({"orgId": org, "filter": filter, "commandId": command_id(&args.command_id)});
     if let Some(r) = &args.requested_by {
         body["requestedBy"] = json!(r);
     }
-    let dry = nats.request(Command::Delete, &body).await?;
-    let (c, v, m) = counts(&dry);
+    if args.hard_delete {
+        body["hardDelete"] = json!(true);
+    }
+    let cmd: DeleteCommand = command(body)?;
+    let nats = connect(&args.conn).await?;
+    let dry = nats.delete_dry_run(&cmd).await?;
     println!(
-        "will delete {c} contacts, {v} conversations, {m} messages{}",
+        "will delete {} contacts, {} conversations, {} messages{}",
+        dry.contacts,
+        dry.conversations,
+        dry.messages,
         if args.hard_delete {
             " for good (hard delete: nothing kept to restore)"
         } else {
             " (kept for restore until the retention ends)"
         }
     );
-    if c == 0 {
+    if dry.contacts == 0 {
         println!("nothing matches: no job started");
         return Ok(());
     }
     if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to delete without --yes: stdin is not a terminal to confirm on");
-        }
-        eprint!("type yes to delete them: ");
-        let answer = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).map(|_| line)
-        })
-        .await??;
-        if answer.trim() != "yes" {
-            bail!("not confirmed: nothing deleted");
-        }
-    }
-    if let Some(obj) = body.as_object_mut() {
-        obj.remove("dryRun");
-    }
-    body["commandId"] = json!(command_id(&args.command_id));
-    if args.hard_delete {
-        body["hardDelete"] = json!(true);
+        confirm("delete").await?;
     }
     let mut events = nats.job_events(org, None).await?;
-    let job_id = submit(&nats, Command::Delete, &body).await?;
+    let job_id = submit(|| nats.delete(&cmd)).await?.job_id;
     println!("delete job {job_id} accepted");
     let snap = nats
         .follow(org, &job_id, &mut events, &mut JobView::stderr())
         .await?;
-    let (c, v, m) = counts(&snap);
+    let c = &snap.counts;
     println!(
-        "{}: deleted {c} contacts, {v} conversations, {m} messages",
-        status(&snap)
+        "{}: deleted {} contacts, {} conversations, {} messages",
+        snap.status.as_str(),
+        c.contacts,
+        c.conversations,
+        c.messages
     );
     ensure_completed(&snap)
 }
@@ -317,47 +325,36 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
 /// `contact-bulk restore`: what the restore would put back, confirmation, then
 /// the restore job with its progress.
 pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let nats = connect(&args.conn).await?;
     let org = &args.conn.org;
-    let mut body = json!({"orgId": org, "jobId": args.job_id, "dryRun": true});
+    let mut body =
+        json!({"orgId": org, "jobId": args.job_id, "commandId": command_id(&args.command_id)});
     if let Some(r) = &args.requested_by {
         body["requestedBy"] = json!(r);
     }
-    let dry = nats.request(Command::Restore, &body).await?;
-    let (c, v, m) = counts(&dry);
+    let cmd: RestoreCommand = command(body)?;
+    let nats = connect(&args.conn).await?;
+    let dry = nats.restore_dry_run(&cmd).await?;
     println!(
-        "will restore {c} contacts, {v} conversations, {m} messages removed by delete {}",
-        args.job_id
+        "will restore {} contacts, {} conversations, {} messages removed by delete {}",
+        dry.contacts, dry.conversations, dry.messages, args.job_id
     );
     if !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!("refusing to restore without --yes: stdin is not a terminal to confirm on");
-        }
-        eprint!("type yes to restore them: ");
-        let answer = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).map(|_| line)
-        })
-        .await??;
-        if answer.trim() != "yes" {
-            bail!("not confirmed: nothing restored");
-        }
+        confirm("restore").await?;
     }
-    if let Some(obj) = body.as_object_mut() {
-        obj.remove("dryRun");
-    }
-    body["commandId"] = json!(command_id(&args.command_id));
     let mut events = nats.job_events(org, None).await?;
-    let job_id = submit(&nats, Command::Restore, &body).await?;
+    let job_id = submit(|| nats.restore(&cmd)).await?.job_id;
     println!("restore job {job_id} accepted");
     let snap = nats
         .follow(org, &job_id, &mut events, &mut JobView::stderr())
         .await?;
-    let (c, v, m) = counts(&snap);
-    let skipped = snap["result"]["skipped"].as_u64().unwrap_or(0);
+    let c = &snap.counts;
+    let skipped = snap.restore_result().map_or(0, |r| r.skipped);
     println!(
-        "{}: restored {c} contacts, {v} conversations, {m} messages; skipped {skipped} contacts that exist again",
-        status(&snap)
+        "{}: restored {} contacts, {} conversations, {} messages; skipped {skipped} contacts that exist again",
+        snap.status.as_str(),
+        c.contacts,
+        c.conversations,
+        c.messages
     );
     ensure_completed(&snap)
 }
@@ -377,14 +374,9 @@ pub async fn watch(args: JobArgs) -> anyhow::Result<()> {
 /// `contact-bulk cancel`: asks the job to stop and prints the snapshot the service returns.
 pub async fn cancel(args: JobArgs) -> anyhow::Result<()> {
     let nats = connect(&args.conn).await?;
-    let snap = nats
-        .request(
-            Command::Cancel,
-            &json!({"orgId": args.conn.org, "jobId": args.job_id}),
-        )
-        .await?;
+    let snap = nats.cancel(&args.conn.org, &args.job_id).await?;
     println!("{}", serde_json::to_string_pretty(&snap)?);
-    if !is_terminal(&snap) {
+    if !snap.status.is_terminal() {
         eprintln!("cancel requested; the job stops at its next batch boundary");
     }
     Ok(())

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use contact_bulk_client::{counts, processed, status_label, Progress};
+use contact_bulk_client::{status_label, Progress};
+use contact_bulk_protocol::job::{JobKind, JobSnapshot};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::Value;
 
 /// A job's progress on stderr.
 pub struct JobView {
@@ -42,28 +42,30 @@ pub fn download_bar(len: Option<u64>) -> ProgressBar {
 }
 
 impl Progress for JobView {
-    fn update(&mut self, snap: &Value) {
+    fn update(&mut self, snap: &JobSnapshot) {
         let status = status_label(snap);
-        if let (Some(total), false) = (snap["total"].as_u64(), self.sized) {
+        let total = snap.total.and_then(|t| u64::try_from(t).ok());
+        if let (Some(total), false) = (total, self.sized) {
             self.bar.set_length(total);
             self.bar.set_style(bar_style());
             self.sized = true;
         }
         self.bar.set_position(processed(snap));
         let mut msg = status.clone();
-        if snap["kind"] == "delete" {
-            let (c, v, m) = counts(snap);
-            msg = format!("{status} · {c} contacts, {v} conversations, {m} messages");
+        if snap.kind == JobKind::Delete {
+            let c = &snap.counts;
+            msg = format!(
+                "{status} · {} contacts, {} conversations, {} messages",
+                c.contacts, c.conversations, c.messages
+            );
         }
         self.bar.set_message(msg);
         if status != self.last_status {
             if self.bar.is_hidden() {
-                let total = snap["total"]
-                    .as_u64()
-                    .map_or_else(|| "?".into(), |t| t.to_string());
+                let total = total.map_or_else(|| "?".into(), |t| t.to_string());
                 eprintln!(
                     "job {} {status}: {}/{total} after {:.1} s",
-                    snap["jobId"].as_str().unwrap_or("?"),
+                    snap.job_id,
                     processed(snap),
                     self.started.elapsed().as_secs_f64()
                 );
@@ -72,10 +74,14 @@ impl Progress for JobView {
         }
     }
 
-    fn finish(&mut self, snap: &Value) {
+    fn finish(&mut self, snap: &JobSnapshot) {
         self.bar.set_position(processed(snap));
         self.bar.abandon();
     }
+}
+
+fn processed(snap: &JobSnapshot) -> u64 {
+    u64::try_from(snap.processed).unwrap_or(0)
 }
 
 fn spinner_style() -> ProgressStyle {

@@ -227,3 +227,115 @@ pub async fn collect_until(
         }
     }
 }
+
+/// Every document of `org` in contacts, conversations and messages, as raw
+/// bytes by (collection, hex `_id`): what "every byte back" compares.
+pub async fn raw_state(
+    db: &mongodb::Database,
+    org: ObjectId,
+) -> std::collections::BTreeMap<(String, String), Vec<u8>> {
+    use futures::TryStreamExt;
+    let mut out = std::collections::BTreeMap::new();
+    for coll in ["contacts", "conversations", "messages"] {
+        let docs: Vec<bson::RawDocumentBuf> = db
+            .collection::<bson::RawDocumentBuf>(coll)
+            .find(bson::doc! {"orgId": org})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        for d in docs {
+            let id = d.get_object_id("_id").unwrap().to_hex();
+            out.insert((coll.to_string(), id), d.as_bytes().to_vec());
+        }
+    }
+    out
+}
+
+/// Every event of `org` of this `kind` (`contact_removed`, `contact_restored`)
+/// in the BULK_EVENTS stream, with its `Nats-Msg-Id` as `_msgId`.
+pub async fn contact_events(client: &async_nats::Client, org: ObjectId, kind: &str) -> Vec<Value> {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("BULK_EVENTS").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("bulk.v1.events.{}.{kind}", org.to_hex()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut info = consumer.clone();
+    let pending = info.info().await.unwrap().num_pending as usize;
+    let mut out = Vec::with_capacity(pending);
+    if pending == 0 {
+        return out;
+    }
+    let mut messages = consumer.messages().await.unwrap();
+    while out.len() < pending {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("stream read deadline")
+            .unwrap()
+            .unwrap();
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string());
+        let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
+        v["_msgId"] = json!(id);
+        out.push(v);
+    }
+    out
+}
+
+/// The real binary serving this stack (1 s leases, 200 ms scans, then `env`),
+/// once it logs `listening on http://`; its output is drained.
+pub async fn start_binary(stack: &Stack, env: &[(&str, &str)]) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"));
+    cmd.arg("serve")
+        .env("NATS_URL", stack.nats.url())
+        .env("MONGODB_URI", stack.mongo.uri())
+        .env("MONGODB_DB", &stack.db_name)
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("JWT_SECRET", SECRET)
+        .env("BULK_LEASE_MS", "1000")
+        .env("BULK_SCAN_MS", "200")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("binary starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("listening on http://") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("binary ready within 60 s");
+    assert!(ready, "binary exited before listening");
+    // Keep draining its output so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// Every document of `coll` matching `filter`.
+pub async fn find_all(db: &mongodb::Database, coll: &str, filter: Document) -> Vec<Document> {
+    use futures::TryStreamExt;
+    db.collection::<Document>(coll)
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}

@@ -176,19 +176,22 @@ pub struct Crm {
     pub notifications: Arc<dyn NotificationRepo>,
     /// Kept documents.
     pub kept: Arc<dyn KeptRepo>,
+    /// What a restore reads and writes.
+    pub restore: Arc<dyn super::RestoreRepo>,
 }
 
 impl Crm {
-    /// All four on one implementation (MongoDB, or the in-memory fake).
+    /// All of them on one implementation (MongoDB, or the in-memory fake).
     pub fn of<R>(repo: Arc<R>) -> Crm
     where
-        R: ContactRepo + AuditRepo + NotificationRepo + KeptRepo,
+        R: ContactRepo + AuditRepo + NotificationRepo + KeptRepo + super::RestoreRepo,
     {
         Crm {
             contacts: repo.clone(),
             audit: repo.clone(),
             notifications: repo.clone(),
-            kept: repo,
+            kept: repo.clone(),
+            restore: repo,
         }
     }
 }

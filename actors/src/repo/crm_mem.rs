@@ -34,17 +34,17 @@ pub struct Note {
 }
 
 #[derive(Debug, Default)]
-struct Data {
+pub(super) struct Data {
     /// By (collection, `_id`).
-    contacts: BTreeMap<(String, ObjectId), Document>,
-    conversations: BTreeMap<ObjectId, Document>,
-    messages: BTreeMap<ObjectId, Document>,
+    pub(super) contacts: BTreeMap<(String, ObjectId), Document>,
+    pub(super) conversations: BTreeMap<ObjectId, Document>,
+    pub(super) messages: BTreeMap<ObjectId, Document>,
     /// By `bulkKey`.
-    audits: BTreeMap<String, Document>,
+    pub(super) audits: BTreeMap<String, Document>,
     /// By `<jobId>:<ownerId>`.
     notes: BTreeMap<String, Note>,
     /// By (job id, kind tag, contact, child id).
-    kept: BTreeMap<(String, char, ObjectId, Option<ObjectId>), Document>,
+    pub(super) kept: BTreeMap<(String, char, ObjectId, Option<ObjectId>), Document>,
     /// Armed crash: operation, calls left before it fires, applied first.
     crash: Option<(&'static str, u32, bool)>,
 }
@@ -74,7 +74,7 @@ impl MemCrm {
         MemCrm::default()
     }
 
-    fn data(&self) -> MutexGuard<'_, Data> {
+    pub(super) fn data(&self) -> MutexGuard<'_, Data> {
         self.data.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -110,7 +110,7 @@ impl MemCrm {
     }
 
     /// Runs `apply` under the crash point `op`.
-    fn guarded<T>(
+    pub(super) fn guarded<T>(
         &self,
         op: &'static str,
         apply: impl FnOnce(&mut Data) -> T,

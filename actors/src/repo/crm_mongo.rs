@@ -30,6 +30,10 @@ impl MongoCrm {
         MongoCrm { db: db.clone() }
     }
 
+    pub(super) fn db(&self) -> &Database {
+        &self.db
+    }
+
     fn contacts(&self, job: &JobRecord) -> Collection<Document> {
         self.db.collection(job.filter.pipeline_type.collection())
     }

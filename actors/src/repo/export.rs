@@ -82,6 +82,13 @@ pub struct RawBatch {
     ends: Vec<usize>,
 }
 
+// Here rather than in `id_ranges`, so the arrow goes one way (repo → id_ranges).
+impl crate::id_ranges::Rows for RawBatch {
+    fn rows(&self) -> usize {
+        self.len()
+    }
+}
+
 impl RawBatch {
     /// Empty, with room for `rows` documents of about `row_bytes` each.
     pub fn with_capacity(rows: usize, row_bytes: usize) -> RawBatch {

@@ -20,6 +20,9 @@ pub mod jobs_mem;
 pub mod jobs_mongo;
 pub mod keep;
 pub mod kept;
+pub mod kept_restore;
+mod kept_restore_mem;
+mod kept_restore_mongo;
 
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
@@ -31,6 +34,7 @@ pub use export_mongo::MongoExport;
 pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;
+pub use kept_restore::{KeptContact, KeptSummary, RestoreRepo};
 
 #[cfg(test)]
 mod tests;

@@ -6,26 +6,23 @@ use std::sync::Arc;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document, RawDocumentBuf};
 use futures::TryStreamExt;
-use mongodb::options::InsertManyOptions;
-use mongodb::Database;
 
-use super::kept::{self, Kind};
-use super::restore_key;
-use crate::delete::{audit_key, notify, Sampled};
+use crate::delete::{notify, Sampled};
 use crate::error::JobError;
 use crate::events::{EventSink, RestoredContact};
+use crate::failpoint;
 use crate::model::JobRecord;
-use crate::store::{is_duplicate_key, names};
+use crate::repo::kept_restore::{restore_key, Child, KeptContact, RestoreRepo, Target};
 
 /// A batch: the kept contacts after `after`, in `_id` order.
 pub(super) struct Batch<'a> {
-    pub db: &'a Database,
+    pub repo: &'a dyn RestoreRepo,
     pub job: &'a JobRecord,
     /// The delete undone.
     pub source: &'a str,
     pub after: Option<ObjectId>,
-    /// Kept contact documents (`repo/kept.rs`).
-    pub contacts: Vec<RawDocumentBuf>,
+    /// Kept contacts.
+    pub contacts: Vec<KeptContact>,
     /// Ended restores of the same delete whose last batch this one may finish.
     pub unfinished: &'a Unfinished,
 }
@@ -36,8 +33,8 @@ pub(super) struct Decided {
     pub upto: ObjectId,
     after: Option<ObjectId>,
     skipped: u64,
-    /// The restored contacts' bundles, in `_id` order.
-    bundles: Vec<RawDocumentBuf>,
+    /// The restored contacts, in `_id` order.
+    bundles: Vec<KeptContact>,
     restored: HashSet<ObjectId>,
     /// Their CONTACT_RESTORE entries (`contactId`, `ownerId`, `createdAt`).
     mine: Vec<Document>,
@@ -46,7 +43,7 @@ pub(super) struct Decided {
 /// What the put-back of a decided batch needs besides it, owned (it runs in
 /// the background while the next batch is decided).
 pub(super) struct PutBack {
-    pub db: Database,
+    pub repo: Arc<dyn RestoreRepo>,
     pub notifications: Arc<dyn crate::repo::NotificationRepo>,
     pub sink: Arc<dyn EventSink>,
     pub job: Arc<JobRecord>,
@@ -68,67 +65,54 @@ pub(super) struct Done {
 /// frees their delete keys.
 pub(super) async fn decide(b: Batch<'_>) -> Result<Decided, JobError> {
     let Batch {
-        db,
+        repo,
         job,
         source,
         after,
         contacts,
         unfinished,
     } = b;
-    let org = job.org_id;
-    let mut ids = Vec::with_capacity(contacts.len());
-    for k in &contacts {
-        ids.push(kept::contact_of(k)?);
-    }
+    let ids: Vec<ObjectId> = contacts.iter().map(|k| k.contact).collect();
     let upto = *ids
         .iter()
         .max()
         .ok_or_else(|| JobError::Internal("empty restore batch".into()))?;
-    let target = job.filter.pipeline_type.collection();
 
     // 2. Decide: contacts whose `_id` is free get an entry; the batch's
     // restored contacts are this job's entries (some may be from a try of the
     // batch before a crash, whose contacts exist by now).
-    let present: HashSet<ObjectId> = db
-        .collection::<Document>(target)
-        .find(doc! {"_id": {"$in": &ids}})
-        .projection(doc! {"_id": 1})
-        .await?
-        .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
-        .try_collect()
-        .await?;
+    let present: HashSet<ObjectId> = repo.taken(job, &ids).await?.into_iter().collect();
     let now = DateTime::now();
     let mut entries = Vec::new();
-    for (k, id) in contacts.iter().zip(&ids) {
-        if present.contains(id) {
+    for k in &contacts {
+        if present.contains(&k.contact) {
             continue;
         }
-        let original = kept::original(k)?;
-        let owner = original
+        let owner = k
+            .doc
             .get_object_id("ownerId")
             .ok()
             .map_or(Bson::Null, Bson::ObjectId);
         entries.push(doc! {
-            "orgId": org,
+            "orgId": job.org_id,
             "type": "CONTACT_RESTORE",
-            "contactId": id,
+            "contactId": k.contact,
             "jobId": &job.job_id,
             "sourceJobId": source,
             "actorId": job.requested_by,
             "createdAt": now,
             "ownerId": owner,
             "pipelineType": job.filter.pipeline_type.as_str(),
-            "bulkKey": restore_key(source, *id),
+            "bulkKey": restore_key(source, k.contact),
         });
     }
-    let event_logs = db.collection::<Document>(names::EVENT_LOGS);
-    let all_new = write_entries(db, &entries).await?;
-    crate::failpoint::hit("restore.decided");
+    let all_new = repo.write_restores(&entries).await?;
+    failpoint::hit("restore.decided");
     let mine: Vec<Document> = match all_new && present.is_empty() {
         // Every contact of the batch is new to every restore: the entries
         // just written are the batch.
         true => entries,
-        false => decided(db, job, source, &ids, unfinished).await?,
+        false => decided(repo, job, source, &ids, unfinished).await?,
     };
     let restored: HashSet<ObjectId> = mine
         .iter()
@@ -158,34 +142,11 @@ pub(super) async fn decide(b: Batch<'_>) -> Result<Decided, JobError> {
     // removed; a crash in between leaves the copy, and the redo finds it.
     // (Moved, not updated in place: some servers keep a unique key claimed
     // after an update changes it.)
-    let delete_keys: Vec<String> = restored_ids.iter().map(|c| audit_key(org, *c)).collect();
-    let held = doc! {"bulkKey": {"$in": &delete_keys}, "jobId": source, "type": "CONTACT_DELETE"};
-    let originals: Vec<Document> = event_logs.find(held.clone()).await?.try_collect().await?;
-    if !originals.is_empty() {
-        let copies: Vec<Document> = originals
-            .into_iter()
-            .filter_map(|mut e| {
-                let contact = e.get_object_id("contactId").ok()?;
-                e.remove("_id");
-                e.insert("bulkKey", released_key(org, contact, source));
-                e.insert("restoredBy", &job.job_id);
-                Some(e)
-            })
-            .collect();
-        let opts = InsertManyOptions::builder().ordered(false).build();
-        match event_logs.insert_many(&copies).with_options(opts).await {
-            Ok(_) => {}
-            Err(e) if is_duplicate_key(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-        event_logs.delete_many(held).await?;
-    }
+    repo.release_deleted(job, source, &restored_ids).await?;
 
-    let bundles: Vec<RawDocumentBuf> = contacts
+    let bundles: Vec<KeptContact> = contacts
         .into_iter()
-        .zip(&ids)
-        .filter(|(_, id)| restored.contains(id))
-        .map(|(k, _)| k)
+        .filter(|k| restored.contains(&k.contact))
         .collect();
     Ok(Decided {
         upto,
@@ -201,7 +162,7 @@ pub(super) async fn decide(b: Batch<'_>) -> Result<Decided, JobError> {
 /// notifies and announces.
 pub(super) async fn put_back(p: PutBack, d: Decided) -> Result<Done, JobError> {
     let PutBack {
-        db,
+        repo,
         notifications,
         sink,
         job,
@@ -225,39 +186,30 @@ pub(super) async fn put_back(p: PutBack, d: Decided) -> Result<Done, JobError> {
             messages: 0,
         });
     }
-    let (db, job, source, org) = (&db, job.as_ref(), source.as_str(), job.org_id);
-    let target = job.filter.pipeline_type.collection();
+    let (repo, job, source, org) = (repo.as_ref(), job.as_ref(), source.as_str(), job.org_id);
     // 4. Contacts first, then their children: those their bundles hold, and
-    // those kept apart (only read when some bundle says so).
-    let bundles: Vec<&RawDocumentBuf> = bundles.iter().collect();
-    let originals = bundles
-        .iter()
-        .map(|k| Ok(kept::original(k)?.to_raw_document_buf()))
-        .collect::<Result<Vec<_>, JobError>>()?;
-    kept::insert_raw(&db.collection(target), originals).await?;
-    crate::failpoint::hit("restore.contacts");
-    if crate::failpoint::fires(crate::failpoint::RESTORE_CHILDREN_FAILS, &org.to_hex()) {
+    // those kept apart (only read when some bundle says so). Each document
+    // moves out of its bundle once.
+    let spilled = bundles.iter().any(|k| k.spilled);
+    let mut contacts = Vec::with_capacity(bundles.len());
+    let (mut conversations, mut messages) = (Vec::new(), Vec::new());
+    for k in bundles {
+        contacts.push(k.doc);
+        conversations.extend(k.conversations);
+        messages.extend(k.messages);
+    }
+    repo.put_back(job, Target::Contacts, contacts).await?;
+    failpoint::hit("restore.contacts");
+    if failpoint::fires(failpoint::RESTORE_CHILDREN_FAILS, &org.to_hex()) {
         return Err(JobError::Internal("injected failure".into()));
     }
-    let spilled = bundles.iter().any(|k| kept::spilled(k));
+    let apart = spilled.then_some((source, after, upto, &restored));
     let (conversations, messages) = futures::try_join!(
-        put_back_children(
-            db,
-            Kind::Conversation,
-            names::CONVERSATIONS,
-            &bundles,
-            spilled.then_some((source, after, upto, &restored)),
-        ),
-        put_back_children(
-            db,
-            Kind::Message,
-            names::MESSAGES,
-            &bundles,
-            spilled.then_some((source, after, upto, &restored)),
-        ),
+        put_back_children(repo, job, Child::Conversation, conversations, apart),
+        put_back_children(repo, job, Child::Message, messages, apart),
     )?;
 
-    crate::failpoint::hit("restore.children");
+    failpoint::hit("restore.children");
     // 5. Notifications and events, to different servers, together.
     futures::try_join!(
         notify(
@@ -283,46 +235,42 @@ pub(super) async fn put_back(p: PutBack, d: Decided) -> Result<Done, JobError> {
 /// range, and which of its contacts are restored.
 type Apart<'a> = (&'a str, Option<ObjectId>, ObjectId, &'a HashSet<ObjectId>);
 
-/// Inserts the kept children of `kind` of the restored contacts' `bundles`,
-/// and, with `apart`, those kept apart for them. Returns how many the delete
-/// kept for them (what this batch puts back, whether now or in a try before a
-/// crash; each child is kept once).
+/// Inserts the kept children of `kind` of the restored contacts (`embedded`:
+/// those their bundles hold), and, with `apart`, those kept apart for them.
+/// Returns how many the delete kept for them (what this batch puts back,
+/// whether now or in a try before a crash; each child is kept once).
 async fn put_back_children(
-    db: &Database,
-    kind: Kind,
-    collection: &str,
-    bundles: &[&RawDocumentBuf],
+    repo: &dyn RestoreRepo,
+    job: &JobRecord,
+    kind: Child,
+    embedded: Vec<RawDocumentBuf>,
     apart: Option<Apart<'_>>,
 ) -> Result<u64, JobError> {
-    let target = db.collection::<RawDocumentBuf>(collection);
-    let mut docs = Vec::new();
-    let mut n = 0u64;
-    for k in bundles {
-        for child in kept::embedded(k, kind)? {
-            docs.push(child.to_raw_document_buf());
-            n += 1;
-            if docs.len() >= INSERT_DOCS {
-                kept::insert_raw(&target, std::mem::take(&mut docs)).await?;
-            }
+    let target = Target::Children(kind);
+    let mut n = embedded.len() as u64;
+    let mut docs = Vec::with_capacity(embedded.len().min(INSERT_DOCS));
+    for child in embedded {
+        docs.push(child);
+        if docs.len() >= INSERT_DOCS {
+            repo.put_back(job, target, std::mem::take(&mut docs))
+                .await?;
         }
     }
     if let Some((source, after, upto, restored)) = apart {
-        let mut cursor = kept::collection(db)
-            .find(kept::range(source, kind, after, Some(upto)))
-            .batch_size(1000)
-            .await?;
-        while let Some(k) = cursor.try_next().await? {
-            if !restored.contains(&kept::contact_of(&k)?) {
+        let mut children = repo.kept_apart(source, kind, after, upto).await?;
+        while let Some((contact, child)) = children.try_next().await? {
+            if !restored.contains(&contact) {
                 continue;
             }
-            docs.push(kept::original(&k)?.to_raw_document_buf());
+            docs.push(child);
             n += 1;
             if docs.len() >= INSERT_DOCS {
-                kept::insert_raw(&target, std::mem::take(&mut docs)).await?;
+                repo.put_back(job, target, std::mem::take(&mut docs))
+                    .await?;
             }
         }
     }
-    kept::insert_raw(&target, docs).await?;
+    repo.put_back(job, target, docs).await?;
     Ok(n)
 }
 
@@ -332,22 +280,15 @@ async fn put_back_children(
 /// without all their children. Those entries become this job's (`adoptedFrom`
 /// names the job), so the rest of the batch puts back what is missing.
 async fn decided(
-    db: &Database,
+    repo: &dyn RestoreRepo,
     job: &JobRecord,
     source: &str,
     ids: &[ObjectId],
     unfinished: &Unfinished,
 ) -> Result<Vec<Document>, JobError> {
-    let event_logs = db.collection::<Document>(names::EVENT_LOGS);
-    let keys: Vec<String> = ids.iter().map(|id| restore_key(source, *id)).collect();
-    let all: Vec<Document> = event_logs
-        .find(doc! {"bulkKey": {"$in": &keys}})
-        .projection(doc! {"contactId": 1, "ownerId": 1, "createdAt": 1, "jobId": 1})
-        .await?
-        .try_collect()
-        .await?;
+    let all = repo.restores_of(source, ids).await?;
     let mut mine = Vec::with_capacity(all.len());
-    let mut adopt: HashMap<String, Vec<String>> = HashMap::new();
+    let mut adopt: HashMap<String, Vec<ObjectId>> = HashMap::new();
     for e in all {
         let Ok(owner) = e.get_str("jobId") else {
             continue;
@@ -361,46 +302,20 @@ async fn decided(
         };
         if let Some(checkpoint) = unfinished.get(owner) {
             if checkpoint.is_none_or(|c| contact > c) {
-                adopt
-                    .entry(owner.to_string())
-                    .or_default()
-                    .push(restore_key(source, contact));
+                adopt.entry(owner.to_string()).or_default().push(contact);
                 mine.push(e);
             }
         }
     }
-    for (from, keys) in adopt {
-        tracing::info!(job_id = %job.job_id, from = %from, contacts = keys.len(), "finishing contacts an ended restore left half done");
-        event_logs
-            .update_many(
-                doc! {"bulkKey": {"$in": keys}, "jobId": &from},
-                doc! {"$set": {"jobId": &job.job_id, "adoptedFrom": &from}},
-            )
-            .await?;
+    for (from, contacts) in adopt {
+        tracing::info!(job_id = %job.job_id, from = %from, contacts = contacts.len(), "finishing contacts an ended restore left half done");
+        repo.adopt(job, source, &from, &contacts).await?;
     }
     Ok(mine)
 }
 
 /// Failed or cancelled restores of the same delete: job id → checkpoint.
 pub(super) type Unfinished = HashMap<String, Option<ObjectId>>;
-
-/// Writes the batch's CONTACT_RESTORE entries; whether every one was new.
-async fn write_entries(db: &Database, entries: &[Document]) -> Result<bool, JobError> {
-    if entries.is_empty() {
-        return Ok(true);
-    }
-    let opts = InsertManyOptions::builder().ordered(false).build();
-    match db
-        .collection::<Document>(names::EVENT_LOGS)
-        .insert_many(entries)
-        .with_options(opts)
-        .await
-    {
-        Ok(r) => Ok(r.inserted_ids.len() == entries.len()),
-        Err(e) if is_duplicate_key(&e) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
 
 /// Publishes `contact_restored` for the batch's entries.
 async fn announce(
@@ -434,10 +349,3 @@ async fn announce(
 
 /// Most children per `insertMany` of a restore.
 const INSERT_DOCS: usize = 2000;
-
-/// The key a restored contact's CONTACT_DELETE entry keeps: unique (one entry
-/// per delete and contact) and outside every delete's key range of the
-/// organisation (`<orgId>:` … `<orgId>;`).
-pub fn released_key(org: ObjectId, contact: ObjectId, source: &str) -> String {
-    format!("released:{}:{}:{source}", org.to_hex(), contact.to_hex())
-}

@@ -38,9 +38,7 @@ mod start;
 
 use std::sync::Arc;
 
-use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf};
-use futures::TryStreamExt;
-use mongodb::Database;
+use bson::{oid::ObjectId, DateTime};
 use tokio::task::JoinHandle;
 
 pub use start::{dry_run, existing, source, RestoreCounts};
@@ -48,8 +46,8 @@ pub use start::{dry_run, existing, source, RestoreCounts};
 use crate::error::JobError;
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::model::{Checkpoint, Counts, JobRecord};
-use crate::repo::{Ending, JobPatch};
-use crate::store::names;
+pub use crate::repo::kept_restore::{released_key, restore_key};
+use crate::repo::{Ending, JobPatch, RestoreRepo};
 
 /// The restore actor.
 pub type RestoreActor = JobActor<RestoreState>;
@@ -122,14 +120,14 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     if !run.job.initialised {
         initialise(run).await?;
     }
-    let db = run.env.db.clone();
+    let repo = run.env.crm.restore.clone();
     if run.cancel {
         // The batch being put back is finished first, so a cancelled job never
         // leaves a contact back without its children; likewise a batch a
         // failed step left half done.
         settle(s).await?;
         let run = &mut s.run;
-        if undecided(&db, &run.job).await?.is_empty() {
+        if repo.restored_after(&run.job).await?.is_empty() {
             run.finish(Ending::Cancelled).await?;
             return Ok(false);
         }
@@ -144,11 +142,13 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
         .as_ref()
         .map(|a| a.upto)
         .or(run.job.checkpoint.last_id);
-    let contacts = next_bundles(&db, &src, after, run.env.settings.restore_batch).await?;
+    let contacts = repo
+        .kept_contacts(&src, after, run.env.settings.restore_batch)
+        .await?;
     if contacts.is_empty() {
         settle(s).await?;
         let run = &mut s.run;
-        release_undecided(&db, &run.job).await?;
+        release_undecided(repo.as_ref(), &run.job).await?;
         run.finish(Ending::Completed(None)).await?;
         return Ok(false);
     }
@@ -157,7 +157,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     let no_unfinished = batch::Unfinished::new();
     let job = run.job.clone();
     let decided = batch::decide(batch::Batch {
-        db: &db,
+        repo: repo.as_ref(),
         job: &job,
         source: &src,
         after,
@@ -180,7 +180,7 @@ async fn step(s: &mut RestoreState) -> Result<bool, JobError> {
     let upto = decided.upto;
     let put_back = batch::put_back(
         batch::PutBack {
-            db,
+            repo,
             notifications: run.env.crm.notifications.clone(),
             sink: run.env.sink.clone(),
             job: Arc::new(run.job.clone()),
@@ -262,39 +262,11 @@ async fn checkpoint(run: &mut JobRun, done: &batch::Done) -> Result<(), JobError
     Ok(())
 }
 
-/// Most bytes of kept bundles a restore batch reads.
-const BATCH_BYTES: usize = 8 * 1024 * 1024;
-
-/// The next kept contacts (their bundles) after `after`: at most `batch`
-/// of them and about [`BATCH_BYTES`].
-async fn next_bundles(
-    db: &Database,
-    source: &str,
-    after: Option<ObjectId>,
-    batch: u32,
-) -> Result<Vec<RawDocumentBuf>, JobError> {
-    let mut cursor = kept::collection(db)
-        .find(kept::range(source, kept::Kind::Contact, after, None))
-        .sort(doc! {"_id": 1})
-        .limit(i64::from(batch.max(1)))
-        .await?;
-    let (mut bundles, mut bytes) = (Vec::new(), 0usize);
-    while let Some(b) = cursor.try_next().await? {
-        bytes += b.as_bytes().len();
-        bundles.push(b);
-        if bytes >= BATCH_BYTES {
-            break;
-        }
-    }
-    Ok(bundles)
-}
-
 /// Counts the kept contacts (`total`) and moves the job to `processing`.
 async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
-    let db = run.env.db.clone();
+    let repo = run.env.crm.restore.clone();
     let src = source_id(&run.job)?.to_string();
-    let range = kept::range(&src, kept::Kind::Contact, None, None);
-    let count = crate::snapshot::count(&db, names::KEPT, &range, None, None);
+    let count = async { repo.kept_total(&src).await };
     let Some(total) = run.listening(count).await? else {
         return Ok(());
     };
@@ -311,68 +283,22 @@ async fn initialise(run: &mut JobRun) -> Result<(), JobError> {
     Ok(())
 }
 
-/// The unique key of a contact's CONTACT_RESTORE entry: one per delete and
-/// contact, so whatever restore jobs of that delete run, none puts it back twice.
-pub fn restore_key(source: &str, contact: ObjectId) -> String {
-    format!("restore:{source}:{}", contact.to_hex())
-}
-
 /// Removes this job's CONTACT_RESTORE entries beyond its checkpoint whose
 /// contact does not exist: decisions of a batch that never got to put its
 /// contacts back (the job failed), so a later restore of the same delete can.
-pub async fn release_undecided(db: &Database, job: &JobRecord) -> Result<(), JobError> {
-    let Some(src) = job.source_job_id.as_deref() else {
-        return Ok(());
-    };
-    let ids = undecided(db, job).await?;
+pub async fn release_undecided(repo: &dyn RestoreRepo, job: &JobRecord) -> Result<(), JobError> {
+    let ids = repo.restored_after(job).await?;
     if ids.is_empty() {
         return Ok(());
     }
-    let entries = db.collection::<Document>(names::EVENT_LOGS);
-    let present: Vec<ObjectId> = db
-        .collection::<Document>(job.filter.pipeline_type.collection())
-        .find(doc! {"_id": {"$in": &ids}})
-        .projection(doc! {"_id": 1})
-        .await?
-        .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
-        .try_collect()
-        .await?;
-    let missing: Vec<String> = ids
-        .iter()
-        .filter(|id| !present.contains(id))
-        .map(|id| restore_key(src, *id))
-        .collect();
+    let present = repo.taken(job, &ids).await?;
+    let missing: Vec<ObjectId> = ids.into_iter().filter(|id| !present.contains(id)).collect();
     if !missing.is_empty() {
         tracing::info!(job_id = %job.job_id, contacts = missing.len(), "releasing contacts not restored");
-        entries
-            .delete_many(doc! {"bulkKey": {"$in": missing}, "jobId": &job.job_id})
-            .await?;
+        repo.withdraw_restores(job, &missing).await?;
     }
     Ok(())
 }
 
-/// The contacts of this job's CONTACT_RESTORE entries beyond its checkpoint:
-/// a batch begun and not checkpointed.
-async fn undecided(db: &Database, job: &JobRecord) -> Result<Vec<ObjectId>, JobError> {
-    let Some(src) = job.source_job_id.as_deref() else {
-        return Ok(Vec::new());
-    };
-    let lower = match job.checkpoint.last_id {
-        Some(after) => format!("{};", restore_key(src, after)),
-        None => format!("restore:{src}:"),
-    };
-    let decided: Vec<Document> = db
-        .collection::<Document>(names::EVENT_LOGS)
-        .find(doc! {
-            "bulkKey": {"$gt": lower, "$lt": format!("restore:{src};")},
-            "jobId": &job.job_id,
-        })
-        .projection(doc! {"contactId": 1})
-        .await?
-        .try_collect()
-        .await?;
-    Ok(decided
-        .iter()
-        .filter_map(|d| d.get_object_id("contactId").ok())
-        .collect())
-}
+#[cfg(test)]
+mod tests;

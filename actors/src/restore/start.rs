@@ -3,17 +3,14 @@
 
 use std::collections::HashSet;
 
-use bson::{doc, oid::ObjectId, DateTime, Document, RawDocumentBuf};
+use bson::{oid::ObjectId, DateTime};
 use futures::TryStreamExt;
-use mongodb::Database;
 use serde::Serialize;
 
-use super::kept::{self, Kind};
-use super::restore_key;
 use crate::error::JobError;
 use crate::model::{JobKind, JobRecord, JobStatus};
-use crate::repo::JobRepo;
-use crate::store::names;
+use crate::repo::kept_restore::Child;
+use crate::repo::{JobRepo, RestoreRepo};
 
 /// What a restore started now would put back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -88,44 +85,27 @@ pub async fn existing(
 /// What a restore of `source` started now would put back: its kept contacts
 /// whose `_id` is free (and not restored already), with their kept children,
 /// counted a thousand contacts at a time.
-pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts, JobError> {
+pub async fn dry_run(
+    repo: &dyn RestoreRepo,
+    source: &JobRecord,
+) -> Result<RestoreCounts, JobError> {
     let src = source.job_id.as_str();
-    let target = db.collection::<Document>(source.filter.pipeline_type.collection());
     let mut counts = RestoreCounts::default();
     let mut after: Option<ObjectId> = None;
     loop {
-        let bundles: Vec<RawDocumentBuf> = kept::collection(db)
-            .find(kept::range(src, Kind::Contact, after, None))
-            .sort(doc! {"_id": 1})
-            .limit(1000)
-            .projection(doc! {"contactId": 1, "counts": 1, "spilled": 1})
-            .await?
-            .try_collect()
-            .await?;
-        let ids: Vec<ObjectId> = bundles
-            .iter()
-            .filter_map(|b| kept::contact_of(b).ok())
-            .collect();
+        let kept = repo.kept_summaries(src, after, 1000).await?;
+        let ids: Vec<ObjectId> = kept.iter().map(|k| k.contact).collect();
         let Some(upto) = ids.iter().max().copied() else {
             return Ok(counts);
         };
-        let present: HashSet<ObjectId> = target
-            .find(doc! {"_id": {"$in": &ids}})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_filter_map(|d| async move { Ok(d.get_object_id("_id").ok()) })
-            .try_collect()
-            .await?;
+        let present: HashSet<ObjectId> = repo.taken(source, &ids).await?.into_iter().collect();
         // A contact put back by an earlier restore and deleted since is not put back again.
-        let keys: Vec<String> = ids.iter().map(|c| restore_key(src, *c)).collect();
-        let done: HashSet<ObjectId> = db
-            .collection::<Document>(names::EVENT_LOGS)
-            .find(doc! {"bulkKey": {"$in": keys}})
-            .projection(doc! {"contactId": 1})
+        let done: HashSet<ObjectId> = repo
+            .restores_of(src, &ids)
             .await?
-            .try_filter_map(|d| async move { Ok(d.get_object_id("contactId").ok()) })
-            .try_collect()
-            .await?;
+            .iter()
+            .filter_map(|e| e.get_object_id("contactId").ok())
+            .collect();
         let free: HashSet<ObjectId> = ids
             .iter()
             .copied()
@@ -133,31 +113,22 @@ pub async fn dry_run(db: &Database, source: &JobRecord) -> Result<RestoreCounts,
             .collect();
         counts.contacts += free.len() as u64;
         let mut spilled = false;
-        for b in &bundles {
-            if kept::contact_of(b).is_ok_and(|c| free.contains(&c)) {
-                counts.conversations += kept::embedded_count(b, Kind::Conversation);
-                counts.messages += kept::embedded_count(b, Kind::Message);
-                spilled |= kept::spilled(b);
-            }
+        for k in kept.iter().filter(|k| free.contains(&k.contact)) {
+            counts.conversations += k.conversations;
+            counts.messages += k.messages;
+            spilled |= k.spilled;
         }
         // Children kept apart: only where some bundle says so.
         for (kind, slot) in [
-            (Kind::Conversation, &mut counts.conversations),
-            (Kind::Message, &mut counts.messages),
+            (Child::Conversation, &mut counts.conversations),
+            (Child::Message, &mut counts.messages),
         ] {
             if !spilled {
                 continue;
             }
-            let mut children = db
-                .collection::<Document>(names::KEPT)
-                .find(kept::range(src, kind, after, Some(upto)))
-                .projection(doc! {"contactId": 1})
-                .batch_size(10_000)
-                .await?;
-            while let Some(c) = children.try_next().await? {
-                if c.get_object_id("contactId")
-                    .is_ok_and(|c| free.contains(&c))
-                {
+            let mut children = repo.kept_apart(src, kind, after, upto).await?;
+            while let Some((contact, _)) = children.try_next().await? {
+                if free.contains(&contact) {
                     *slot += 1;
                 }
             }

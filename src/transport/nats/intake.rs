@@ -18,8 +18,9 @@ use contact_bulk_protocol::commands::{
     CancelCommand, CountCommand, DeleteCommand, ExportCommand, RestoreCommand,
 };
 use contact_bulk_protocol::error::{ErrorBody, ErrorReply};
+use contact_bulk_protocol::job::Counts;
 use contact_bulk_protocol::parse::decode;
-use contact_bulk_protocol::replies::CountReply;
+use contact_bulk_protocol::replies::{Accepted, CountReply, DryRunReply};
 use contact_bulk_protocol::subjects::Command;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -174,20 +175,28 @@ async fn run(app: &App, cmd: Command, payload: &[u8]) -> Result<Value, JobError>
 
 /// `{jobId, kind, status}`.
 fn accepted(job: &JobRecord) -> Value {
-    json!({"jobId": job.job_id, "kind": job.kind, "status": job.status})
+    json!(Accepted {
+        job_id: job.job_id.clone(),
+        kind: job.kind,
+        status: job.status,
+    })
 }
 
 fn delete_reply(out: DeleteOutcome) -> Value {
     match out {
         DeleteOutcome::Job(job) => accepted(&job),
-        DeleteOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
+        DeleteOutcome::DryRun(counts) => json!(DryRunReply::new(counts)),
     }
 }
 
 fn restore_reply(out: RestoreOutcome) -> Value {
     match out {
         RestoreOutcome::Job(job) => accepted(&job),
-        RestoreOutcome::DryRun(counts) => json!({"dryRun": true, "counts": counts}),
+        RestoreOutcome::DryRun(c) => json!(DryRunReply::new(Counts {
+            contacts: c.contacts,
+            conversations: c.conversations,
+            messages: c.messages,
+        })),
     }
 }
 
@@ -277,7 +286,7 @@ async fn submit(app: &App, kind: Durable, payload: &Bytes) -> Result<Value, JobE
         Durable::Delete => match durable::<DeleteCommand>(payload, |c| c.command_id.is_some()) {
             Ok(cmd) => app.delete(cmd, None).await.map(|out| match out {
                 DeleteOutcome::Job(j) => json!({"jobId": j.job_id, "kind": "delete"}),
-                DeleteOutcome::DryRun(c) => json!({"dryRun": true, "counts": c}),
+                DeleteOutcome::DryRun(c) => json!(DryRunReply::new(c)),
             }),
             Err(e) => Err(e),
         },

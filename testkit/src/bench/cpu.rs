@@ -2,7 +2,6 @@
 //! MongoDB-wire server and nats-server over an interval, read from `/proc`.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
 const TICKS: f64 = 100.0;
@@ -15,7 +14,6 @@ pub struct CpuProbe {
 /// CPU seconds per process at one instant.
 #[derive(Debug, Clone)]
 pub struct CpuSample {
-    at: Instant,
     seconds: Vec<(&'static str, f64)>,
 }
 
@@ -49,7 +47,6 @@ impl CpuProbe {
     /// Reads every process's CPU time now.
     pub fn sample(&self) -> CpuSample {
         CpuSample {
-            at: Instant::now(),
             seconds: self
                 .procs
                 .iter()
@@ -60,18 +57,6 @@ impl CpuProbe {
 }
 
 impl CpuSample {
-    /// `service 1.2 s, mongodb 3.4 s, nats 0.5 s of 5.0 s wall` since `before`.
-    pub fn since(&self, before: &CpuSample) -> String {
-        let wall: Duration = self.at.duration_since(before.at);
-        let parts: Vec<String> = self
-            .seconds
-            .iter()
-            .zip(&before.seconds)
-            .map(|((name, now), (_, then))| format!("{name} {:.1} s", now - then))
-            .collect();
-        format!("{} of {:.1} s wall", parts.join(", "), wall.as_secs_f64())
-    }
-
     /// CPU seconds per process since `before`, as JSON.
     pub fn json_since(&self, before: &CpuSample) -> serde_json::Value {
         let mut m = serde_json::Map::new();

@@ -10,7 +10,8 @@
 //! side, the ratios, the load average, the service's peak RSS and where the
 //! CPU went.
 
-use contact_bulk_protocol::subjects::Command;
+use contact_bulk_protocol::commands::DeleteCommand;
+use contact_bulk_protocol::filter::FilterSpec;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -22,7 +23,6 @@ use super::cpu::CpuProbe;
 use super::yardsticks::Yardsticks;
 use super::{mb, print_table, rate, round, Common, Harness, Memory};
 use crate::seed::{seed_org, SeedSpec};
-use contact_bulk_client::{counts, status, Quiet};
 
 /// Ids per `deleteMany` of the batched yardstick.
 const YARDSTICK_BATCH: usize = 1000;
@@ -324,28 +324,16 @@ async fn clean_up(h: &Harness, org: ObjectId) -> anyhow::Result<()> {
 }
 
 async fn delete_job(h: &Harness, org: ObjectId) -> anyhow::Result<Side> {
-    let org = org.to_hex();
-    let mut events = h.nats.job_events(&org, None).await?;
-    let reply = h
-        .nats
-        .request(
-            Command::Delete,
-            &json!({"orgId": org, "filter": {"orgWide": true}}),
-        )
-        .await?;
-    let t0 = Instant::now();
-    let job_id = reply["jobId"]
-        .as_str()
-        .context("delete reply without jobId")?;
-    let snap = h.nats.follow(&org, job_id, &mut events, &mut Quiet).await?;
-    let took = t0.elapsed();
-    if status(&snap) != "completed" {
-        bail!("delete job did not complete: {snap}");
-    }
-    let (c, v, m) = counts(&snap);
+    let cmd = DeleteCommand {
+        org_id: Some(org.into()),
+        filter: Some(FilterSpec::org_wide()),
+        ..DeleteCommand::default()
+    };
+    let (snap, took) = h.run_job(&org.to_hex(), |nats| nats.delete(&cmd)).await?;
+    let c = snap.counts;
     Ok(Side {
-        contacts: c,
-        docs: c + v + m,
+        contacts: c.contacts,
+        docs: c.contacts + c.conversations + c.messages,
         took,
         cpu: json!({}),
     })

@@ -8,10 +8,11 @@
 //! ratio compares a job with the yardsticks run next to it; the medians are
 //! reported with the load average, since the box's speed drifts.
 
-use contact_bulk_protocol::subjects::Command;
-use std::time::{Duration, Instant};
+use contact_bulk_protocol::commands::ExportCommand;
+use contact_bulk_protocol::filter::{FilterSpec, Format};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bson::{oid::ObjectId, RawDocumentBuf};
 use clap::Args;
 use contact_bulk_actors::filter::Filter;
@@ -22,7 +23,6 @@ use super::cpu::CpuProbe;
 use super::yardsticks::Yardsticks;
 use super::{mb, print_table, rate, round, timed, Common, Harness, Memory};
 use crate::seed::{seed_org, SeedSpec};
-use contact_bulk_client::{status, Quiet};
 
 /// Options of `bench export`.
 #[derive(Debug, Clone, Args)]
@@ -283,31 +283,25 @@ async fn drain(db: &mongodb::Database, org: ObjectId) -> anyhow::Result<u64> {
 /// The export job, timed from its reply to its completed event; also the
 /// time from the reply to its `startedAt`.
 async fn export_job(h: &Harness, n: u64, org: ObjectId) -> anyhow::Result<(Duration, Duration)> {
-    let org = org.to_hex();
-    let mut events = h.nats.job_events(&org, None).await?;
-    let reply = h
-        .nats
-        .request(
-            Command::Export,
-            &json!({"orgId": org, "format": "csv", "filter": {"orgWide": true}}),
-        )
-        .await?;
-    let t0 = Instant::now();
-    let job_id = reply["jobId"]
-        .as_str()
-        .context("export reply without jobId")?;
-    let snap = h.nats.follow(&org, job_id, &mut events, &mut Quiet).await?;
-    let took = t0.elapsed();
-    if status(&snap) != "completed" || snap["result"]["rows"].as_u64() != Some(n) {
-        bail!("export did not complete with {n} rows: {snap}");
+    let cmd = ExportCommand {
+        org_id: Some(org.into()),
+        format: Some(Format::Csv),
+        filter: Some(FilterSpec::org_wide()),
+        ..ExportCommand::default()
+    };
+    let (snap, took) = h.run_job(&org.to_hex(), |nats| nats.export(&cmd)).await?;
+    let rows = snap.export_result().map(|r| r.rows);
+    if rows != i64::try_from(n).ok() {
+        bail!(
+            "export {} completed with {rows:?} rows, not {n}",
+            snap.job_id
+        );
     }
-    let ms = |k: &str| {
-        snap[k]
-            .as_str()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    let ms = |t: Option<&str>| {
+        t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.timestamp_millis())
     };
-    let init = match (ms("createdAt"), ms("startedAt")) {
+    let init = match (ms(Some(&snap.created_at)), ms(snap.started_at.as_deref())) {
         (Some(c), Some(s)) if s >= c => Duration::from_millis((s - c) as u64),
         _ => Duration::ZERO,
     };

@@ -21,15 +21,18 @@ use tracing::instrument::WithSubscriber;
 
 use crate::servers::{repo_nats_conf, MongoServer, NatsServer};
 use bson::oid::ObjectId;
-use contact_bulk_client::Nats;
+use contact_bulk_client::{ensure_completed, ClientError, Nats, Quiet};
+use contact_bulk_protocol::job::JobSnapshot;
+use contact_bulk_protocol::replies::Accepted;
 
-pub mod cpu;
+// Private: shared by the benchmarks only, so anything unused is reported.
+mod cpu;
 pub mod delete;
 pub mod export;
 pub mod restore;
 pub mod ws;
 pub mod ws_latency;
-pub mod yardsticks;
+mod yardsticks;
 
 /// Database the benchmarks use.
 pub const DB: &str = "crm";
@@ -152,6 +155,30 @@ impl Harness {
     /// The scratch directory (servers' data and logs).
     pub fn dir(&self) -> &Path {
         &self.scratch.path
+    }
+
+    /// Starts a job of `org` with `start` (one of the client's typed
+    /// commands) and follows it to its end: its completed snapshot and the
+    /// time from the accepted reply to the end.
+    pub async fn run_job<'a, Fut>(
+        &'a self,
+        org: &str,
+        start: impl FnOnce(&'a Nats) -> Fut,
+    ) -> anyhow::Result<(JobSnapshot, Duration)>
+    where
+        Fut: std::future::Future<Output = Result<Accepted, ClientError>>,
+    {
+        // Subscribed before the job exists, so its last event cannot be missed.
+        let mut events = self.nats.job_events(org, None).await?;
+        let accepted = start(&self.nats).await?;
+        let t0 = Instant::now();
+        let snap = self
+            .nats
+            .follow(org, &accepted.job_id, &mut events, &mut Quiet)
+            .await?;
+        let took = t0.elapsed();
+        ensure_completed(&snap)?;
+        Ok((snap, took))
     }
 
     /// A bearer token of `org` with `scope`, minted by `contact-bulk token`

@@ -9,17 +9,17 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use bson::{doc, oid::ObjectId, Document, RawDocumentBuf};
 use clap::Args;
-use contact_bulk_protocol::subjects::Command;
+use contact_bulk_protocol::commands::{DeleteCommand, JobId, RestoreCommand};
+use contact_bulk_protocol::filter::FilterSpec;
 use futures::TryStreamExt;
 use serde_json::json;
 
 use super::{mb, print_table, round, Common, Harness};
 use crate::seed::{seed_org, SeedSpec};
 use contact_bulk_actors::restore::kept::{self, Kind};
-use contact_bulk_client::{counts, status, Quiet};
 
 /// Documents per `insertMany` of the yardstick.
 const YARDSTICK_BATCH: usize = 1000;
@@ -179,20 +179,16 @@ async fn run_one(h: &mut Harness, n: u64) -> anyhow::Result<RunResult> {
     let hex = org.to_hex();
 
     let t = Instant::now();
-    let source = run_job(
-        h,
-        &hex,
-        Command::Delete,
-        json!({"orgId": hex, "filter": {"orgWide": true}}),
-    )
-    .await?;
+    let delete = DeleteCommand {
+        org_id: Some(org.into()),
+        filter: Some(FilterSpec::org_wide()),
+        ..DeleteCommand::default()
+    };
+    let (source, _) = h.run_job(&hex, |nats| nats.delete(&delete)).await?;
     let delete_s = t.elapsed().as_secs_f64();
-    let source_id = source["jobId"]
-        .as_str()
-        .context("delete snapshot without jobId")?
-        .to_string();
-    let (c, v, m) = counts(&source);
-    let docs = c + v + m;
+    let source_id = source.job_id;
+    let c = source.counts;
+    let docs = c.contacts + c.conversations + c.messages;
 
     // The yardstick: the kept documents, read untimed, inserted by insertMany.
     let by_coll = kept_originals(h, &source_id).await?;
@@ -218,16 +214,16 @@ async fn run_one(h: &mut Harness, n: u64) -> anyhow::Result<RunResult> {
 
     let load = super::delete::load_average();
     let t = Instant::now();
-    let restored = run_job(
-        h,
-        &hex,
-        Command::Restore,
-        json!({"orgId": hex, "jobId": source_id}),
-    )
-    .await?;
+    let restore = RestoreCommand {
+        org_id: Some(org.into()),
+        job_id: Some(JobId(source_id.clone())),
+        ..RestoreCommand::default()
+    };
+    let (restored, _) = h.run_job(&hex, |nats| nats.restore(&restore)).await?;
     let restore_s = t.elapsed().as_secs_f64();
     let peak_kb = service.stop().await.hwm_kb;
-    let (rc, rv, rm) = counts(&restored);
+    let r = restored.counts;
+    let (rc, rv, rm) = (r.contacts, r.conversations, r.messages);
     let mut left = 0;
     for coll in ["contacts", "conversations", "messages"] {
         left +=
@@ -300,23 +296,4 @@ async fn kept_originals(
         ("conversations", conversations),
         ("messages", messages),
     ])
-}
-
-/// Starts a job by `subject` and follows it to its end; its final snapshot.
-async fn run_job(
-    h: &Harness,
-    org: &str,
-    subject: Command,
-    body: serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    let mut events = h.nats.job_events(org, None).await?;
-    let reply = h.nats.request(subject, &body).await?;
-    let job_id = reply["jobId"]
-        .as_str()
-        .with_context(|| format!("{subject} reply without jobId: {reply}"))?;
-    let snap = h.nats.follow(org, job_id, &mut events, &mut Quiet).await?;
-    if status(&snap) != "completed" {
-        bail!("{subject} job did not complete: {snap}");
-    }
-    Ok(snap)
 }

@@ -13,10 +13,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use bson::oid::ObjectId;
 use contact_bulk_protocol::events::{JobEvent, JobEventType};
+use contact_bulk_protocol::job::{Counts, JobKind, JobSnapshot, JobStatus};
 use contact_bulk_protocol::subjects::Subjects;
 use contact_bulk_protocol::ws::ServerFrame;
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -111,23 +112,37 @@ pub async fn bench_latency_with_prefix(
     Ok((pick(50), pick(99)))
 }
 
-fn fake_job(job_id: &str, org: ObjectId, i: usize, total: usize, last: bool) -> Value {
+fn fake_job(job_id: &str, org: ObjectId, i: usize, total: usize, last: bool) -> JobSnapshot {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros())
         .unwrap_or(0);
-    json!({
-        "jobId": job_id, "kind": "export", "orgId": org.to_hex(), "commandId": null,
-        "status": if last { "completed" } else { "processing" },
-        "total": total, "processed": i,
-        "counts": {"contacts": 0, "conversations": 0, "messages": 0},
+    JobSnapshot {
+        job_id: job_id.to_string(),
+        kind: JobKind::Export,
+        org_id: org.to_hex(),
+        command_id: None,
+        status: if last {
+            JobStatus::Completed
+        } else {
+            JobStatus::Processing
+        },
+        total: i64::try_from(total).ok(),
+        processed: i64::try_from(i).unwrap_or(i64::MAX),
+        counts: Counts::default(),
         // The bridge forwards the job untouched: the publish time rides along.
-        "error": format!("bench:{micros}"),
-        "attempts": 1, "createdAt": now, "startedAt": now,
-        "finishedAt": if last { Value::from(now.clone()) } else { Value::Null },
-        "result": null,
-    })
+        error: Some(format!("bench:{micros}")),
+        attempts: 1,
+        waiting: None,
+        created_at: now.clone(),
+        started_at: Some(now.clone()),
+        finished_at: last.then_some(now),
+        result: None,
+        source_job_id: None,
+        restorable_until: None,
+        hard_delete: None,
+    }
 }
 
 /// The `processed` number of a job frame.
@@ -168,7 +183,7 @@ impl Client {
                 .await?
                 .context("closed before the pong")?;
             if matches!(
-                serde_json::from_str::<ServerFrame<Value>>(&text),
+                serde_json::from_str::<ServerFrame<JobSnapshot>>(&text),
                 Ok(ServerFrame::Pong)
             ) {
                 return Ok(client);

@@ -61,11 +61,6 @@ impl Yardsticks {
         Ok(Yardsticks { dir, node })
     }
 
-    /// Where the installed copy lives.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// `node export.js URI DB ORG OUT`.
     pub async fn export(
         &self,
