@@ -96,7 +96,12 @@ impl Service {
             .context("reading the database's clock")?;
         let artifacts: Arc<dyn contact_bulk_actors::repo::ChunkRepo> =
             Arc::new(Artifacts::new(&db));
-        let webhooks = webhooks::Webhooks::new(&db, store.clone(), &config.webhooks, keys.clone());
+        let webhooks = webhooks::Webhooks::new(
+            Arc::new(contact_bulk_actors::repo::MongoWebhooks::new(&db)),
+            store.clone(),
+            &config.webhooks,
+            keys.clone(),
+        );
         webhooks
             .ensure_indexes()
             .await
@@ -127,13 +132,16 @@ impl Service {
         let mut tasks = JoinSet::new();
         let hub = ws::Hub::start(js.clone(), &config, &mut tasks).await?;
         let quota = quota::Quota::new(
-            &db,
+            Arc::new(contact_bulk_actors::repo::MongoQuota::new(&db)),
             store.clone(),
             config.rate_per_min,
             config.max_pending_per_org,
         );
+        let reads = Arc::new(contact_bulk_actors::repo::MongoReads::new(&db));
         let app = Arc::new(App {
-            db,
+            reads,
+            restore: Arc::new(contact_bulk_actors::repo::MongoCrm::new(&db)),
+            names: Arc::new(contact_bulk_actors::repo::MongoExport::new(&db)),
             store,
             artifacts,
             supervisor,

@@ -570,6 +570,15 @@ async fn a_failed_export_leaves_no_chunk_and_a_completed_one_no_leftover() {
     let snap = wait_terminal(&client, bad, &failing).await;
     assert_eq!(snap["status"], "failed", "{snap}");
     assert_eq!(snap["attempts"], 2, "{snap}");
+    // The counted failure is a typed field of the record, read back as such.
+    let record = db
+        .collection::<JobRecord>("bulk_jobs")
+        .find_one(doc! {"_id": &failing})
+        .await
+        .unwrap()
+        .unwrap();
+    let last = record.last_error.unwrap_or_default();
+    assert!(last.contains("injected failure"), "lastError {last:?}");
     // The clean-up runs beside the terminal event: wait for it, with a deadline.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {

@@ -484,3 +484,36 @@ fn the_crate_check_sees_planted_upward_arrows() {
         ]
     );
 }
+
+/// The use cases and the transports reach MongoDB only through the
+/// repositories (`actors/src/repo/`): no `mongodb::` path, `Database` or
+/// collection handle in `src/app/` or `src/transport/` (unit tests aside);
+/// `Service::start` (`src/lib.rs`) alone opens the database.
+#[test]
+fn only_service_start_sees_the_database() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    for dir in ["app", "transport"] {
+        rust_files(&src.join(dir), &mut files);
+    }
+    assert!(files.len() > 10, "{files:?}");
+    let mut seen = Vec::new();
+    for file in &files {
+        let code = std::fs::read_to_string(file).unwrap();
+        let code = code.split("#[cfg(test)]").next().unwrap_or("");
+        for (n, line) in code.lines().enumerate() {
+            let line = line.split("//").next().unwrap_or("");
+            if ["mongodb::", "Database", ".collection(", ".collection::<"]
+                .iter()
+                .any(|w| line.contains(w))
+            {
+                seen.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        seen.is_empty(),
+        "the database outside the repositories:\n{}",
+        seen.join("\n")
+    );
+}

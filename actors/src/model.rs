@@ -114,8 +114,14 @@ pub struct JobRecord {
     pub processed: i64,
     /// Documents deleted.
     pub counts: Counts,
-    /// Why the job failed.
+    /// Why the job failed (set when it ends `failed`; the snapshot's `error`).
     pub error: Option<String>,
+    /// The last failure of the job's own work that was counted as an attempt
+    /// (`attempts` grew) and retried: why a job shows `attempts > 1`. Kept
+    /// after a later success; not part of the snapshot (contract section 5:
+    /// `error` is the reason of a `failed` job only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// Attempts at the job's work: 1 once it started, one more after each
     /// failure of its own work that outlasted the step retries. Restarts,
     /// drains, takeovers and outages cost none.
@@ -202,6 +208,7 @@ impl JobRecord {
             processed: 0,
             counts: Counts::default(),
             error: None,
+            last_error: None,
             attempts: 0,
             created_at: DateTime::now(),
             started_at: None,

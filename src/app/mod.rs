@@ -9,19 +9,16 @@ pub mod view;
 pub mod webhooks;
 
 use bson::oid::ObjectId;
-use contact_bulk_actors::delete::dry_run;
 use contact_bulk_actors::encode::{ColumnSpec, Format};
 use contact_bulk_actors::events::JobEventKind;
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{Counts, ExportSpec, JobKind, JobRecord, JobSnapshot};
-use contact_bulk_actors::repo::JobRepo;
+use contact_bulk_actors::repo::{ContactReads, JobRepo, NameSource, RestoreRepo};
 use contact_bulk_actors::restore::{self, RestoreCounts};
-use contact_bulk_actors::snapshot;
 use contact_bulk_actors::supervisor::SupervisorMsg;
 use contact_bulk_actors::{JobError, ValidationError};
 use contact_bulk_protocol::commands::{DeleteCommand, ExportCommand, JobQuery, RestoreCommand};
 use contact_bulk_protocol::{Id, Text};
-use mongodb::Database;
 use ractor::ActorRef;
 
 use crate::app::quota::Admission;
@@ -31,8 +28,12 @@ pub use view::decorate;
 /// Handles every entry point shares.
 #[derive(Clone)]
 pub struct App {
-    /// The CRM database.
-    pub db: Database,
+    /// Counts, dry runs and the streamed export's reads of the CRM data.
+    pub reads: std::sync::Arc<dyn ContactReads>,
+    /// Kept documents of deletes (the restore's dry run).
+    pub restore: std::sync::Arc<dyn RestoreRepo>,
+    /// Pipeline, stage and owner names of export rows.
+    pub names: std::sync::Arc<dyn NameSource>,
     /// Job records.
     pub store: std::sync::Arc<dyn JobRepo>,
     /// Export files.
@@ -149,7 +150,7 @@ impl App {
         if cmd.dry_run.unwrap_or(false) {
             self.quota.admit(org, Admission::Check).await?;
             return Ok(DeleteOutcome::DryRun(
-                dry_run(&self.db, org, &filter).await?,
+                self.reads.delete_dry_run(org, &filter).await?,
             ));
         }
         let mut job = JobRecord::new(
@@ -200,8 +201,7 @@ impl App {
         if dry {
             self.quota.admit(org, Admission::Check).await?;
             return Ok(RestoreOutcome::DryRun(
-                restore::dry_run(&contact_bulk_actors::repo::MongoCrm::new(&self.db), &source)
-                    .await?,
+                restore::dry_run(self.restore.as_ref(), &source).await?,
             ));
         }
         let (live, n) = restore::existing(self.store.as_ref(), &source.job_id).await?;
@@ -271,10 +271,7 @@ impl App {
     /// `bulk.v1.count` / `POST /api/contacts/query-count`.
     pub async fn count(&self, org: ObjectId, filter: &Filter) -> Result<u64, JobError> {
         self.quota.admit(org, Admission::Check).await?;
-        let collection = filter.pipeline_type.collection();
-        let n =
-            snapshot::count(&self.db, collection, &filter.query(org), None, filter.limit).await?;
-        Ok(n.max(0) as u64)
+        self.reads.count(org, filter).await
     }
 
     /// `bulk.v1.cancel`: asks, broadcasts to every instance, then waits (up to

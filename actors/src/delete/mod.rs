@@ -31,7 +31,6 @@
 //! child kept exactly once whatever the crashes).
 
 mod cascade;
-mod dry_run;
 mod prepare;
 
 use std::collections::VecDeque;
@@ -43,7 +42,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub(crate) use cascade::{notify, Sampled};
-pub use dry_run::dry_run;
 
 pub use crate::repo::crm_mongo::audit_key;
 

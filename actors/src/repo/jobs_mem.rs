@@ -25,8 +25,6 @@ struct Entry {
     job: JobRecord,
     /// `expiredAt`: the export's file was expired by retention.
     expired_at: Option<DateTime>,
-    /// `lastError`: the last failure counted.
-    last_error: Option<String>,
     /// Insertion order, the tie-break of equal `createdAt`s.
     seq: u64,
     /// `cleanupPending` with its claim (`cleanupOwner`, `cleanupUntil`).
@@ -223,7 +221,6 @@ impl JobRepo for MemJobs {
             Entry {
                 job: job.clone(),
                 expired_at: None,
-                last_error: None,
                 seq,
                 cleanup: None,
             },
@@ -453,7 +450,7 @@ impl JobRepo for MemJobs {
             e.job.lease_owner = None;
             e.job.lease_until = None;
             e.job.waiting = None;
-            e.last_error = Some(error.to_string());
+            e.job.last_error = Some(error.to_string());
             e.job.clone()
         }))
     }

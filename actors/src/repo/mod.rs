@@ -23,6 +23,12 @@ pub mod kept;
 pub mod kept_restore;
 mod kept_restore_mem;
 mod kept_restore_mongo;
+pub mod quota;
+pub mod reads;
+pub mod reads_mem;
+pub mod webhooks;
+pub mod webhooks_mem;
+pub mod webhooks_mongo;
 
 pub use chunks::{ChunkRepo, MemChunks};
 pub use crm::{AuditRepo, ContactRepo, Crm, KeptRepo, NotificationRepo, Pass};
@@ -35,6 +41,12 @@ pub use jobs::{Ending, JobPatch, JobRepo, Lease, Sweep};
 pub use jobs_mem::MemJobs;
 pub use jobs_mongo::MongoJobs;
 pub use kept_restore::{KeptContact, KeptSummary, RestoreRepo};
+pub use quota::{MemQuota, MongoQuota, QuotaRepo};
+pub use reads::{ContactReads, DocStream, MongoReads};
+pub use reads_mem::MemReads;
+pub use webhooks::WebhookRepo;
+pub use webhooks_mem::MemWebhooks;
+pub use webhooks_mongo::MongoWebhooks;
 
 #[cfg(test)]
 mod tests;

@@ -103,9 +103,13 @@ async fn failures_count_attempts_and_free_the_job_for_a_restart() {
         .count_failure(id, &lease("a", 1), "boom")
         .await
         .unwrap();
-    assert_eq!(counted.unwrap().attempts, 2);
+    let counted = counted.unwrap();
+    assert_eq!(counted.attempts, 2);
+    assert_eq!(counted.last_error.as_deref(), Some("boom"));
+    assert_eq!(counted.error, None, "not failed: retried");
     let again = jobs.acquire(id, "a", TTL).await.unwrap().unwrap();
     assert_eq!((again.attempts, again.lease_epoch), (2, 2));
+    assert_eq!(again.last_error.as_deref(), Some("boom"), "read back");
     let failed = jobs
         .finish(id, &lease("a", 2), &Ending::Failed("gave up".into()))
         .await

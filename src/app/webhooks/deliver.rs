@@ -7,15 +7,16 @@
 
 use std::time::{Duration, Instant};
 
-use bson::{doc, oid::ObjectId, Bson, DateTime};
-use mongodb::options::ReturnDocument;
+use bson::DateTime;
+use contact_bulk_actors::repo::webhooks::{Attempt, Claim, Next};
+use contact_bulk_actors::JobError;
 use rand::Rng;
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 use reqwest::redirect::Policy;
 use std::sync::Arc;
 
 use super::ssrf::{self, GuardedResolver, Refused};
-use super::{record_attempt_metric, sign, AttemptResult, WebhookConfig, Webhooks, LOG_LEN};
+use super::{record_attempt_metric, sign, AttemptResult, WebhookConfig, Webhooks};
 use crate::auth::now_secs;
 
 /// The delivery client: no redirects, no proxies, the attempt timeout, and a
@@ -55,16 +56,6 @@ pub(super) async fn work(hooks: Webhooks, client: reqwest::Client) {
     }
 }
 
-/// A claimed delivery.
-struct Claimed {
-    id: ObjectId,
-    webhook_id: ObjectId,
-    token: String,
-    body: String,
-    attempts: i32,
-    created: DateTime,
-}
-
 /// What an attempt came to.
 struct Outcome {
     status: Option<u16>,
@@ -80,60 +71,20 @@ impl Outcome {
 impl Webhooks {
     /// Claims the most overdue pending delivery: its `nextAttemptAt` moves a
     /// lease ahead, so no other worker takes it while this one sends it.
-    async fn claim(&self) -> Result<Option<Claimed>, mongodb::error::Error> {
-        let now = DateTime::now();
-        let token = uuid::Uuid::new_v4().to_string();
-        let lease_end = DateTime::from_millis(
-            now.timestamp_millis() + self.inner.config.lease().as_millis() as i64,
-        );
-        let doc = self
-            .inner
-            .deliveries
-            .find_one_and_update(
-                doc! {"status": "pending", "nextAttemptAt": {"$lte": now}},
-                doc! {"$set": {"nextAttemptAt": lease_end, "leaseToken": &token}},
-            )
-            .sort(doc! {"nextAttemptAt": 1})
-            .return_document(ReturnDocument::After)
-            .await?;
-        let Some(d) = doc else {
-            return Ok(None);
-        };
-        let claimed = (|| {
-            Some(Claimed {
-                id: d.get_object_id("_id").ok()?,
-                webhook_id: d.get_object_id("webhookId").ok()?,
-                token,
-                body: d.get_str("body").ok()?.to_string(),
-                attempts: d.get_i32("attempts").unwrap_or(0),
-                created: *d.get_datetime("createdAt").ok()?,
-            })
-        })();
-        if claimed.is_none() {
-            tracing::warn!(delivery = %d.get("_id").cloned().unwrap_or(Bson::Null), "malformed webhook delivery set aside");
-            let _ = self
-                .inner
-                .deliveries
-                .update_one(
-                    doc! {"_id": d.get("_id").cloned().unwrap_or(Bson::Null)},
-                    doc! {"$set": {"status": "failed", "lastError": "malformed delivery record"}},
-                )
-                .await;
-        }
-        Ok(claimed)
+    async fn claim(&self) -> Result<Option<Claim>, JobError> {
+        self.inner
+            .repo
+            .claim(self.now(), self.inner.config.lease())
+            .await
     }
 
     /// Sends one claimed delivery and records the attempt.
-    async fn attempt(&self, client: &reqwest::Client, d: Claimed) {
-        let hook = match self.inner.hooks.find_one(doc! {"_id": d.webhook_id}).await {
+    async fn attempt(&self, client: &reqwest::Client, d: Claim) {
+        let hook = match self.inner.repo.hook(d.webhook_id).await {
             Ok(Some(h)) => h,
             Ok(None) => {
                 // The webhook was deleted meanwhile: nothing to send any more.
-                let _ = self
-                    .inner
-                    .deliveries
-                    .delete_one(doc! {"_id": d.id, "leaseToken": &d.token})
-                    .await;
+                let _ = self.inner.repo.drop_claimed(&d).await;
                 return;
             }
             Err(e) => {
@@ -142,22 +93,14 @@ impl Webhooks {
                 return;
             }
         };
-        let url = hook.get_str("url").unwrap_or_default();
-        let secret = hook.get_str("secret").unwrap_or_default();
-        let at = DateTime::now();
+        let at = self.now();
         let started = Instant::now();
-        let outcome = self.send(client, url, secret, &d).await;
+        let outcome = self.send(client, &hook.url, &hook.secret, &d).await;
         let duration_ms = started.elapsed().as_millis() as i64;
         self.record(&d, at, duration_ms, outcome).await;
     }
 
-    async fn send(
-        &self,
-        client: &reqwest::Client,
-        url: &str,
-        secret: &str,
-        d: &Claimed,
-    ) -> Outcome {
+    async fn send(&self, client: &reqwest::Client, url: &str, secret: &str, d: &Claim) -> Outcome {
         let config = &self.inner.config;
         // Literal addresses never reach the resolver: checked here, every time.
         let url = match ssrf::parse(url).and_then(|u| {
@@ -209,58 +152,48 @@ impl Webhooks {
         }
     }
 
+    /// What follows a failed or successful attempt number `attempts` of `d`:
+    /// delivered, due again after the backoff (±10 % jitter), or given up
+    /// when that would be past the retry window.
+    fn next(&self, d: &Claim, attempts: i32, delivered: bool) -> (Next, AttemptResult) {
+        let config = &self.inner.config;
+        let now = self.now();
+        if delivered {
+            return (Next::Delivered(now), AttemptResult::Succeeded);
+        }
+        let delay = config
+            .backoff(attempts)
+            .mul_f64(rand::rng().random_range(0.9..1.1));
+        let next = now.timestamp_millis() + delay.as_millis() as i64;
+        let window_end = d.created_at.timestamp_millis() + config.retry_for_ms as i64;
+        if next > window_end {
+            (Next::GaveUp, AttemptResult::GaveUp)
+        } else {
+            (
+                Next::RetryAt(DateTime::from_millis(next)),
+                AttemptResult::Failed,
+            )
+        }
+    }
+
     /// Writes the attempt's result, guarded by the claim's token; retried
     /// while the lease lasts, so that a delivered webhook is not sent again
     /// because MongoDB blinked.
-    async fn record(&self, d: &Claimed, at: DateTime, duration_ms: i64, outcome: Outcome) {
+    async fn record(&self, d: &Claim, at: DateTime, duration_ms: i64, outcome: Outcome) {
         let config = &self.inner.config;
         let attempts = d.attempts + 1;
-        let now = DateTime::now();
-        let entry = doc! {
-            "at": at,
-            "statusCode": outcome.status.map(i32::from),
-            "error": outcome.error.clone(),
-            "durationMs": duration_ms,
+        let attempt = Attempt {
+            at,
+            status_code: outcome.status.map(i32::from),
+            error: outcome.error.clone(),
+            duration_ms,
         };
-        let mut set = doc! {
-            "attempts": attempts,
-            "lastAttemptAt": at,
-            "lastStatusCode": outcome.status.map(i32::from),
-            "lastError": outcome.error.clone(),
-            "leaseToken": Bson::Null,
-        };
-        let result = if outcome.delivered() {
-            set.insert("status", "succeeded");
-            set.insert("deliveredAt", now);
-            AttemptResult::Succeeded
-        } else {
-            let delay = config
-                .backoff(attempts)
-                .mul_f64(rand::rng().random_range(0.9..1.1));
-            let next = now.timestamp_millis() + delay.as_millis() as i64;
-            let window_end = d.created.timestamp_millis() + config.retry_for_ms as i64;
-            if next > window_end {
-                set.insert("status", "failed");
-                AttemptResult::GaveUp
-            } else {
-                set.insert("nextAttemptAt", DateTime::from_millis(next));
-                AttemptResult::Failed
-            }
-        };
-        let update = doc! {
-            "$set": set,
-            "$push": {"log": {"$each": [entry], "$slice": -LOG_LEN}},
-        };
+        let (next, result) = self.next(d, attempts, outcome.delivered());
         let deadline = Instant::now() + config.lease().saturating_sub(config.timeout());
         loop {
-            match self
-                .inner
-                .deliveries
-                .update_one(doc! {"_id": d.id, "leaseToken": &d.token}, update.clone())
-                .await
-            {
-                Ok(r) => {
-                    if r.matched_count == 0 {
+            match self.inner.repo.record(d, attempts, &attempt, next).await {
+                Ok(matched) => {
+                    if !matched {
                         tracing::warn!(delivery = %d.id, "webhook delivery lease lost before its attempt was recorded");
                     }
                     break;
@@ -310,3 +243,6 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
         format!("request failed: {root}")
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,11 +9,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer, DeliverPolicy};
 use async_nats::jetstream::AckKind;
-use bson::{doc, oid::ObjectId, DateTime, Document};
+use bson::{oid::ObjectId, DateTime};
 use contact_bulk_actors::model::rfc3339;
+use contact_bulk_actors::repo::webhooks::NewDelivery;
 use contact_bulk_protocol::events::{JobEvent, JobEventType, WebhookDelivery};
 use contact_bulk_protocol::job::JobSnapshot;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::Webhooks;
 use crate::config::Config;
@@ -123,7 +124,7 @@ impl Webhooks {
             .as_deref()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| DateTime::from_millis(t.timestamp_millis()))
-            .unwrap_or_else(DateTime::now);
+            .unwrap_or_else(|| self.now());
         self.enqueue(org, job_id, &format!("job.{status}"), finished, job)
             .await
     }
@@ -138,59 +139,32 @@ impl Webhooks {
         finished: DateTime,
         job: &JobSnapshot,
     ) -> anyhow::Result<()> {
-        let hooks: Vec<Document> = self
-            .inner
-            .hooks
-            .find(doc! {"orgId": org, "events": event_type})
-            .projection(doc! {"_id": 1, "createdAt": 1})
-            .await?
-            .try_collect()
-            .await?;
+        let hooks = self.inner.repo.subscribers(org, event_type).await?;
         let mut created = 0;
-        for hook in hooks {
-            let (Ok(hook_id), Ok(registered)) =
-                (hook.get_object_id("_id"), hook.get_datetime("createdAt"))
-            else {
-                continue;
-            };
-            if *registered > finished {
+        for (hook_id, registered) in hooks {
+            if registered > finished {
                 // The job ended before this webhook existed.
                 continue;
             }
             let id = ObjectId::new();
-            let now = DateTime::now();
+            let now = self.now();
             let body = WebhookDelivery {
                 id: id.to_hex(),
                 kind: event_type.to_string(),
                 created_at: rfc3339(now),
                 job,
             };
-            let insert = doc! {
-                "_id": id,
-                "orgId": org,
-                "type": event_type,
-                "body": serde_json::to_string(&body)?,
-                "status": "pending",
-                "attempts": 0,
-                "createdAt": now,
-                "nextAttemptAt": now,
-                "log": [],
+            let delivery = NewDelivery {
+                id,
+                org,
+                webhook_id: hook_id,
+                job_id: job_id.to_string(),
+                kind: event_type.to_string(),
+                body: serde_json::to_string(&body)?,
+                created_at: now,
             };
-            let upsert = self
-                .inner
-                .deliveries
-                .update_one(
-                    doc! {"webhookId": hook_id, "jobId": job_id},
-                    doc! {"$setOnInsert": insert},
-                )
-                .upsert(true)
-                .await;
-            match upsert {
-                Ok(r) if r.upserted_id.is_some() => created += 1,
-                Ok(_) => {}
-                // Another instance inserted the same delivery at the same moment.
-                Err(e) if is_duplicate_key(&e) => {}
-                Err(e) => return Err(e.into()),
+            if self.inner.repo.enqueue(&delivery).await? {
+                created += 1;
             }
         }
         if created > 0 {
@@ -200,17 +174,8 @@ impl Webhooks {
                 deliveries = created,
                 "webhook deliveries queued"
             );
-            self.inner.wake.notify_waiters();
+            self.wake_workers();
         }
         Ok(())
-    }
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    use mongodb::error::{ErrorKind, WriteFailure};
-    match e.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
-        ErrorKind::Command(c) => c.code == 11000,
-        _ => e.to_string().contains("E11000"),
     }
 }

@@ -18,15 +18,13 @@ mod sweep;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bson::{doc, Document};
+use bson::DateTime;
 use hmac::{Hmac, Mac};
-use mongodb::options::IndexOptions;
-use mongodb::{Collection, Database, IndexModel};
 use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use contact_bulk_actors::repo::JobRepo;
+use contact_bulk_actors::repo::{JobRepo, WebhookRepo};
 
 use crate::auth::Keys;
 use crate::config::Config;
@@ -40,33 +38,32 @@ pub const MAX_PER_ORG: u64 = 10;
 /// The events a webhook can subscribe to.
 pub const EVENTS: [&str; 3] = ["job.completed", "job.failed", "job.cancelled"];
 
-/// Collection of registrations.
-pub const WEBHOOKS: &str = "webhooks";
-/// Collection of deliveries (the outbox and its log).
-pub const DELIVERIES: &str = "webhook_deliveries";
-
-/// Attempts kept in a delivery's log.
-pub const LOG_LEN: i32 = 20;
+pub use contact_bulk_actors::repo::webhooks::{DELIVERIES, LOG_LEN, WEBHOOKS};
 
 pub use crate::config::WebhookConfig;
 
 /// The webhooks of every organisation, and their delivery machinery.
 #[derive(Clone)]
 pub struct Webhooks {
-    /// Read and written by the HTTP handlers (`transport/http/webhooks.rs`).
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
+struct Inner {
     /// Job records (the sweep reads recently ended jobs).
     jobs: Arc<dyn JobRepo>,
-    pub(crate) hooks: Collection<Document>,
-    pub(crate) deliveries: Collection<Document>,
+    /// Registrations and the outbox.
+    repo: Arc<dyn WebhookRepo>,
     config: WebhookConfig,
     keys: Keys,
+    /// The time deliveries are scheduled by (the wall clock; tokio's paused
+    /// clock in unit tests).
+    clock: Clock,
     /// Wakes idle workers when deliveries were just created.
-    pub(crate) wake: Notify,
+    wake: Notify,
 }
+
+/// A source of the current time.
+pub type Clock = Arc<dyn Fn() -> DateTime + Send + Sync>;
 
 impl std::fmt::Debug for Webhooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,21 +76,47 @@ impl std::fmt::Debug for Webhooks {
 impl Webhooks {
     /// The handle; nothing runs until [`Webhooks::start`].
     pub fn new(
-        db: &Database,
+        repo: Arc<dyn WebhookRepo>,
         jobs: Arc<dyn JobRepo>,
         config: &WebhookConfig,
         keys: Keys,
     ) -> Webhooks {
+        Webhooks::with_clock(repo, jobs, config, keys, Arc::new(DateTime::now))
+    }
+
+    /// [`Webhooks::new`] on another clock.
+    pub fn with_clock(
+        repo: Arc<dyn WebhookRepo>,
+        jobs: Arc<dyn JobRepo>,
+        config: &WebhookConfig,
+        keys: Keys,
+        clock: Clock,
+    ) -> Webhooks {
         Webhooks {
             inner: Arc::new(Inner {
                 jobs,
-                hooks: db.collection(WEBHOOKS),
-                deliveries: db.collection(DELIVERIES),
+                repo,
                 config: config.clone(),
                 keys,
+                clock,
                 wake: Notify::new(),
             }),
         }
+    }
+
+    /// Registrations and the outbox.
+    pub fn repo(&self) -> &dyn WebhookRepo {
+        self.inner.repo.as_ref()
+    }
+
+    /// Now, on the webhooks' clock.
+    pub fn now(&self) -> DateTime {
+        (self.inner.clock)()
+    }
+
+    /// Wakes the idle delivery workers of this instance (a delivery is due).
+    pub fn wake_workers(&self) {
+        self.inner.wake.notify_waiters();
     }
 
     /// The tunables.
@@ -105,30 +128,10 @@ impl Webhooks {
     /// webhook and job, due deliveries, and a webhook's recent deliveries.
     pub async fn ensure_indexes(&self) -> anyhow::Result<()> {
         self.inner
-            .hooks
-            .create_index(IndexModel::builder().keys(doc! {"orgId": 1}).build())
+            .repo
+            .ensure_indexes()
             .await
-            .context("webhooks index")?;
-        let deliveries = [
-            IndexModel::builder()
-                .keys(doc! {"webhookId": 1, "jobId": 1})
-                .options(IndexOptions::builder().unique(true).build())
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"status": 1, "nextAttemptAt": 1})
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"webhookId": 1, "createdAt": -1})
-                .build(),
-        ];
-        for index in deliveries {
-            self.inner
-                .deliveries
-                .create_index(index)
-                .await
-                .context("webhook_deliveries index")?;
-        }
-        Ok(())
+            .context("webhook indexes")
     }
 
     /// Creates (or finds) the durable consumer of job events and starts it and

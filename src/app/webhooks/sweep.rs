@@ -9,9 +9,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use bson::{doc, oid::ObjectId, DateTime, Document};
+use bson::{oid::ObjectId, DateTime};
 use contact_bulk_actors::model::JobRecord;
-use futures::TryStreamExt;
 
 use super::Webhooks;
 use crate::app::view::decorate;
@@ -44,47 +43,32 @@ pub(super) async fn run(hooks: Webhooks) {
     }
 }
 
-fn ago(d: Duration) -> DateTime {
-    DateTime::from_millis(DateTime::now().timestamp_millis() - d.as_millis() as i64)
+impl Webhooks {
+    fn ago(&self, d: Duration) -> DateTime {
+        DateTime::from_millis(self.now().timestamp_millis() - d.as_millis() as i64)
+    }
 }
 
 impl Webhooks {
     /// Removes ended deliveries older than [`KEEP_ENDED`], so the outbox does
     /// not grow for ever.
     async fn prune(&self) -> anyhow::Result<()> {
-        let gone = self
-            .inner
-            .deliveries
-            .delete_many(doc! {
-                "status": {"$in": ["succeeded", "failed"]},
-                "createdAt": {"$lt": ago(KEEP_ENDED)},
-            })
-            .await?;
-        if gone.deleted_count > 0 {
-            tracing::info!(
-                deliveries = gone.deleted_count,
-                "old webhook deliveries pruned"
-            );
+        let gone = self.inner.repo.prune(self.ago(KEEP_ENDED)).await?;
+        if gone > 0 {
+            tracing::info!(deliveries = gone, "old webhook deliveries pruned");
         }
         Ok(())
     }
 
     /// One sweep; returns how many jobs had deliveries missing.
-    async fn sweep(&self) -> anyhow::Result<usize> {
-        let hooks: Vec<Document> = self
-            .inner
-            .hooks
-            .find(doc! {})
-            .projection(doc! {"_id": 1, "orgId": 1, "events": 1, "createdAt": 1})
-            .await?
-            .try_collect()
-            .await?;
+    pub(super) async fn sweep(&self) -> anyhow::Result<usize> {
+        let hooks = self.inner.repo.all_hooks().await?;
         if hooks.is_empty() {
             return Ok(0);
         }
         let orgs: Vec<ObjectId> = hooks
             .iter()
-            .filter_map(|h| h.get_object_id("orgId").ok())
+            .map(|h| h.org)
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -92,32 +76,18 @@ impl Webhooks {
         let jobs: Vec<JobRecord> = self
             .inner
             .jobs
-            .ended_within(&orgs, ago(CREATED_WITHIN), (ago(WINDOW), ago(grace)))
+            .ended_within(
+                &orgs,
+                self.ago(CREATED_WITHIN),
+                (self.ago(WINDOW), self.ago(grace)),
+            )
             .await?;
         if jobs.is_empty() {
             return Ok(0);
         }
-        let hook_ids: Vec<ObjectId> = hooks
-            .iter()
-            .filter_map(|h| h.get_object_id("_id").ok())
-            .collect();
+        let hook_ids: Vec<ObjectId> = hooks.iter().map(|h| h.id).collect();
         let job_ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
-        let have: HashSet<(ObjectId, String)> = self
-            .inner
-            .deliveries
-            .find(doc! {"webhookId": {"$in": &hook_ids}, "jobId": {"$in": &job_ids}})
-            .projection(doc! {"webhookId": 1, "jobId": 1})
-            .await?
-            .try_collect::<Vec<Document>>()
-            .await?
-            .into_iter()
-            .filter_map(|d| {
-                Some((
-                    d.get_object_id("webhookId").ok()?,
-                    d.get_str("jobId").ok()?.to_string(),
-                ))
-            })
-            .collect();
+        let have = self.inner.repo.queued(&hook_ids, &job_ids).await?;
         let mut recovered = 0;
         for job in &jobs {
             let Some(finished) = job.finished_at else {
@@ -125,12 +95,10 @@ impl Webhooks {
             };
             let event_type = format!("job.{}", job.status.as_str());
             let missing = hooks.iter().any(|h| {
-                h.get_object_id("orgId").ok() == Some(job.org_id)
-                    && h.get_array("events")
-                        .is_ok_and(|e| e.iter().any(|e| e.as_str() == Some(&event_type)))
-                    && h.get_datetime("createdAt").is_ok_and(|c| *c <= finished)
-                    && h.get_object_id("_id")
-                        .is_ok_and(|id| !have.contains(&(id, job.job_id.clone())))
+                h.org == job.org_id
+                    && h.events.contains(&event_type)
+                    && h.created_at <= finished
+                    && !have.contains(&(h.id, job.job_id.clone()))
             });
             if missing {
                 let snapshot = decorate(&self.inner.keys, job);

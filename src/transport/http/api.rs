@@ -7,10 +7,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bson::{doc, Document};
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::model::{JobKind, JobRecord};
-use contact_bulk_actors::store::names;
 use contact_bulk_actors::{JobError, ValidationError};
 use contact_bulk_protocol::commands::{
     DeleteCommand, ExportCommand, JobId, RestoreBody, RestoreCommand,
@@ -20,7 +18,6 @@ use contact_bulk_protocol::parse::decode;
 use contact_bulk_protocol::replies::CountReply;
 use contact_bulk_protocol::types::{Limit, RowLimit};
 use contact_bulk_protocol::Id;
-use futures::TryStreamExt;
 use serde_json::{json, Value};
 
 use super::{ApiError, Auth};
@@ -63,13 +60,10 @@ fn delete_command(
 
 /// `GET /healthz`: 200 when MongoDB and NATS answer, 503 otherwise.
 pub async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let mongo = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        app.db.run_command(doc! {"ping": 1}),
-    )
-    .await
-    .map(|r| r.is_ok())
-    .unwrap_or(false);
+    let mongo = tokio::time::timeout(std::time::Duration::from_secs(2), app.reads.ping())
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
     let nats = app.nats.connection_state() == async_nats::connection::State::Connected;
     let status = if mongo && nats {
         StatusCode::OK
@@ -266,38 +260,16 @@ pub async fn list_jobs(
 /// `GET /api/pipelines`: the organisation's pipelines and stages (for the page's filter form).
 pub async fn pipelines(State(app): State<Arc<App>>, auth: Auth) -> ApiResult {
     let caller = auth.require_any(&[SCOPE_READ, SCOPE_EXPORT, SCOPE_DELETE])?;
-    let docs: Vec<Document> = app
-        .db
-        .collection::<Document>(names::PIPELINES)
-        .find(doc! {"orgId": caller.org})
-        .limit(500)
-        .await
-        .map_err(|e| ApiError::from_job(e.into()))?
-        .try_collect()
-        .await
-        .map_err(|e| ApiError::from_job(e.into()))?;
-    let list: Vec<Value> = docs
+    let pipelines = app.reads.list_pipelines(caller.org).await?;
+    let list: Vec<Value> = pipelines
         .iter()
         .map(|p| {
             let stages: Vec<Value> = p
-                .get_array("stages")
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|s| s.as_document())
-                        .map(|s| {
-                            json!({
-                                "id": s.get_object_id("_id").map(|i| i.to_hex()).unwrap_or_default(),
-                                "name": s.get_str("name").unwrap_or_default(),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            json!({
-                "id": p.get_object_id("_id").map(|i| i.to_hex()).unwrap_or_default(),
-                "name": p.get_str("name").unwrap_or_default(),
-                "stages": stages,
-            })
+                .stages
+                .iter()
+                .map(|(id, name)| json!({"id": id.to_hex(), "name": name}))
+                .collect();
+            json!({"id": p.id.to_hex(), "name": p.name, "stages": stages})
         })
         .collect();
     Ok(Json(json!({"pipelines": list})).into_response())

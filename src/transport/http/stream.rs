@@ -8,7 +8,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bson::{doc, Document};
 use contact_bulk_actors::encode::{ColumnSpec, Encoder, Format};
 use contact_bulk_actors::filter::{filter_from_query_params, Filter};
 use contact_bulk_actors::lookup::NameCache;
@@ -69,18 +68,10 @@ async fn produce_csv(
     if tx.send(Ok(header.into())).await.is_err() {
         return Ok(());
     }
-    let coll = app
-        .db
-        .collection::<Document>(filter.pipeline_type.collection());
-    let mut find = coll
-        .find(filter.query(org))
-        .sort(doc! {"_id": 1})
-        .projection(columns.projection())
-        .batch_size(BATCH as u32);
-    if let Some(limit) = filter.limit {
-        find = find.limit(limit as i64);
-    }
-    let mut cursor = find.await?;
+    let mut cursor = app
+        .reads
+        .documents(org, &filter, columns.projection(), BATCH as u32)
+        .await?;
     let mut names = NameCache::default();
     let mut docs = Vec::with_capacity(BATCH);
     loop {
@@ -89,7 +80,7 @@ async fn produce_csv(
         docs.extend(next);
         if docs.len() == BATCH || (done && !docs.is_empty()) {
             names
-                .resolve(&app.db, org, docs.iter(), true, false)
+                .resolve(app.names.as_ref(), org, docs.iter(), true, false)
                 .await?;
             let mut out = Vec::with_capacity(docs.len() * 96);
             encoder

@@ -10,13 +10,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
+use bson::{oid::ObjectId, DateTime};
 use contact_bulk_actors::model::rfc3339;
+use contact_bulk_actors::repo::webhooks::{Attempt, Delivery, DeliveryStatus, Hook, Retry};
 use contact_bulk_actors::{JobError, ValidationError};
 use contact_bulk_protocol::commands::{WebhookEvent, WebhookRequest, MAX_URL};
 use contact_bulk_protocol::parse::decode;
 use contact_bulk_protocol::List;
-use futures::TryStreamExt;
 use rand::RngCore;
 use serde_json::{json, Value};
 
@@ -30,8 +30,8 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::from_job(ValidationError::new(field, message).into())
 }
 
-fn db_error(e: mongodb::error::Error) -> ApiError {
-    ApiError::from_job(JobError::Mongo(e))
+fn db_error(e: JobError) -> ApiError {
+    ApiError::from_job(e)
 }
 
 /// `POST /api/webhooks` `{url, events?}` → 201 `{id, url, events, secret, createdAt}`.
@@ -54,33 +54,23 @@ pub async fn create(State(app): State<Arc<App>>, auth: Auth, body: Bytes) -> Api
     let events = events(req.events)?;
 
     let id = ObjectId::new();
-    let now = DateTime::now();
+    let now = hooks.now();
     let secret = new_secret();
     let url = url.to_string();
-    hooks
-        .inner
-        .hooks
-        .insert_one(doc! {
-            "_id": id, "orgId": org, "url": &url, "events": &events,
-            "secret": &secret, "createdAt": now,
-        })
+    let hook = Hook {
+        id,
+        org,
+        url: url.clone(),
+        events: events.clone(),
+        secret: secret.clone(),
+        created_at: now,
+    };
+    if !hooks
+        .repo()
+        .register(&hook, MAX_PER_ORG)
         .await
-        .map_err(db_error)?;
-    // Counted after the insert, so that concurrent registrations cannot pass
-    // the limit together: the one that finds too many takes itself back.
-    let count = hooks
-        .inner
-        .hooks
-        .count_documents(doc! {"orgId": org})
-        .await
-        .map_err(db_error)?;
-    if count > MAX_PER_ORG {
-        hooks
-            .inner
-            .hooks
-            .delete_one(doc! {"_id": id})
-            .await
-            .map_err(db_error)?;
+        .map_err(db_error)?
+    {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -127,29 +117,22 @@ fn new_secret() -> String {
 }
 
 /// A registration as listed: never its secret.
-fn listed(d: &Document) -> Value {
+fn listed(h: &Hook) -> Value {
     json!({
-        "id": d.get_object_id("_id").map(|i| i.to_hex()).unwrap_or_default(),
-        "url": d.get_str("url").unwrap_or_default(),
-        "events": d.get_array("events").map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>()).unwrap_or_default(),
-        "createdAt": d.get_datetime("createdAt").map(|t| rfc3339(*t)).unwrap_or_default(),
+        "id": h.id.to_hex(),
+        "url": h.url,
+        "events": h.events,
+        "createdAt": rfc3339(h.created_at),
     })
 }
 
 /// `GET /api/webhooks` → `{webhooks: [{id, url, events, createdAt}]}`, oldest first.
 pub async fn list(State(app): State<Arc<App>>, auth: Auth) -> ApiResult {
     let org = auth.require(SCOPE_WEBHOOKS)?.org;
-    let docs: Vec<Document> = app
+    let docs = app
         .webhooks
-        .inner
-        .hooks
-        .find(doc! {"orgId": org})
-        .projection(doc! {"secret": 0})
-        .sort(doc! {"createdAt": 1, "_id": 1})
-        .limit(MAX_PER_ORG as i64 * 2)
-        .await
-        .map_err(db_error)?
-        .try_collect()
+        .repo()
+        .hooks_of(org, MAX_PER_ORG as i64 * 2)
         .await
         .map_err(db_error)?;
     let list: Vec<Value> = docs.iter().map(listed).collect();
@@ -157,13 +140,11 @@ pub async fn list(State(app): State<Arc<App>>, auth: Auth) -> ApiResult {
 }
 
 /// The caller's webhook, or 404 (another organisation's, a malformed id).
-async fn own(app: &App, org: ObjectId, id: &str) -> Result<Document, ApiError> {
+async fn own(app: &App, org: ObjectId, id: &str) -> Result<Hook, ApiError> {
     let id = ObjectId::parse_str(id).map_err(|_| ApiError::not_found("webhook"))?;
     app.webhooks
-        .inner
-        .hooks
-        .find_one(doc! {"_id": id, "orgId": org})
-        .projection(doc! {"secret": 0})
+        .repo()
+        .hook_of(org, id)
         .await
         .map_err(db_error)?
         .ok_or_else(|| ApiError::not_found("webhook"))
@@ -179,24 +160,16 @@ pub async fn show(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<String
 /// `DELETE /api/webhooks/{id}` → 204; its pending deliveries go with it.
 pub async fn remove(State(app): State<Arc<App>>, auth: Auth, Path(id): Path<String>) -> ApiResult {
     let org = auth.require(SCOPE_WEBHOOKS)?.org;
-    let hook = own(&app, org, &id).await?;
-    let id = hook
-        .get_object_id("_id")
-        .map_err(|_| ApiError::not_found("webhook"))?;
-    let hooks = &app.webhooks.inner;
-    let gone = hooks
-        .hooks
-        .delete_one(doc! {"_id": id, "orgId": org})
+    let id = own(&app, org, &id).await?.id;
+    let gone = app
+        .webhooks
+        .repo()
+        .remove(org, id)
         .await
         .map_err(db_error)?;
-    if gone.deleted_count == 0 {
+    if !gone {
         return Err(ApiError::not_found("webhook"));
     }
-    hooks
-        .deliveries
-        .delete_many(doc! {"webhookId": id})
-        .await
-        .map_err(db_error)?;
     tracing::info!(webhook = %id, org = %org, "webhook deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -218,21 +191,11 @@ pub async fn deliveries(
             .filter(|n| (1..=200).contains(n))
             .ok_or_else(|| invalid("limit", "must be an integer from 1 to 200"))?,
     };
-    let hook = own(&app, org, &id).await?;
-    let id = hook
-        .get_object_id("_id")
-        .map_err(|_| ApiError::not_found("webhook"))?;
-    let docs: Vec<Document> = app
+    let id = own(&app, org, &id).await?.id;
+    let docs = app
         .webhooks
-        .inner
-        .deliveries
-        .find(doc! {"webhookId": id, "orgId": org})
-        .projection(doc! {"body": 0, "leaseToken": 0})
-        .sort(doc! {"createdAt": -1, "_id": -1})
-        .limit(limit)
-        .await
-        .map_err(db_error)?
-        .try_collect()
+        .repo()
+        .deliveries(org, id, limit)
         .await
         .map_err(db_error)?;
     let list: Vec<Value> = docs.iter().map(delivery).collect();
@@ -248,96 +211,55 @@ pub async fn retry(
     Path((id, delivery_id)): Path<(String, String)>,
 ) -> ApiResult {
     let org = auth.require(SCOPE_WEBHOOKS)?.org;
-    let hook = own(&app, org, &id).await?;
-    let hook_id = hook
-        .get_object_id("_id")
-        .map_err(|_| ApiError::not_found("webhook"))?;
+    let hook_id = own(&app, org, &id).await?.id;
     let delivery_id =
         ObjectId::parse_str(&delivery_id).map_err(|_| ApiError::not_found("delivery"))?;
-    let deliveries = &app.webhooks.inner.deliveries;
-    let mine = doc! {"_id": delivery_id, "webhookId": hook_id, "orgId": org};
-    let mut filter = mine.clone();
-    filter.insert("status", doc! {"$in": ["pending", "failed"]});
-    filter.insert("leaseToken", Bson::Null);
-    let updated = deliveries
-        .find_one_and_update(
-            filter,
-            doc! {"$set": {"status": "pending", "nextAttemptAt": DateTime::now()}},
-        )
-        .projection(doc! {"body": 0, "leaseToken": 0})
-        .return_document(mongodb::options::ReturnDocument::After)
+    let hooks = &app.webhooks;
+    let now = hooks.now();
+    let retried = hooks
+        .repo()
+        .retry(org, hook_id, delivery_id, now)
         .await
         .map_err(db_error)?;
-    match updated {
-        Some(d) => {
-            app.webhooks.inner.wake.notify_waiters();
-            Ok((StatusCode::ACCEPTED, Json(delivery(&d))).into_response())
+    let message = match retried {
+        Retry::Due(d) => {
+            hooks.wake_workers();
+            return Ok((StatusCode::ACCEPTED, Json(delivery(&d))).into_response());
         }
-        None => {
-            let found = deliveries
-                .find_one(mine)
-                .projection(doc! {"status": 1})
-                .await
-                .map_err(db_error)?
-                .ok_or_else(|| ApiError::not_found("delivery"))?;
-            let message = if found.get_str("status") == Ok("succeeded") {
-                "the delivery has succeeded; it is not sent again"
-            } else {
-                "the delivery is being sent right now"
-            };
-            Err(ApiError::new(StatusCode::CONFLICT, "conflict", message))
-        }
-    }
+        Retry::NotFound => return Err(ApiError::not_found("delivery")),
+        Retry::Succeeded => "the delivery has succeeded; it is not sent again",
+        Retry::Busy => "the delivery is being sent right now",
+    };
+    Err(ApiError::new(StatusCode::CONFLICT, "conflict", message))
 }
 
-fn time(d: &Document, key: &str) -> Value {
-    d.get_datetime(key)
-        .map(|t| json!(rfc3339(*t)))
-        .unwrap_or(Value::Null)
+fn time(t: Option<DateTime>) -> Value {
+    t.map(|t| json!(rfc3339(t))).unwrap_or(Value::Null)
 }
 
-fn opt_i64(d: &Document, key: &str) -> Value {
-    match d.get(key) {
-        Some(Bson::Int32(n)) => json!(n),
-        Some(Bson::Int64(n)) => json!(n),
-        _ => Value::Null,
-    }
-}
-
-fn opt_str(d: &Document, key: &str) -> Value {
-    d.get_str(key).map(|s| json!(s)).unwrap_or(Value::Null)
-}
-
-fn delivery(d: &Document) -> Value {
-    let status = d.get_str("status").unwrap_or_default();
-    let log: Vec<Value> = d
-        .get_array("log")
-        .map(|a| {
-            a.iter()
-                .rev()
-                .filter_map(|e| e.as_document())
-                .map(|e| {
-                    json!({
-                        "at": time(e, "at"),
-                        "statusCode": opt_i64(e, "statusCode"),
-                        "error": opt_str(e, "error"),
-                        "durationMs": opt_i64(e, "durationMs"),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+fn attempt(e: &Attempt) -> Value {
     json!({
-        "id": d.get_object_id("_id").map(|i| i.to_hex()).unwrap_or_default(),
-        "type": opt_str(d, "type"),
-        "jobId": opt_str(d, "jobId"),
+        "at": rfc3339(e.at),
+        "statusCode": e.status_code,
+        "error": e.error,
+        "durationMs": e.duration_ms,
+    })
+}
+
+fn delivery(d: &Delivery) -> Value {
+    let status = d.status.map(DeliveryStatus::as_str).unwrap_or_default();
+    let log: Vec<Value> = d.log.iter().rev().map(attempt).collect();
+    json!({
+        "id": d.id.to_hex(),
+        "type": d.kind,
+        "jobId": d.job_id,
         "status": status,
-        "attempts": opt_i64(d, "attempts"),
-        "createdAt": time(d, "createdAt"),
-        "nextAttemptAt": if status == "pending" { time(d, "nextAttemptAt") } else { Value::Null },
-        "deliveredAt": time(d, "deliveredAt"),
-        "lastStatusCode": opt_i64(d, "lastStatusCode"),
-        "lastError": opt_str(d, "lastError"),
+        "attempts": d.attempts,
+        "createdAt": time(d.created_at),
+        "nextAttemptAt": if d.status == Some(DeliveryStatus::Pending) { time(d.next_attempt_at) } else { Value::Null },
+        "deliveredAt": time(d.delivered_at),
+        "lastStatusCode": d.last_status_code,
+        "lastError": d.last_error,
         "log": log,
     })
 }
