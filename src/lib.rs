@@ -117,7 +117,6 @@ impl Service {
                 contact_bulk_actors::repo::MongoCrm::new(&db),
             )),
             export: Arc::new(contact_bulk_actors::repo::MongoExport::new(&db)),
-            db: db.clone(),
             artifacts: artifacts.clone(),
             sink: sink.clone(),
             settings: config.job_settings(),

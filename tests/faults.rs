@@ -579,12 +579,23 @@ async fn a_failed_export_leaves_no_chunk_and_a_completed_one_no_leftover() {
         .unwrap();
     let last = record.last_error.unwrap_or_default();
     assert!(last.contains("injected failure"), "lastError {last:?}");
-    let left = db
-        .collection::<Document>("export_chunks")
-        .count_documents(doc! {"jobId": &failing})
-        .await
-        .unwrap();
-    assert_eq!(left, 0, "a failed export's chunks are removed");
+    // The clean-up runs beside the terminal event: wait for it, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = db
+            .collection::<Document>("export_chunks")
+            .count_documents(doc! {"jobId": &failing})
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a failed export's chunks are removed ({left} left)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // A chunk a stale writer left past the end of a file is cleared at completion.
     let job = job_id(&request(&client, "bulk.v1.export", ids_export(org)).await);
     wait_job(&client, org, &job, 60, |s| s["status"] == "processing").await;

@@ -2,16 +2,17 @@
 //! become CSV or NDJSON bytes.
 //!
 //! The export job calls [`Encoder::header`] once and [`Encoder::encode_batch`]
-//! once per batch; each call's output is appended to the file. Rendering reuses
-//! one CSV writer, one record and one cell buffer per batch, so a row costs no
-//! allocation once the buffers have grown.
+//! (or [`Encoder::encode_rows`] on raw rows) once per batch; each call's output
+//! is appended to the file. Rows are rendered from raw BSON where they lie (no
+//! `Document` is built), reusing one CSV writer, one record and one cell buffer
+//! per batch, so a row costs no allocation once the buffers have grown.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
 
-use bson::{doc, oid::ObjectId, Bson, Document};
-use csv_async::{AsyncWriterBuilder, ByteRecord, Terminator};
+use bson::{doc, oid::ObjectId, Bson, Document, RawDocument, RawDocumentBuf};
+use csv::ByteRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
@@ -351,40 +352,56 @@ impl Encoder {
     pub async fn header(&self) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
         if self.format == Format::Csv {
-            let mut wtr = csv_builder().create_writer(&mut out);
+            let mut wtr = csv_builder().from_writer(&mut out);
             wtr.write_record(self.columns.iter().map(Column::header))
-                .await
                 .map_err(io::Error::from)?;
-            wtr.into_inner().await?;
+            wtr.flush()?;
         }
         Ok(out)
     }
 
-    /// Encodes one batch, appending to `out`. Returns rows written.
+    /// Encodes one batch of documents, appending to `out`. Returns rows written.
     pub async fn encode_batch(
         &self,
         docs: &[Document],
         names: &Names,
         out: &mut Vec<u8>,
     ) -> io::Result<usize> {
-        match self.format {
-            Format::Csv => self.encode_csv(docs, names, out).await,
-            Format::Ndjson => self.encode_ndjson(docs, names, out),
-        }
+        let raw = docs
+            .iter()
+            .map(RawDocumentBuf::from_document)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io::Error::other)?;
+        self.encode_rows(raw.iter().map(|d| d.as_ref()), names, out)
     }
 
-    async fn encode_csv(
+    /// Encodes raw rows, appending to `out`; the fields each column needs are
+    /// read where they lie, nothing is decoded. Returns rows written.
+    pub fn encode_rows<'a>(
         &self,
-        docs: &[Document],
+        rows: impl IntoIterator<Item = &'a RawDocument>,
         names: &Names,
         out: &mut Vec<u8>,
     ) -> io::Result<usize> {
-        let mut wtr = csv_builder().create_writer(&mut *out);
+        match self.format {
+            Format::Csv => self.encode_csv(rows, names, out),
+            Format::Ndjson => self.encode_ndjson(rows, names, out),
+        }
+    }
+
+    fn encode_csv<'a>(
+        &self,
+        rows: impl IntoIterator<Item = &'a RawDocument>,
+        names: &Names,
+        out: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        let mut wtr = csv_builder().from_writer(&mut *out);
         let mut record = ByteRecord::with_capacity(256, self.columns.len());
         // `cell` always starts with the neutralising quote; it is written
         // without it unless the value needs it.
         let mut cell = String::with_capacity(128);
-        for doc in docs {
+        let mut n = 0;
+        for doc in rows {
             record.clear();
             let custom = custom_fields(doc);
             for c in &self.columns {
@@ -398,22 +415,22 @@ impl Encoder {
                     record.push_field(value.as_bytes());
                 }
             }
-            wtr.write_byte_record(&record)
-                .await
-                .map_err(io::Error::from)?;
+            wtr.write_byte_record(&record).map_err(io::Error::from)?;
+            n += 1;
         }
-        wtr.into_inner().await?;
-        Ok(docs.len())
+        wtr.flush()?;
+        Ok(n)
     }
 
-    fn encode_ndjson(
+    fn encode_ndjson<'a>(
         &self,
-        docs: &[Document],
+        rows: impl IntoIterator<Item = &'a RawDocument>,
         names: &Names,
         out: &mut Vec<u8>,
     ) -> io::Result<usize> {
         let mut cell = String::with_capacity(128);
-        for doc in docs {
+        let mut n = 0;
+        for doc in rows {
             let custom = custom_fields(doc);
             out.push(b'{');
             let mut first = true;
@@ -432,18 +449,19 @@ impl Encoder {
                 }
             }
             out.extend_from_slice(b"}\n");
+            n += 1;
         }
-        Ok(docs.len())
+        Ok(n)
     }
 
-    fn write_custom_json(&self, custom: Option<&Document>, out: &mut Vec<u8>) -> io::Result<()> {
+    fn write_custom_json(&self, custom: Option<&RawDocument>, out: &mut Vec<u8>) -> io::Result<()> {
         out.push(b'{');
         for (i, (key, name)) in self.json_custom.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             out.extend_from_slice(key);
-            write_json(custom.and_then(|d| d.get(name)), out)?;
+            write_json(custom.and_then(|d| field(d, name)), out)?;
         }
         out.push(b'}');
         Ok(())

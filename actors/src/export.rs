@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use bson::{oid::ObjectId, Bson, Document, RawDocument};
+use bson::{oid::ObjectId, RawDocument};
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -22,7 +22,6 @@ use crate::job::{JobActor, JobEnv, JobRun, JobStep};
 use crate::lookup::NameCache;
 use crate::model::{Checkpoint, ExportFile, ExportSpec, JobRecord};
 use crate::pending_chunk::PendingChunk;
-use crate::repo::export::bad_bson;
 use crate::repo::{Ending, JobPatch, NameSource, RawBatch};
 
 /// The export actor.
@@ -110,39 +109,6 @@ impl Counting {
 impl Drop for Counting {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// The top-level fields of a projection, applied to raw documents: a
-/// `customFields.<key>` column keeps the whole `customFields` (the encoder
-/// picks its keys). The rows come whole (see [`crate::repo::MongoExport`]).
-#[derive(Debug, Clone)]
-struct Fields(Vec<String>);
-
-impl Fields {
-    fn of(projection: &Document) -> Fields {
-        let mut fields: Vec<String> = projection
-            .keys()
-            .map(|k| k.split('.').next().unwrap_or(k).to_string())
-            .collect();
-        fields.dedup();
-        Fields(fields)
-    }
-
-    /// The wanted fields of `raw` as a document. A handful of fields: a
-    /// linear scan beats hashing every key, and only the wanted values are
-    /// parsed.
-    fn project(&self, raw: &RawDocument) -> Result<Document, JobError> {
-        let mut doc = Document::new();
-        for element in raw.iter_elements() {
-            let element = element.map_err(bad_bson)?;
-            let key = element.key();
-            if self.0.iter().any(|f| f == key) {
-                let value = element.value().map_err(bad_bson)?;
-                doc.insert(key, Bson::try_from(value).map_err(bad_bson)?);
-            }
-        }
-        Ok(doc)
     }
 }
 
@@ -353,18 +319,14 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
     if rows.is_empty() {
         return Ok(());
     }
-    let fields = Fields::of(&s.spec.columns.projection());
-    let docs = rows
-        .iter()
-        .map(|raw| fields.project(raw?))
-        .collect::<Result<Vec<_>, _>>()?;
+    let docs = rows.iter().collect::<Result<Vec<&RawDocument>, _>>()?;
     let cols = &s.spec.columns;
     let names: &dyn NameSource = &*s.run.env.export;
     s.names
         .resolve(
             names,
             s.run.job.org_id,
-            docs.iter(),
+            docs.iter().copied(),
             cols.needs_pipeline() || cols.needs_stage(),
             cols.needs_owner(),
         )
@@ -388,8 +350,7 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
         let before = s.buf.len();
         let encoding = std::time::Instant::now();
         let rows = encoder
-            .encode_batch(part, &s.names.names, &mut s.buf)
-            .await
+            .encode_rows(part.iter().copied(), &s.names.names, &mut s.buf)
             .map_err(io_err)?;
         s.laps.encode += encoding.elapsed();
         if let Some(per_row) = (s.buf.len() - before).checked_div(rows) {

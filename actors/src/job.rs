@@ -83,8 +83,6 @@ pub struct JobEnv {
     pub crm: crate::repo::Crm,
     /// What exports read.
     pub export: Arc<dyn crate::repo::ExportSource>,
-    /// The CRM database, for the queries of restores.
-    pub db: mongodb::Database,
     /// Export files.
     pub artifacts: Arc<dyn crate::repo::ChunkRepo>,
     /// Event publishing.

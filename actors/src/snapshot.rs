@@ -1,6 +1,9 @@
 //! The frozen selection of a job: the upper `_id` bound that every later read
 //! of the job is limited to, and the count of `total` under it.
 //!
+//! The MongoDB repositories (under `repo/`) are its only
+//! callers: the job steps and the use cases ask their repositories.
+//!
 //! Both are written for servers whose index scans cost the size of the key
 //! range they cover whatever the `limit` (secantusd-rs behaves so): they only
 //! ever ask for narrow ranges or for the whole range once.

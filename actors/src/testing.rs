@@ -80,20 +80,6 @@ impl EventSink for RecordingSink {
     }
 }
 
-/// A database handle that is never used: the scripted steps and the fakes
-/// do not touch it (no connection is made until an operation runs).
-fn unused_db() -> mongodb::Database {
-    let options = mongodb::options::ClientOptions::builder()
-        .hosts(vec![mongodb::options::ServerAddress::Tcp {
-            host: "127.0.0.1".into(),
-            port: Some(9),
-        }])
-        .build();
-    mongodb::Client::with_options(options)
-        .expect("client options")
-        .database("unused")
-}
-
 /// Settings of the unit tests: short lease, quick retries.
 pub fn settings() -> JobSettings {
     JobSettings {
@@ -125,13 +111,11 @@ pub fn env_full(
     instance: &str,
     sink: Arc<RecordingSink>,
 ) -> JobEnv {
-    let db = unused_db();
     JobEnv {
         jobs: Arc::new(jobs.clone()),
         crm: Crm::of(Arc::new(crm.clone())),
         export: Arc::new(crate::repo::MemExport::new()),
         artifacts: Arc::new(chunks.clone()),
-        db,
         sink,
         settings: settings(),
         instance: instance.to_string(),

@@ -1,10 +1,15 @@
-//! Cell rendering of the encoder (`encode.rs`): text, names, numbers, JSON values.
+//! Cell rendering of the encoder (`encode.rs`) straight from raw BSON: text,
+//! names, numbers, JSON values. Nothing is decoded into a `Document`; a value
+//! is read where it lies in the row's bytes.
+
+use bson::{RawArray, RawBsonRef, RawDocument};
+use chrono::{Datelike, Timelike};
 
 use super::*;
 
 /// Collects the custom-field keys of one document into `keys`.
 pub fn collect_custom_keys(doc: &Document, keys: &mut BTreeSet<String>) {
-    if let Some(custom) = custom_fields(doc) {
+    if let Ok(custom) = doc.get_document(ALL_CUSTOM) {
         for k in custom.keys() {
             if !keys.contains(k) {
                 keys.insert(k.clone());
@@ -13,9 +18,9 @@ pub fn collect_custom_keys(doc: &Document, keys: &mut BTreeSet<String>) {
     }
 }
 
-pub(super) fn csv_builder() -> AsyncWriterBuilder {
-    let mut b = AsyncWriterBuilder::new();
-    b.terminator(Terminator::Any(b'\n'))
+pub(super) fn csv_builder() -> csv::WriterBuilder {
+    let mut b = csv::WriterBuilder::new();
+    b.terminator(csv::Terminator::Any(b'\n'))
         .has_headers(false)
         .flexible(false)
         .buffer_capacity(64 * 1024);
@@ -29,9 +34,14 @@ pub(super) fn json_key(key: &str) -> Vec<u8> {
     v
 }
 
-pub(super) fn custom_fields(doc: &Document) -> Option<&Document> {
-    match doc.get(ALL_CUSTOM) {
-        Some(Bson::Document(d)) => Some(d),
+/// The top-level value at `key`, if present and readable.
+pub(super) fn field<'a>(doc: &'a RawDocument, key: &str) -> Option<RawBsonRef<'a>> {
+    doc.get(key).ok().flatten()
+}
+
+pub(super) fn custom_fields(doc: &RawDocument) -> Option<&RawDocument> {
+    match field(doc, ALL_CUSTOM) {
+        Some(RawBsonRef::Document(d)) => Some(d),
         _ => None,
     }
 }
@@ -63,13 +73,13 @@ pub(super) fn needs_quote(c: &Column, value: &str) -> bool {
 
 /// Appends the name of the id at `key`; false when absent or unknown.
 pub(super) fn push_name(
-    doc: &Document,
+    doc: &RawDocument,
     key: &str,
     map: &HashMap<ObjectId, String>,
     out: &mut String,
 ) -> bool {
-    match doc.get(key) {
-        Some(Bson::ObjectId(id)) => map.get(id).map(|n| out.push_str(n)).is_some(),
+    match field(doc, key) {
+        Some(RawBsonRef::ObjectId(id)) => map.get(&id).map(|n| out.push_str(n)).is_some(),
         _ => false,
     }
 }
@@ -78,24 +88,24 @@ pub(super) fn push_name(
 /// missing (null, absent, unresolved name, empty full name).
 pub(super) fn render_text(
     c: &Column,
-    doc: &Document,
-    custom: Option<&Document>,
+    doc: &RawDocument,
+    custom: Option<&RawDocument>,
     names: &Names,
     out: &mut String,
 ) -> bool {
     match c {
-        Column::Id => text(doc.get("_id"), out),
-        Column::FirstName => text(doc.get("firstName"), out),
-        Column::LastName => text(doc.get("lastName"), out),
-        Column::Phone => text(doc.get("phone"), out),
-        Column::Email => text(doc.get("email"), out),
+        Column::Id => text(field(doc, "_id"), out),
+        Column::FirstName => text(field(doc, "firstName"), out),
+        Column::LastName => text(field(doc, "lastName"), out),
+        Column::Phone => text(field(doc, "phone"), out),
+        Column::Email => text(field(doc, "email"), out),
         Column::FullName => full_name(doc, out),
         Column::Pipeline => push_name(doc, "pipelineId", &names.pipelines, out),
         Column::Stage => push_name(doc, "stageId", &names.stages, out),
         Column::Owner => push_name(doc, "ownerId", &names.owners, out),
-        Column::Tags => match doc.get("tags") {
-            Some(Bson::Array(tags)) => {
-                for (i, t) in tags.iter().filter(|t| !is_null(t)).enumerate() {
+        Column::Tags => match field(doc, "tags") {
+            Some(RawBsonRef::Array(tags)) => {
+                for (i, t) in present(tags).enumerate() {
                     out.push_str(if i > 0 { ", " } else { "" });
                     text(Some(t), out);
                 }
@@ -103,21 +113,54 @@ pub(super) fn render_text(
             }
             other => text(other, out),
         },
-        Column::CreatedAt => match doc.get("createdAt") {
-            Some(Bson::DateTime(d)) => write!(out, "{}", d.to_chrono().format("%Y-%m-%d")).is_ok(),
+        Column::CreatedAt => match field(doc, "createdAt") {
+            Some(RawBsonRef::DateTime(d)) => date(d, out),
             other => text(other, out),
         },
-        Column::Custom(key) => text(custom.and_then(|d| d.get(key)), out),
+        Column::Custom(key) => text(custom.and_then(|d| field(d, key)), out),
         Column::AllCustom => false,
     }
 }
 
+/// The readable, non-null items of an array.
+pub(super) fn present(items: &RawArray) -> impl Iterator<Item = RawBsonRef<'_>> {
+    items
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|v| !is_null(v))
+}
+
+/// `YYYY-MM-DD` (UTC) of a date.
+fn date(d: bson::DateTime, out: &mut String) -> bool {
+    let t = d.to_chrono();
+    write!(out, "{:04}-{:02}-{:02}", t.year(), t.month(), t.day()).is_ok()
+}
+
+/// RFC 3339 UTC with milliseconds of a date, e.g. `2026-05-20T10:11:12.345Z`.
+fn timestamp(d: bson::DateTime, out: &mut String) -> std::fmt::Result {
+    let t = d.to_chrono();
+    if !(0..=9999).contains(&t.year()) {
+        return write!(out, "{}", t.format(RFC3339_MS));
+    }
+    write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.timestamp_subsec_millis().min(999)
+    )
+}
+
 /// First and last name joined by a space, trimmed; false when that is empty.
-pub(super) fn full_name(doc: &Document, out: &mut String) -> bool {
+pub(super) fn full_name(doc: &RawDocument, out: &mut String) -> bool {
     let start = out.len();
-    text(doc.get("firstName"), out);
+    text(field(doc, "firstName"), out);
     out.push(' ');
-    text(doc.get("lastName"), out);
+    text(field(doc, "lastName"), out);
     let end = start + out[start..].trim_end().len();
     out.truncate(end);
     let lead = out[start..].len() - out[start..].trim_start().len();
@@ -125,25 +168,30 @@ pub(super) fn full_name(doc: &Document, out: &mut String) -> bool {
     out.len() > start
 }
 
-pub(super) fn is_null(v: &Bson) -> bool {
-    matches!(v, Bson::Null | Bson::Undefined)
+pub(super) fn is_null(v: &RawBsonRef<'_>) -> bool {
+    matches!(v, RawBsonRef::Null | RawBsonRef::Undefined)
+}
+
+/// A raw value as an owned `Bson` (for the rare types written as extended JSON).
+fn owned(v: RawBsonRef<'_>) -> Bson {
+    Bson::try_from(v.to_raw_bson()).unwrap_or(Bson::Null)
 }
 
 /// A value as text: strings as is, numbers as their shortest text, booleans
 /// `true`/`false`, dates RFC 3339 UTC with milliseconds, ids as hex, null and
 /// missing as nothing (returning false), anything else as relaxed extended JSON.
-pub(super) fn text(v: Option<&Bson>, out: &mut String) -> bool {
+pub(super) fn text(v: Option<RawBsonRef<'_>>, out: &mut String) -> bool {
     let written = match v {
-        None | Some(Bson::Null | Bson::Undefined) => return false,
-        Some(Bson::String(s) | Bson::Symbol(s)) => out.write_str(s),
-        Some(Bson::Int32(i)) => write!(out, "{i}"),
-        Some(Bson::Int64(i)) => write!(out, "{i}"),
-        Some(Bson::Double(f)) => number_text(*f, out),
-        Some(Bson::Boolean(b)) => write!(out, "{b}"),
-        Some(Bson::DateTime(d)) => write!(out, "{}", d.to_chrono().format(RFC3339_MS)),
-        Some(Bson::ObjectId(id)) => write!(out, "{id}"),
-        Some(Bson::Decimal128(d)) => write!(out, "{d}"),
-        Some(other) => write!(out, "{}", other.clone().into_relaxed_extjson()),
+        None | Some(RawBsonRef::Null | RawBsonRef::Undefined) => return false,
+        Some(RawBsonRef::String(s) | RawBsonRef::Symbol(s)) => out.write_str(s),
+        Some(RawBsonRef::Int32(i)) => write!(out, "{i}"),
+        Some(RawBsonRef::Int64(i)) => write!(out, "{i}"),
+        Some(RawBsonRef::Double(f)) => number_text(f, out),
+        Some(RawBsonRef::Boolean(b)) => write!(out, "{b}"),
+        Some(RawBsonRef::DateTime(d)) => timestamp(d, out),
+        Some(RawBsonRef::ObjectId(id)) => write!(out, "{id}"),
+        Some(RawBsonRef::Decimal128(d)) => write!(out, "{d}"),
+        Some(other) => write!(out, "{}", owned(other).into_relaxed_extjson()),
     };
     written.is_ok()
 }
@@ -168,42 +216,52 @@ pub(super) fn number_text(f: f64, out: &mut String) -> std::fmt::Result {
 /// strings; `createdAt` RFC 3339 with milliseconds.
 pub(super) fn write_column_json(
     c: &Column,
-    doc: &Document,
+    doc: &RawDocument,
     names: &Names,
     cell: &mut String,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    let value = |key| doc.get(key).filter(|v| !is_null(v));
-    let tags = match c {
+    let value = |key| field(doc, key).filter(|v| !is_null(v));
+    match c {
         Column::Tags => match value("tags") {
-            Some(Bson::Array(tags)) => tags.as_slice(),
-            Some(v) => std::slice::from_ref(v),
-            None => return write_opt_str(None, out),
+            Some(RawBsonRef::Array(tags)) => {
+                out.push(b'[');
+                for (i, t) in present(tags).enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_text_json(t, cell, out)?;
+                }
+                out.push(b']');
+                Ok(())
+            }
+            Some(v) => {
+                out.push(b'[');
+                write_text_json(v, cell, out)?;
+                out.push(b']');
+                Ok(())
+            }
+            None => write_opt_str(None, out),
         },
         Column::CreatedAt => match value("createdAt") {
-            Some(v) => return write_text_json(v, cell, out),
-            None => return write_opt_str(None, out),
+            Some(v) => write_text_json(v, cell, out),
+            None => write_opt_str(None, out),
         },
         _ => {
             cell.clear();
             let present = render_text(c, doc, None, names, cell);
-            return write_opt_str(present.then_some(cell.as_str()), out);
+            write_opt_str(present.then_some(cell.as_str()), out)
         }
-    };
-    out.push(b'[');
-    for (i, t) in tags.iter().filter(|t| !is_null(t)).enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_text_json(t, cell, out)?;
     }
-    out.push(b']');
-    Ok(())
 }
 
 /// A value as a JSON string (its text), e.g. a number in `firstName`.
-pub(super) fn write_text_json(v: &Bson, cell: &mut String, out: &mut Vec<u8>) -> io::Result<()> {
-    if let Bson::String(s) = v {
+pub(super) fn write_text_json(
+    v: RawBsonRef<'_>,
+    cell: &mut String,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    if let RawBsonRef::String(s) = v {
         return write_opt_str(Some(s), out);
     }
     cell.clear();
@@ -223,35 +281,39 @@ pub(super) fn write_opt_str(s: Option<&str>, out: &mut Vec<u8>) -> io::Result<()
 
 /// A value as native JSON: numbers, booleans, strings, null; dates RFC 3339
 /// strings; ids hex strings; decimals strings; arrays and documents nested.
-pub(super) fn write_json(v: Option<&Bson>, out: &mut Vec<u8>) -> io::Result<()> {
+pub(super) fn write_json(v: Option<RawBsonRef<'_>>, out: &mut Vec<u8>) -> io::Result<()> {
     let Some(v) = v else {
         out.extend_from_slice(b"null");
         return Ok(());
     };
     match v {
-        Bson::Null | Bson::Undefined => out.extend_from_slice(b"null"),
-        Bson::String(s) | Bson::Symbol(s) => write_opt_str(Some(s), out)?,
-        Bson::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Bson::Int32(i) => write!(out, "{i}")?,
-        Bson::Int64(i) => write!(out, "{i}")?,
-        Bson::Double(f) if f.is_finite() => serde_json::to_writer(&mut *out, f)?,
-        Bson::Double(_) => out.extend_from_slice(b"null"),
-        Bson::DateTime(d) => write!(out, "\"{}\"", d.to_chrono().format(RFC3339_MS))?,
-        Bson::ObjectId(id) => write!(out, "\"{id}\"")?,
-        Bson::Decimal128(d) => write!(out, "\"{d}\"")?,
-        Bson::Array(items) => {
+        RawBsonRef::Null | RawBsonRef::Undefined => out.extend_from_slice(b"null"),
+        RawBsonRef::String(s) | RawBsonRef::Symbol(s) => write_opt_str(Some(s), out)?,
+        RawBsonRef::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        RawBsonRef::Int32(i) => write!(out, "{i}")?,
+        RawBsonRef::Int64(i) => write!(out, "{i}")?,
+        RawBsonRef::Double(f) if f.is_finite() => serde_json::to_writer(&mut *out, &f)?,
+        RawBsonRef::Double(_) => out.extend_from_slice(b"null"),
+        RawBsonRef::DateTime(d) => {
+            let mut s = String::with_capacity(24);
+            timestamp(d, &mut s).map_err(io::Error::other)?;
+            write!(out, "\"{s}\"")?
+        }
+        RawBsonRef::ObjectId(id) => write!(out, "\"{id}\"")?,
+        RawBsonRef::Decimal128(d) => write!(out, "\"{d}\"")?,
+        RawBsonRef::Array(items) => {
             out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
+            for (i, item) in items.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_json(Some(item), out)?;
+                write_json(item.ok(), out)?;
             }
             out.push(b']');
         }
-        Bson::Document(d) => {
+        RawBsonRef::Document(d) => {
             out.push(b'{');
-            for (i, (k, item)) in d.iter().enumerate() {
+            for (i, (k, item)) in d.into_iter().filter_map(Result::ok).enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
@@ -260,7 +322,7 @@ pub(super) fn write_json(v: Option<&Bson>, out: &mut Vec<u8>) -> io::Result<()> 
             }
             out.push(b'}');
         }
-        other => serde_json::to_writer(&mut *out, &other.clone().into_relaxed_extjson())?,
+        other => serde_json::to_writer(&mut *out, &owned(other).into_relaxed_extjson())?,
     }
     Ok(())
 }
