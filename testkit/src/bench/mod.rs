@@ -26,7 +26,7 @@ use contact_bulk_protocol::job::JobSnapshot;
 use contact_bulk_protocol::replies::Accepted;
 
 // Private: shared by the benchmarks only, so anything unused is reported.
-mod cpu;
+pub mod cpu;
 pub mod delete;
 pub mod export;
 pub mod restore;
