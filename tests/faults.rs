@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, Document};
@@ -21,7 +20,6 @@ use contact_bulk_actors::JobError;
 use futures::StreamExt;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 async fn seed(db: &mongodb::Database, n: usize, children: bool) -> (ObjectId, Vec<ObjectId>) {
     let org = ObjectId::new();
@@ -83,38 +81,13 @@ struct Binary {
     child: tokio::process::Child,
 }
 
+/// The real binary as `common::start_binary` starts it, with 2 s leases.
 async fn start_binary(stack: &Stack, envs: &[(&str, &str)]) -> Binary {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-bulk"));
-    cmd.arg("serve")
-        .env("NATS_URL", stack.nats.url())
-        .env("MONGODB_URI", stack.mongo.uri())
-        .env("MONGODB_DB", &stack.db_name)
-        .env("HTTP_ADDR", "127.0.0.1:0")
-        .env("JWT_SECRET", SECRET)
-        .env("BULK_LEASE_MS", "2000")
-        .env("BULK_SCAN_MS", "200")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    for (k, v) in envs {
-        cmd.env(k, v);
+    let mut all = vec![("BULK_LEASE_MS", "2000")];
+    all.extend_from_slice(envs);
+    Binary {
+        child: common::start_binary(stack, &all).await,
     }
-    let mut child = cmd.spawn().expect("binary starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("listening on http://") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .expect("binary ready within 60 s");
-    assert!(ready, "binary exited before listening");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Binary { child }
 }
 
 impl Binary {

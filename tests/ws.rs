@@ -158,27 +158,12 @@ fn start(svc: &Service, job_id: &str) {
 
 /// Stream sequences of every event stored for one job.
 async fn stored_seqs(client: &async_nats::Client, org: ObjectId, job_id: &str) -> Vec<u64> {
-    let js = async_nats::jetstream::new(client.clone());
-    let stream = js.get_stream("BULK_EVENTS").await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("bulk.v1.events.{}.job.{job_id}", org.to_hex()),
-            ..Default::default()
-        })
+    let subject = format!("bulk.v1.events.{}.job.{job_id}", org.to_hex());
+    stored_events(client, subject)
         .await
-        .unwrap();
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::with_capacity(pending);
-    let mut messages = consumer.messages().await.unwrap();
-    while out.len() < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("stream read deadline")
-            .unwrap()
-            .unwrap();
-        out.push(m.info().unwrap().stream_sequence);
-    }
-    out
+        .iter()
+        .map(|m| m.info().unwrap().stream_sequence)
+        .collect()
 }
 
 #[tokio::test]

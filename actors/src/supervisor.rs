@@ -261,7 +261,6 @@ async fn on_failure(
                 // before the failure is announced. The record owes it until
                 // then: if this instance dies or meets an outage here, a
                 // later scan does it (`cleanup.rs`).
-                crate::failpoint::hit("job.failed.before_cleanup");
                 if let Err(e) = cleanup::clean_up(env, state.kinds.as_ref(), Some(job_id)).await {
                     tracing::warn!(job_id, error = %e, "failed job not cleaned up yet");
                 }

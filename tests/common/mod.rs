@@ -253,14 +253,16 @@ pub async fn raw_state(
     out
 }
 
-/// Every event of `org` of this `kind` (`contact_removed`, `contact_restored`)
-/// in the BULK_EVENTS stream, with its `Nats-Msg-Id` as `_msgId`.
-pub async fn contact_events(client: &async_nats::Client, org: ObjectId, kind: &str) -> Vec<Value> {
+/// Every message stored in BULK_EVENTS under `subject`, in stream order.
+pub async fn stored_events(
+    client: &async_nats::Client,
+    subject: String,
+) -> Vec<async_nats::jetstream::Message> {
     let js = async_nats::jetstream::new(client.clone());
     let stream = js.get_stream("BULK_EVENTS").await.unwrap();
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("bulk.v1.events.{}.{kind}", org.to_hex()),
+            filter_subject: subject,
             ..Default::default()
         })
         .await
@@ -278,16 +280,29 @@ pub async fn contact_events(client: &async_nats::Client, org: ObjectId, kind: &s
             .expect("stream read deadline")
             .unwrap()
             .unwrap();
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string());
-        let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
-        v["_msgId"] = json!(id);
-        out.push(v);
+        out.push(m);
     }
     out
+}
+
+/// Every event of `org` of this `kind` (`contact_removed`, `contact_restored`)
+/// in the BULK_EVENTS stream, with its `Nats-Msg-Id` as `_msgId`.
+pub async fn contact_events(client: &async_nats::Client, org: ObjectId, kind: &str) -> Vec<Value> {
+    let subject = format!("bulk.v1.events.{}.{kind}", org.to_hex());
+    stored_events(client, subject)
+        .await
+        .into_iter()
+        .map(|m| {
+            let id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.to_string());
+            let mut v: Value = serde_json::from_slice(&m.payload).unwrap();
+            v["_msgId"] = json!(id);
+            v
+        })
+        .collect()
 }
 
 /// The real binary serving this stack (1 s leases, 200 ms scans, then `env`),

@@ -35,7 +35,6 @@ pub(super) async fn clean_up(
     // Each clean-up is idempotent (a give-back redone puts nothing back
     // twice), so one interrupted anywhere is simply done again.
     kinds.abandon(env, &job).await?;
-    crate::failpoint::hit("cleanup.before_done");
     env.jobs.cleaned(&job.job_id, &env.instance).await?;
     Ok(Some(job))
 }
