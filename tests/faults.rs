@@ -326,6 +326,42 @@ async fn a_holder_that_lost_its_lease_cannot_write_the_record_or_the_file() {
 }
 
 #[tokio::test]
+async fn a_chunk_written_before_chunks_were_keyed_by_id_is_replaced_under_the_same_fence() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    contact_bulk_actors::store::ensure_indexes(&db)
+        .await
+        .unwrap();
+    let artifacts = Artifacts::new(&db);
+    let chunks = db.collection::<Document>("export_chunks");
+    let id = ObjectId::new().to_hex();
+    // The layout of earlier versions: an ObjectId `_id`, unique on (jobId, n).
+    chunks
+        .insert_one(doc! {"jobId": &id, "n": 1i64, "epoch": 2i64,
+            "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: b"old".to_vec() }})
+        .await
+        .unwrap();
+    artifacts.put(&id, 0, 2, b"head,".to_vec()).await.unwrap();
+    let stale = artifacts.put(&id, 1, 1, b"stale".to_vec()).await;
+    assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
+    artifacts.put(&id, 1, 3, b"new".to_vec()).await.unwrap();
+    artifacts.put(&id, 1, 3, b"newer".to_vec()).await.unwrap();
+    let stale = artifacts.put(&id, 0, 1, b"stale".to_vec()).await;
+    assert!(matches!(stale, Err(JobError::Conflict(_))), "{stale:?}");
+    assert_eq!(
+        chunks.count_documents(doc! {"jobId": &id}).await.unwrap(),
+        2,
+        "one chunk per number"
+    );
+    let mut file = Vec::new();
+    let mut stream = Box::pin(artifacts.stream(&id, Some(2)).await.unwrap());
+    while let Some(c) = stream.next().await {
+        file.extend_from_slice(&c.unwrap());
+    }
+    assert_eq!(file, b"head,newer");
+}
+
+#[tokio::test]
 async fn a_lost_reply_to_a_delete_batch_record_counts_the_batch_once() {
     let stack = Stack::start().await;
     let db = stack.db().await;

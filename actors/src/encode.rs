@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::ValidationError;
 
 mod cells;
+mod fields;
 pub use cells::collect_custom_keys;
 use cells::*;
+pub use fields::Fields;
 
 /// Prefix of a single custom field column in a request, and of its CSV header.
 const CUSTOM_PREFIX: &str = "customFields.";
@@ -383,6 +385,17 @@ impl Encoder {
         names: &Names,
         out: &mut Vec<u8>,
     ) -> io::Result<usize> {
+        self.encode_fields(rows.into_iter().map(Fields::read), names, out)
+    }
+
+    /// Encodes rows whose fields were already read (see [`Fields`]),
+    /// appending to `out`. Returns rows written.
+    pub fn encode_fields<'a>(
+        &self,
+        rows: impl IntoIterator<Item = Fields<'a>>,
+        names: &Names,
+        out: &mut Vec<u8>,
+    ) -> io::Result<usize> {
         match self.format {
             Format::Csv => self.encode_csv(rows, names, out),
             Format::Ndjson => self.encode_ndjson(rows, names, out),
@@ -391,7 +404,7 @@ impl Encoder {
 
     fn encode_csv<'a>(
         &self,
-        rows: impl IntoIterator<Item = &'a RawDocument>,
+        rows: impl IntoIterator<Item = Fields<'a>>,
         names: &Names,
         out: &mut Vec<u8>,
     ) -> io::Result<usize> {
@@ -401,13 +414,12 @@ impl Encoder {
         // without it unless the value needs it.
         let mut cell = String::with_capacity(128);
         let mut n = 0;
-        for doc in rows {
+        for row in rows {
             record.clear();
-            let custom = custom_fields(doc);
             for c in &self.columns {
                 cell.clear();
                 cell.push('\'');
-                render_text(c, doc, custom, names, &mut cell);
+                render_text(c, &row, names, &mut cell);
                 let value = &cell[1..];
                 if needs_quote(c, value) {
                     record.push_field(cell.as_bytes());
@@ -424,14 +436,13 @@ impl Encoder {
 
     fn encode_ndjson<'a>(
         &self,
-        rows: impl IntoIterator<Item = &'a RawDocument>,
+        rows: impl IntoIterator<Item = Fields<'a>>,
         names: &Names,
         out: &mut Vec<u8>,
     ) -> io::Result<usize> {
         let mut cell = String::with_capacity(128);
         let mut n = 0;
-        for doc in rows {
-            let custom = custom_fields(doc);
+        for row in rows {
             out.push(b'{');
             let mut first = true;
             for (c, key) in self.columns.iter().zip(&self.json_keys) {
@@ -444,8 +455,8 @@ impl Encoder {
                 first = false;
                 out.extend_from_slice(key);
                 match c {
-                    Column::Custom(_) => self.write_custom_json(custom, out)?,
-                    c => write_column_json(c, doc, names, &mut cell, out)?,
+                    Column::Custom(_) => self.write_custom_json(row.custom, out)?,
+                    c => write_column_json(c, &row, names, &mut cell, out)?,
                 }
             }
             out.extend_from_slice(b"}\n");

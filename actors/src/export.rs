@@ -15,7 +15,7 @@ use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::encode::Encoder;
+use crate::encode::{Encoder, Fields};
 use crate::error::JobError;
 use crate::id_ranges::{self, IdRange, OpenRange, RangeReader};
 use crate::job::{JobActor, JobEnv, JobRun, JobStep};
@@ -47,6 +47,9 @@ pub struct ExportState {
     resumed: bool,
     /// The `total` count, running beside the first batches (see [`Counting`]).
     counting: Option<Counting>,
+    /// When the `processing` status event is still to come: by this time at
+    /// the latest, sooner if the count lands (see [`announce`]).
+    announce: Option<tokio::time::Instant>,
     /// The last flushed chunk, stored in the background while the next rows
     /// are read and encoded.
     pending: Option<PendingChunk>,
@@ -133,6 +136,7 @@ impl JobStep for ExportState {
             exhausted: false,
             resumed: false,
             counting: None,
+            announce: None,
             pending: None,
             digest: None,
             laps: Laps::default(),
@@ -193,6 +197,7 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
         read_batch(s, max_id).await?;
     }
     settle_count(s, false).await?;
+    announce(s, false).await;
     let due = s.buf.len() >= s.run.env.settings.flush_bytes
         || s.last_flush.elapsed() >= s.run.env.settings.flush_interval;
     if s.buf_rows > 0 && (due || s.exhausted) {
@@ -244,16 +249,15 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
     let job_id = s.run.job.job_id.clone();
     let epoch = s.run.lease.epoch;
     s.run.env.artifacts.put(&job_id, 0, epoch, header).await?;
-    // The count started with the snapshot. A small organisation's has landed by
-    // now and the job starts with its `total`; a large one's lands beside the
-    // first batches rather than holding them up.
-    // The first batch is on its way while the count gets its chance to land.
+    // The count started with the snapshot and runs beside the first batches:
+    // nothing waits for it. The `processing` event waits for it instead, up to
+    // `total_wait`, so a small or mid-sized organisation's export is announced
+    // with its `total` (see [`announce`]).
     s.read_last = None;
     open_reader(s, max_id, limit.map(|l| l as i64));
-    let wait = s.run.env.settings.total_wait;
-    let total = match tokio::time::timeout(wait, counting.wait()).await {
-        Ok(count) => Some(count?),
-        Err(_) => None,
+    let total = match counting.0.is_finished() {
+        true => Some(counting.wait().await?),
+        false => None,
     };
     if total.is_none() {
         s.counting = Some(counting);
@@ -280,7 +284,11 @@ async fn initialise(s: &mut ExportState) -> Result<(), JobError> {
         bytes: header_len,
         next_chunk: 1,
     });
-    s.run.status_event().await;
+    if total.is_none() {
+        s.announce = Some(tokio::time::Instant::now() + s.run.env.settings.total_wait);
+    } else {
+        s.run.status_event().await;
+    }
     tracing::info!(job_id = %s.run.job.job_id, max_id = %max_id, "export started");
     Ok(())
 }
@@ -320,13 +328,15 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
         return Ok(());
     }
     let docs = rows.iter().collect::<Result<Vec<&RawDocument>, _>>()?;
+    // Each row's fields are found once, for the names and the encoding.
+    let docs = docs.iter().map(|d| Fields::read(d)).collect::<Vec<_>>();
     let cols = &s.spec.columns;
     let names: &dyn NameSource = &*s.run.env.export;
     s.names
         .resolve(
             names,
             s.run.job.org_id,
-            docs.iter().copied(),
+            docs.iter(),
             cols.needs_pipeline() || cols.needs_stage(),
             cols.needs_owner(),
         )
@@ -350,14 +360,14 @@ async fn read_batch(s: &mut ExportState, max_id: ObjectId) -> Result<(), JobErro
         let before = s.buf.len();
         let encoding = std::time::Instant::now();
         let rows = encoder
-            .encode_rows(part.iter().copied(), &s.names.names, &mut s.buf)
+            .encode_fields(part.iter().copied(), &s.names.names, &mut s.buf)
             .map_err(io_err)?;
         s.laps.encode += encoding.elapsed();
         if let Some(per_row) = (s.buf.len() - before).checked_div(rows) {
             s.row_bytes = per_row.max(1);
         }
         s.buf_rows += rows as i64;
-        s.read_last = part.last().and_then(|d| d.get_object_id("_id").ok());
+        s.read_last = part.last().and_then(|row| Fields::object_id(row.id));
         rest = tail;
         if !rest.is_empty() && s.buf.len() >= flush_bytes {
             flush(s).await?;
@@ -400,7 +410,10 @@ async fn settle_pending(s: &mut ExportState) -> Result<(), JobError> {
         pending.settle(&mut s.run).await?;
         FileDigest::add(&mut s.digest, pending.n(), pending.data());
         s.pending = None;
-        s.run.progress_event().await;
+        // Before the `processing` event, progress is in the record only.
+        if s.announce.is_none() {
+            s.run.progress_event().await;
+        }
     }
     Ok(())
 }
@@ -455,8 +468,25 @@ async fn settle_count(s: &mut ExportState, wait: bool) -> Result<(), JobError> {
         })
         .await?;
     tracing::info!(job_id = %s.run.job.job_id, total, "export counted");
-    s.run.progress_event().await;
+    if s.announce.is_some() {
+        announce(s, true).await;
+    } else {
+        s.run.progress_event().await;
+    }
     Ok(())
+}
+
+/// Sends the `processing` status event once it is due: when the count has
+/// landed (the event then carries `total`), when `total_wait` has passed, or
+/// (`now`) when the export has got that far without it.
+async fn announce(s: &mut ExportState, now: bool) {
+    let Some(due) = s.announce else {
+        return;
+    };
+    if now || s.run.job.total.is_some() || tokio::time::Instant::now() >= due {
+        s.announce = None;
+        s.run.status_event().await;
+    }
 }
 
 async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
@@ -468,6 +498,7 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
         }
         settle_count(s, true).await?;
     }
+    announce(s, true).await;
     settle_pending(s).await?;
     let job_id = s.run.job.job_id.clone();
     let chunks = s.run.job.checkpoint.next_chunk;

@@ -60,9 +60,11 @@ fn seconds(id: &ObjectId) -> u32 {
 }
 
 /// Cuts `(after, upto]` into at most `parts` ranges, in order, covering it
-/// exactly: one up to the second before `floor` (normally empty), then equal
-/// spans of seconds up to `upto`. `floor` is the id the organisation was
-/// created with.
+/// exactly: one up to [`SKEW_SECS`] before `floor` (normally empty), one for
+/// the skew, then equal spans of seconds from `floor` up to `upto`. `floor`
+/// is the id the organisation was created with. The skew is kept out of the
+/// even spans: in an organisation created moments before its contacts were
+/// imported, a minute of it would hold most of the spans and none of the rows.
 pub fn split(
     after: Option<ObjectId>,
     upto: ObjectId,
@@ -73,12 +75,13 @@ pub fn split(
         return Vec::new();
     }
     let first = seconds(&floor).saturating_sub(SKEW_SECS);
-    let from = after.map_or(first, |a| seconds(&a).max(first));
+    let from = after.map_or(seconds(&floor), |a| seconds(&a).max(seconds(&floor)));
     let to = seconds(&upto);
     let mut bounds = Vec::with_capacity(parts + 1);
-    if parts > 1 && from < to {
+    if parts > 2 && from < to {
+        bounds.push(end_of_second(first));
         let span = u64::from(to - from);
-        let cuts = (parts as u64 - 1).min(span);
+        let cuts = (parts as u64 - 2).min(span);
         for i in 0..cuts {
             // The end of second `from + span·i/cuts`, ascending and below `upto`.
             let secs = from as u64 + span * i / cuts;

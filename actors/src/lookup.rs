@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use bson::{oid::ObjectId, Document, RawDocument};
 
-use crate::encode::Names;
+use crate::encode::{Fields, Names};
 use crate::error::JobError;
 use crate::repo::NameSource;
 
@@ -23,6 +23,17 @@ impl Refs for Document {
 impl Refs for RawDocument {
     fn ref_id(&self, key: &str) -> Option<ObjectId> {
         self.get_object_id(key).ok()
+    }
+}
+
+impl Refs for Fields<'_> {
+    fn ref_id(&self, key: &str) -> Option<ObjectId> {
+        match key {
+            "pipelineId" => Fields::object_id(self.pipeline_id),
+            "stageId" => Fields::object_id(self.stage_id),
+            "ownerId" => Fields::object_id(self.owner_id),
+            _ => None,
+        }
     }
 }
 

@@ -164,6 +164,127 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     }
+    contact_bulk_actors::store::ensure_indexes(&h.db).await?;
+    let chunks = h.db.collection::<Document>("export_chunks");
+    let jobs = h.db.collection::<Document>("bulk_jobs");
+    let mb: usize = 40;
+    for (size, count) in [(1usize << 20, mb), (4 << 20, mb / 4), (256 << 10, mb * 4)] {
+        let what = format!("{count} chunks of {} KiB, replace upsert", size >> 10);
+        let job = ObjectId::new().to_hex();
+        probe(&cpu, &what, async {
+            for n in 0..count as i64 {
+                let data = vec![b'x'; size];
+                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
+                "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data }};
+                chunks
+                    .replace_one(
+                        doc! {"jobId": &job, "n": n, "epoch": {"$not": {"$gt": 1i64}}},
+                        chunk,
+                    )
+                    .upsert(true)
+                    .await?;
+            }
+            Ok(count as u64)
+        })
+        .await?;
+        let what = format!("{count} chunks of {} KiB, insert_one", size >> 10);
+        let job = ObjectId::new().to_hex();
+        probe(&cpu, &what, async {
+            for n in 0..count as i64 {
+                let data = vec![b'x'; size];
+                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
+                "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data }};
+                chunks.insert_one(chunk).await?;
+            }
+            Ok(count as u64)
+        })
+        .await?;
+    }
+    for round in 0..2 {
+        let job = ObjectId::new().to_hex();
+        let what = format!("round {round}: 40 x 1 MiB replace upsert {{jobId, n}} only");
+        probe(&cpu, &what, async {
+            for n in 0..40i64 {
+                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
+                chunks.replace_one(doc! {"jobId": &job, "n": n}, chunk).upsert(true).await?;
+            }
+            Ok(40)
+        })
+        .await?;
+        let job = ObjectId::new().to_hex();
+        let what = format!("round {round}: 40 x 1 MiB replace upsert {{jobId, n, epoch $lte}}");
+        probe(&cpu, &what, async {
+            for n in 0..40i64 {
+                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
+                chunks.replace_one(doc! {"jobId": &job, "n": n, "epoch": {"$lte": 1i64}}, chunk).upsert(true).await?;
+            }
+            Ok(40)
+        })
+        .await?;
+        let what =
+            format!("round {round}: 40 x 1 MiB replace upsert again {{jobId, n, epoch $lte 2}}");
+        probe(&cpu, &what, async {
+            for n in 0..40i64 {
+                let chunk = doc! {"jobId": &job, "n": n, "epoch": 2i64,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
+                chunks.replace_one(doc! {"jobId": &job, "n": n, "epoch": {"$lte": 2i64}}, chunk).upsert(true).await?;
+            }
+            Ok(40)
+        })
+        .await?;
+        let job = ObjectId::new().to_hex();
+        let what = format!("round {round}: 40 x 1 MiB replace upsert {{_id: key, epoch}}");
+        probe(&cpu, &what, async {
+            for n in 0..40i64 {
+                let key = format!("{job}:{n}");
+                let chunk = doc! {"_id": &key, "jobId": &job, "n": n, "epoch": 1i64,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
+                chunks.replace_one(doc! {"_id": &key, "epoch": {"$not": {"$gt": 1i64}}}, chunk).upsert(true).await?;
+            }
+            Ok(40)
+        })
+        .await?;
+        let what = format!("round {round}: same 40 again (rewrite, epoch 2)");
+        probe(&cpu, &what, async {
+            for n in 0..40i64 {
+                let key = format!("{job}:{n}");
+                let chunk = doc! {"_id": &key, "jobId": &job, "n": n, "epoch": 2i64,
+                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
+                chunks.replace_one(doc! {"_id": &key, "epoch": {"$not": {"$gt": 2i64}}}, chunk).upsert(true).await?;
+            }
+            Ok(40)
+        })
+        .await?;
+        let what = format!("round {round}: remove_from {{jobId, n >= 30}}");
+        probe(&cpu, &what, async {
+            Ok(chunks
+                .delete_many(doc! {"jobId": &job, "n": {"$gte": 30i64}})
+                .await?
+                .deleted_count)
+        })
+        .await?;
+        let what = format!("round {round}: count all chunks");
+        probe(&cpu, &what, async {
+            Ok(chunks.count_documents(doc! {}).await?)
+        })
+        .await?;
+    }
+    let id = ObjectId::new();
+    jobs.insert_one(doc! {"_id": id, "jobId": id.to_hex(), "processed": 0i64})
+        .await?;
+    probe(&cpu, "100 checkpoint update_one", async {
+        for n in 0..100i64 {
+            jobs.update_one(
+                doc! {"_id": id, "lease.epoch": {"$not": {"$gt": 1i64}}},
+                doc! {"$set": {"processed": n, "checkpoint": {"lastId": id, "nextChunk": n, "bytes": n}}},
+            )
+            .await?;
+        }
+        Ok(100)
+    })
+    .await?;
     for (what, q) in [("drain", base.clone()), ("bounded", bounded.clone())] {
         let explain = h
             .db

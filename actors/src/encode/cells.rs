@@ -39,13 +39,6 @@ pub(super) fn field<'a>(doc: &'a RawDocument, key: &str) -> Option<RawBsonRef<'a
     doc.get(key).ok().flatten()
 }
 
-pub(super) fn custom_fields(doc: &RawDocument) -> Option<&RawDocument> {
-    match field(doc, ALL_CUSTOM) {
-        Some(RawBsonRef::Document(d)) => Some(d),
-        _ => None,
-    }
-}
-
 /// Would a spreadsheet read this cell as a formula? A leading `=`, `+`, `-`,
 /// `@`, tab or CR, also behind leading spaces (spreadsheets trim them) and in
 /// their full-width forms (`＝＋－＠`, which some spreadsheets fold to ASCII).
@@ -71,14 +64,13 @@ pub(super) fn needs_quote(c: &Column, value: &str) -> bool {
     is_formula(value) && !(*c == Column::Phone && is_phone_number(value))
 }
 
-/// Appends the name of the id at `key`; false when absent or unknown.
+/// Appends the name of a referenced id; false when absent or unknown.
 pub(super) fn push_name(
-    doc: &RawDocument,
-    key: &str,
+    value: Option<RawBsonRef<'_>>,
     map: &HashMap<ObjectId, String>,
     out: &mut String,
 ) -> bool {
-    match field(doc, key) {
+    match value {
         Some(RawBsonRef::ObjectId(id)) => map.get(&id).map(|n| out.push_str(n)).is_some(),
         _ => false,
     }
@@ -86,24 +78,18 @@ pub(super) fn push_name(
 
 /// Appends the CSV text of column `c` to `out`; false when the value is
 /// missing (null, absent, unresolved name, empty full name).
-pub(super) fn render_text(
-    c: &Column,
-    doc: &RawDocument,
-    custom: Option<&RawDocument>,
-    names: &Names,
-    out: &mut String,
-) -> bool {
+pub(super) fn render_text(c: &Column, row: &Fields<'_>, names: &Names, out: &mut String) -> bool {
     match c {
-        Column::Id => text(field(doc, "_id"), out),
-        Column::FirstName => text(field(doc, "firstName"), out),
-        Column::LastName => text(field(doc, "lastName"), out),
-        Column::Phone => text(field(doc, "phone"), out),
-        Column::Email => text(field(doc, "email"), out),
-        Column::FullName => full_name(doc, out),
-        Column::Pipeline => push_name(doc, "pipelineId", &names.pipelines, out),
-        Column::Stage => push_name(doc, "stageId", &names.stages, out),
-        Column::Owner => push_name(doc, "ownerId", &names.owners, out),
-        Column::Tags => match field(doc, "tags") {
+        Column::Id => text(row.id, out),
+        Column::FirstName => text(row.first_name, out),
+        Column::LastName => text(row.last_name, out),
+        Column::Phone => text(row.phone, out),
+        Column::Email => text(row.email, out),
+        Column::FullName => full_name(row, out),
+        Column::Pipeline => push_name(row.pipeline_id, &names.pipelines, out),
+        Column::Stage => push_name(row.stage_id, &names.stages, out),
+        Column::Owner => push_name(row.owner_id, &names.owners, out),
+        Column::Tags => match row.tags {
             Some(RawBsonRef::Array(tags)) => {
                 for (i, t) in present(tags).enumerate() {
                     out.push_str(if i > 0 { ", " } else { "" });
@@ -113,11 +99,11 @@ pub(super) fn render_text(
             }
             other => text(other, out),
         },
-        Column::CreatedAt => match field(doc, "createdAt") {
+        Column::CreatedAt => match row.created_at {
             Some(RawBsonRef::DateTime(d)) => date(d, out),
             other => text(other, out),
         },
-        Column::Custom(key) => text(custom.and_then(|d| field(d, key)), out),
+        Column::Custom(key) => text(row.custom.and_then(|d| field(d, key)), out),
         Column::AllCustom => false,
     }
 }
@@ -156,11 +142,11 @@ fn timestamp(d: bson::DateTime, out: &mut String) -> std::fmt::Result {
 }
 
 /// First and last name joined by a space, trimmed; false when that is empty.
-pub(super) fn full_name(doc: &RawDocument, out: &mut String) -> bool {
+pub(super) fn full_name(row: &Fields<'_>, out: &mut String) -> bool {
     let start = out.len();
-    text(field(doc, "firstName"), out);
+    text(row.first_name, out);
     out.push(' ');
-    text(field(doc, "lastName"), out);
+    text(row.last_name, out);
     let end = start + out[start..].trim_end().len();
     out.truncate(end);
     let lead = out[start..].len() - out[start..].trim_start().len();
@@ -216,14 +202,13 @@ pub(super) fn number_text(f: f64, out: &mut String) -> std::fmt::Result {
 /// strings; `createdAt` RFC 3339 with milliseconds.
 pub(super) fn write_column_json(
     c: &Column,
-    doc: &RawDocument,
+    row: &Fields<'_>,
     names: &Names,
     cell: &mut String,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    let value = |key| field(doc, key).filter(|v| !is_null(v));
     match c {
-        Column::Tags => match value("tags") {
+        Column::Tags => match row.tags.filter(|v| !is_null(v)) {
             Some(RawBsonRef::Array(tags)) => {
                 out.push(b'[');
                 for (i, t) in present(tags).enumerate() {
@@ -243,13 +228,13 @@ pub(super) fn write_column_json(
             }
             None => write_opt_str(None, out),
         },
-        Column::CreatedAt => match value("createdAt") {
+        Column::CreatedAt => match row.created_at.filter(|v| !is_null(v)) {
             Some(v) => write_text_json(v, cell, out),
             None => write_opt_str(None, out),
         },
         _ => {
             cell.clear();
-            let present = render_text(c, doc, None, names, cell);
+            let present = render_text(c, row, names, cell);
             write_opt_str(present.then_some(cell.as_str()), out)
         }
     }

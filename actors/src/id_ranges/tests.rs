@@ -56,10 +56,12 @@ fn ranges_cover_the_selection_exactly_once_and_in_order() {
 #[test]
 fn the_seconds_of_the_organisation_are_cut_evenly() {
     let ranges = split(None, id(4_600, u64::MAX), id(1_000, 0), 8);
-    // One range before the organisation (minus the skew), then 7 spans.
+    // One range before the organisation (minus the skew), one for the skew
+    // and the first second, then 6 spans.
     assert_eq!(ranges.len(), 8, "{ranges:?}");
     assert_eq!(seconds(&ranges[0].upto), 1_000 - SKEW_SECS);
-    let spans: Vec<u32> = ranges[1..]
+    assert_eq!(seconds(&ranges[1].upto), 1_000);
+    let spans: Vec<u32> = ranges[2..]
         .iter()
         .map(|r| seconds(&r.upto) - r.after.map_or(0, |a| seconds(&a)))
         .collect();
