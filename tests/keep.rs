@@ -306,3 +306,106 @@ async fn a_restore_that_fails_with_a_contact_half_back_is_finished_by_the_next()
     assert_eq!(adopted, back.len(), "the first job's half-done contacts");
     drop(svc);
 }
+
+#[tokio::test]
+async fn another_organisations_children_of_a_deleted_contact_are_neither_kept_nor_deleted() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 30, 0, 0).await;
+    let before = raw_state(&db, org).await;
+    // Another organisation's documents that name this organisation's contacts
+    // (bad data, or a hostile import): the keep reads children by contact
+    // and must leave these where they are.
+    let other = ObjectId::new();
+    let victims = find_all(&db, "contacts", doc! {"orgId": org}).await;
+    let (mut convs, mut msgs) = (vec![], vec![]);
+    for c in victims.iter().take(5) {
+        let cid = c.get_object_id("_id").unwrap();
+        let conv = ObjectId::new();
+        convs.push(doc! {"_id": conv, "orgId": other, "contactId": cid});
+        msgs.push(
+            doc! {"_id": ObjectId::new(), "orgId": other, "conversationId": conv, "contactId": cid},
+        );
+    }
+    insert(&db, "conversations", convs).await;
+    insert(&db, "messages", msgs).await;
+    let foreign = raw_state(&db, other).await;
+    assert_eq!(foreign.len(), 10);
+    let _svc = stack.service_with(|c| c.delete_batch = 12).await;
+    let client = stack.client().await;
+    let del = delete_all(&client, org).await;
+    assert_eq!(del["status"], "completed", "{del}");
+    assert_eq!(
+        del["counts"],
+        json!({"contacts": 30, "conversations": 60, "messages": 180}),
+        "{del}"
+    );
+    let job = del["jobId"].as_str().unwrap();
+    // Kept exactly this organisation's documents; the other's untouched.
+    check_kept_once(&db, job, &before).await;
+    assert_eq!(raw_state(&db, other).await, foreign);
+    let done = restore(&client, org, job).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(raw_state(&db, org).await, before, "every byte back");
+    assert_eq!(raw_state(&db, other).await, foreign);
+}
+
+#[tokio::test]
+async fn a_child_written_while_its_contact_is_kept_is_kept_by_another_pass_and_comes_back() {
+    let stack = Stack::start().await;
+    let db = stack.db().await;
+    let org = seed(&db, 30, 0, 0).await;
+    let first = find_all(&db, "contacts", doc! {"orgId": org})
+        .await
+        .iter()
+        .filter_map(|c| c.get_object_id("_id").ok())
+        .min()
+        .unwrap();
+    let mut before = raw_state(&db, org).await;
+    let pause = failpoint::pause_at(failpoint::KEEP_AFTER_READ, &org.to_hex());
+    let _svc = stack.service_with(|c| c.delete_batch = 12).await;
+    let client = stack.client().await;
+    let reply = request(
+        &client,
+        "bulk.v1.delete",
+        json!({"orgId": org.to_hex(), "filter": {"orgWide": true}}),
+    )
+    .await;
+    let job = reply["jobId"].as_str().unwrap().to_string();
+    // The first slice's children are read; before they are deleted, the CRM
+    // writes a conversation and a message for its first contact.
+    tokio::time::timeout(Duration::from_secs(60), pause.reached())
+        .await
+        .expect("the keep never reached its read");
+    let conv = ObjectId::new();
+    insert(
+        &db,
+        "conversations",
+        vec![doc! {"_id": conv, "orgId": org, "contactId": first, "late": true}],
+    )
+    .await;
+    insert(
+        &db,
+        "messages",
+        vec![doc! {"_id": ObjectId::new(), "orgId": org, "conversationId": conv, "contactId": first, "late": true}],
+    )
+    .await;
+    // What is there now, with the late children (other batches may be kept
+    // and deleted already, beside the paused one).
+    before.extend(raw_state(&db, org).await);
+    assert_eq!(before.len(), 30 + 61 + 181);
+    pause.release();
+    let del = wait_terminal(&client, org, &job).await;
+    assert_eq!(del["status"], "completed", "{del}");
+    // Nothing outlives its contact, and the late children were kept too.
+    assert_eq!(raw_state(&db, org).await.len(), 0, "documents left behind");
+    assert_eq!(
+        del["counts"],
+        json!({"contacts": 30, "conversations": 61, "messages": 181}),
+        "{del}"
+    );
+    check_kept_once(&db, &job, &before).await;
+    let done = restore(&client, org, &job).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(raw_state(&db, org).await, before, "every byte back");
+}

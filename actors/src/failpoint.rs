@@ -87,6 +87,64 @@ pub fn fires(point: &str, scope: &str) -> bool {
     true
 }
 
+/// Where a delete's keep has read a slice's children and not yet counted
+/// them again (the moment a child written meanwhile must be caught).
+pub const KEEP_AFTER_READ: &str = "keep.after_read";
+
+type Pauses = HashMap<(String, String), std::sync::Arc<PausePoint>>;
+static PAUSES: Mutex<Option<Pauses>> = Mutex::new(None);
+static ANY_PAUSE: AtomicBool = AtomicBool::new(false);
+
+/// Both sides of a pause point.
+#[derive(Debug, Default)]
+pub struct PausePoint {
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl PausePoint {
+    /// Waits until the code has stopped at the point.
+    pub async fn reached(&self) {
+        self.reached.notified().await;
+    }
+
+    /// Lets the code go on.
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+/// Arms a pause at `point` for `scope` (tests only): the next time the code
+/// reaches it, it stops there until [`PausePoint::release`]; once.
+pub fn pause_at(point: &str, scope: &str) -> std::sync::Arc<PausePoint> {
+    let pause = std::sync::Arc::new(PausePoint::default());
+    let mut pauses = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
+    pauses
+        .get_or_insert_with(HashMap::new)
+        .insert((point.to_string(), scope.to_string()), pause.clone());
+    ANY_PAUSE.store(true, Ordering::Release);
+    pause
+}
+
+/// Stops here while a test holds the pause armed for `point` and `scope`;
+/// unarmed, one relaxed atomic load.
+pub async fn pause(point: &str, scope: &str) {
+    if !ANY_PAUSE.load(Ordering::Acquire) {
+        return;
+    }
+    let armed = {
+        let mut pauses = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
+        pauses
+            .as_mut()
+            .and_then(|m| m.remove(&(point.to_string(), scope.to_string())))
+    };
+    if let Some(p) = armed {
+        tracing::warn!(point, scope, "pause point reached");
+        p.reached.notify_one();
+        p.release.notified().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,7 +74,11 @@ pub(super) async fn apply(batch: Batch) -> Result<Pass, JobError> {
                 kept.conversations += pass.conversations;
                 kept.messages += pass.messages;
                 kept.contacts.extend(pass.contacts);
-                if !crm.contacts.children_left(org, &ids).await? {
+                let left = match pass.left {
+                    Some(left) => left,
+                    None => crm.contacts.children_left(org, &ids).await?,
+                };
+                if !left {
                     break;
                 }
             }

@@ -164,6 +164,10 @@ pub struct Pass {
     pub conversations: u64,
     /// Messages kept (now or by an earlier pass) and deleted.
     pub messages: u64,
+    /// Whether children of these contacts are left (written since the pass
+    /// read them), when the pass knows; `None`: ask
+    /// [`ContactRepo::children_left`].
+    pub left: Option<bool>,
 }
 
 /// What deletes keep for restores.

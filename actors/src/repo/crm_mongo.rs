@@ -207,13 +207,24 @@ impl ContactRepo for MongoCrm {
     }
 
     async fn children_left(&self, org: ObjectId, ids: &[ObjectId]) -> Result<bool, JobError> {
-        let children = doc! {"orgId": org, "contactId": {"$in": ids}};
+        // By contact alone, the organisation checked on what comes back
+        // (normally nothing): as the keep reads children (`keep.rs`).
+        let children = doc! {"contactId": {"$in": ids}};
         let (messages, conversations) = self.children();
-        let (message, conversation) = futures::try_join!(
-            messages.find_one(children.clone()).into_future(),
-            conversations.find_one(children).into_future(),
-        )?;
-        Ok(message.is_some() || conversation.is_some())
+        let ours = |coll: Collection<Document>| {
+            let children = children.clone();
+            async move {
+                let mut cursor = coll.find(children).projection(doc! {"orgId": 1}).await?;
+                while let Some(child) = cursor.try_next().await? {
+                    if child.get_object_id("orgId").is_ok_and(|o| o == org) {
+                        return Ok::<_, JobError>(true);
+                    }
+                }
+                Ok(false)
+            }
+        };
+        let (message, conversation) = futures::try_join!(ours(messages), ours(conversations))?;
+        Ok(message || conversation)
     }
 }
 
