@@ -23,6 +23,8 @@ use crate::lookup::NameCache;
 use crate::model::{Checkpoint, ExportFile, ExportSpec, JobRecord};
 use crate::pending_chunk::PendingChunk;
 use crate::repo::{Ending, JobPatch, NameSource, RawBatch};
+use digest::FileDigest;
+use total::{announce, settle_count, start_count, Counting};
 
 /// The export actor.
 pub type ExportActor = JobActor<ExportState>;
@@ -66,53 +68,6 @@ struct Laps {
     read: std::time::Duration,
     encode: std::time::Duration,
     settle: std::time::Duration,
-}
-
-/// The file's hash as it is written: chunk 0 (the header) when the export
-/// starts, then each chunk once its checkpoint is written, in order. A resumed
-/// export has none (a hasher's state cannot be stored with the checkpoint), so
-/// it reads its file back once at completion, as does any export whose digest
-/// fell out of step with its checkpoint.
-struct FileDigest {
-    hasher: Sha256,
-    bytes: i64,
-    /// The chunk the hasher expects next.
-    next_chunk: i64,
-}
-
-impl FileDigest {
-    /// Adds chunk `n`; out of order, the digest is dropped (read back instead).
-    fn add(digest: &mut Option<FileDigest>, n: i64, data: &[u8]) {
-        match digest {
-            Some(d) if d.next_chunk == n => {
-                d.hasher.update(data);
-                d.bytes += data.len() as i64;
-                d.next_chunk += 1;
-            }
-            _ => *digest = None,
-        }
-    }
-}
-
-/// The count of `total`, run as its own task so the export does not wait for
-/// it: on a large organisation counting takes a fair fraction of the time the
-/// whole export does. Aborted when the actor goes away.
-struct Counting(tokio::task::JoinHandle<Result<i64, JobError>>);
-
-impl Counting {
-    /// The count, once it has landed (cancel-safe: it can be awaited again).
-    async fn wait(&mut self) -> Result<i64, JobError> {
-        match (&mut self.0).await {
-            Ok(count) => count,
-            Err(e) => Err(JobError::Internal(format!("count task: {e}"))),
-        }
-    }
-}
-
-impl Drop for Counting {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl JobStep for ExportState {
@@ -439,56 +394,6 @@ async fn flush(s: &mut ExportState) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Starts counting `total` beside the export: the selection under the
-/// snapshot's bound, as the reader's ranges read it.
-fn start_count(s: &ExportState, max_id: ObjectId) -> Counting {
-    let source = s.run.env.export.clone();
-    let job = s.run.job.clone();
-    Counting(tokio::spawn(
-        async move { source.count(&job, max_id).await },
-    ))
-}
-
-/// Records `total` once the count has landed (or, with `wait`, waits for it).
-/// A failed count is the step's error: the retry starts a new one.
-async fn settle_count(s: &mut ExportState, wait: bool) -> Result<(), JobError> {
-    let Some(counting) = s.counting.as_mut() else {
-        return Ok(());
-    };
-    if !wait && !counting.0.is_finished() {
-        return Ok(());
-    }
-    let outcome = counting.wait().await;
-    s.counting = None;
-    let total = outcome?;
-    s.run
-        .update(JobPatch {
-            total: Some(Some(total)),
-            ..JobPatch::default()
-        })
-        .await?;
-    tracing::info!(job_id = %s.run.job.job_id, total, "export counted");
-    if s.announce.is_some() {
-        announce(s, true).await;
-    } else {
-        s.run.progress_event().await;
-    }
-    Ok(())
-}
-
-/// Sends the `processing` status event once it is due: when the count has
-/// landed (the event then carries `total`), when `total_wait` has passed, or
-/// (`now`) when the export has got that far without it.
-async fn announce(s: &mut ExportState, now: bool) {
-    let Some(due) = s.announce else {
-        return;
-    };
-    if now || s.run.job.total.is_some() || tokio::time::Instant::now() >= due {
-        s.announce = None;
-        s.run.status_event().await;
-    }
-}
-
 async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
     if s.run.job.total.is_none() {
         if s.counting.is_none() {
@@ -570,6 +475,9 @@ async fn pack(spec: &ExportSpec, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
 fn io_err(e: std::io::Error) -> JobError {
     JobError::Internal(format!("encoding: {e}"))
 }
+
+mod digest;
+mod total;
 
 #[cfg(test)]
 mod tests;
