@@ -42,10 +42,12 @@ async fn chaos_kill_nine_and_server_restarts_lose_no_job() {
         cluster: false,
         kills: 24,
         min_while_running: 20,
+        // Sized so the jobs outlast the kill schedule: grown by half when the
+        // export and the delete got faster (issue 13).
         sizes: Sizes {
-            export: 40_000,
-            stage_delete: 9_000,
-            org_delete: 6_000,
+            export: 60_000,
+            stage_delete: 13_500,
+            org_delete: 9_000,
             bystander: 1_000,
         },
     })
