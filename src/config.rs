@@ -47,7 +47,7 @@ pub struct Config {
     pub export_batch: u32,
     /// `_id` ranges an export's selection is cut into, the next one read
     /// ahead while the current one streams (1: one query).
-    #[arg(long, env = "BULK_EXPORT_RANGES", default_value_t = 16)]
+    #[arg(long, env = "BULK_EXPORT_RANGES", default_value_t = 32)]
     pub export_ranges: usize,
     /// How long an export's start waits for its count so that `total` is known
     /// from the `processing` snapshot on, in milliseconds; a longer count lands

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::error::JobError;
 
 /// Ranges an export's selection is cut into (fewer when it spans fewer seconds).
-pub const RANGES: usize = 16;
+pub const RANGES: usize = 32;
 /// Ranges read ahead of the one being handed over.
 pub const RANGES_AHEAD: usize = 1;
 /// Batches a range's task may hold ready before the reader takes them.
