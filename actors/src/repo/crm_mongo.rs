@@ -345,7 +345,7 @@ impl KeptRepo for MongoCrm {
         after: Option<ObjectId>,
         upto: ObjectId,
     ) -> Result<(u64, u64), JobError> {
-        super::keep::kept_children(&self.db, job_id, after, upto).await
+        super::kept_back::kept_children(&self.db, job_id, after, upto).await
     }
 
     async fn put_back_children(
@@ -353,6 +353,6 @@ impl KeptRepo for MongoCrm {
         job: &JobRecord,
         ids: &[ObjectId],
     ) -> Result<(u64, u64), JobError> {
-        super::keep::put_back_children(&self.db, job, ids).await
+        super::kept_back::put_back_children(&self.db, job, ids).await
     }
 }

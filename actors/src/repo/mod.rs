@@ -20,6 +20,7 @@ pub mod jobs_mem;
 pub mod jobs_mongo;
 pub mod keep;
 pub mod kept;
+pub mod kept_back;
 pub mod kept_restore;
 mod kept_restore_mem;
 mod kept_restore_mongo;
