@@ -271,5 +271,41 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     }
+    // A delete's notification upsert, as the job sends it (one per assignee
+    // and batch), against one keyed by `_id`; 2,000 prior notifications.
+    let notes = h.db.collection::<Document>("notifications");
+    let prior: Vec<Document> = (0..2000)
+        .map(|i| doc! {"bulkKey": format!("old:{i}"), "userId": ObjectId::new(), "count": 1i64})
+        .collect();
+    notes.insert_many(prior).await?;
+    for round in 0..2 {
+        let key = format!("job{round}:owner");
+        probe(&cpu, "200 upserts {bulkKey, lastBatch $not $gte}", async {
+            for n in 0..200i64 {
+                notes
+                    .update_one(
+                        doc! {"bulkKey": &key, "lastBatch": {"$not": {"$gte": n}}},
+                        doc! {"$set": {"lastBatch": n}, "$inc": {"count": 1i64}},
+                    )
+                    .upsert(true)
+                    .await?;
+            }
+            Ok(200)
+        })
+        .await?;
+        probe(&cpu, "200 upserts {_id: key, lastBatch $not $gte}", async {
+            for n in 0..200i64 {
+                notes
+                    .update_one(
+                        doc! {"_id": &key, "lastBatch": {"$not": {"$gte": n}}},
+                        doc! {"$set": {"lastBatch": n}, "$inc": {"count": 1i64}},
+                    )
+                    .upsert(true)
+                    .await?;
+            }
+            Ok(200)
+        })
+        .await?;
+    }
     Ok(())
 }
