@@ -132,6 +132,9 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
             return cancelled(s).await;
         }
     }
+    // Every step looks first: a step that fails before its batch is read
+    // (retried until the job fails) must not hold the event back.
+    announce(s, false).await;
     // A crash may have left chunks past the checkpoint: they are written
     // again from it (never truncated, see `artifact`).
     s.resumed = true;
@@ -449,6 +452,8 @@ async fn complete(s: &mut ExportState) -> Result<bool, JobError> {
 
 /// Ends a cancelled export: no file will ever be read, so its chunks go.
 async fn cancelled(s: &mut ExportState) -> Result<bool, JobError> {
+    // Processing, then cancelled: each status change is an event.
+    announce(s, true).await;
     s.pending = None;
     s.run.finish(Ending::Cancelled).await?;
     let job_id = s.run.job.job_id.clone();

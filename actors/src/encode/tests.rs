@@ -923,3 +923,31 @@ async fn phone_cells_are_neutralised_unless_they_are_phone_numbers() {
         ]
     );
 }
+
+#[test]
+fn a_rows_fields_are_found_in_one_pass_first_occurrence_first() {
+    let mut raw = RawDocumentBuf::new();
+    raw.append("_id", oid(1));
+    raw.append("firstName", "Ada");
+    raw.append("customFields", bson::rawdoc! {"tier": "gold"});
+    raw.append("firstName", "Second");
+    raw.append("stageId", oid(9));
+    let row = Fields::read(&raw);
+    assert_eq!(Fields::object_id(row.id), Some(oid(1)));
+    assert_eq!(row.first_name.and_then(|v| v.as_str()), Some("Ada"));
+    assert_eq!(Fields::object_id(row.stage_id), Some(oid(9)));
+    assert_eq!(
+        row.custom.and_then(|c| c.get_str("tier").ok()),
+        Some("gold")
+    );
+    assert!(row.last_name.is_none() && row.owner_id.is_none());
+    // As a lookup by key would: the first `firstName` is the cell.
+    let enc = Encoder::new(Format::Csv, spec(&["id", "firstName", "customFields.tier"]));
+    let mut out = Vec::new();
+    enc.encode_rows([raw.as_ref()], &Names::default(), &mut out)
+        .expect("encodes");
+    assert_eq!(
+        String::from_utf8(out).expect("utf-8"),
+        format!("{},Ada,gold\n", oid(1))
+    );
+}

@@ -342,3 +342,70 @@ async fn contacts_minted_after_the_start_are_not_exported_and_total_is_counted_a
     drive(&mut s).await.expect("completes");
     exact(&w).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn rows_never_wait_for_a_slow_count_and_the_processing_event_does_until_the_wait_ends() {
+    use crate::events::JobEventKind;
+    let w = world().await;
+    // A count slower than the whole export.
+    w.source.count_takes(Duration::from_secs(30));
+    let sink = Arc::new(RecordingSink::default());
+    let mut s = take(&w, "a", &sink).await;
+    for _ in 0..4 {
+        assert!(s.step().await.expect("step"));
+    }
+    assert!(
+        sink.events.lock().expect("events").is_empty(),
+        "an event before the processing one"
+    );
+    // Once the wait (250 ms) is over, the next step announces the job, with
+    // `total` still unknown, before any progress event.
+    tokio::time::advance(Duration::from_millis(300)).await;
+    assert!(s.step().await.expect("step"));
+    let first = sink.events.lock().expect("events").first().cloned();
+    let first = first.expect("the processing event");
+    assert_eq!(
+        (first.kind, first.status),
+        (JobEventKind::Status, JobStatus::Processing)
+    );
+    assert_eq!(w.jobs.peek(&w.job.job_id).expect("job").total, None);
+    // Every batch is read and written at once; only the completion waits
+    // for the count.
+    loop {
+        let before = tokio::time::Instant::now();
+        let more = s.step().await.expect("step");
+        let took = before.elapsed();
+        if !more {
+            assert!(
+                took >= Duration::from_secs(29),
+                "completion without the count"
+            );
+            break;
+        }
+        assert!(
+            took < Duration::from_secs(1),
+            "a batch waited for the count"
+        );
+    }
+    exact(&w).await;
+    assert_eq!(
+        sink.statuses(&w.job.job_id),
+        vec![JobStatus::Processing, JobStatus::Completed]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_export_cancelled_before_it_was_announced_still_says_processing_then_cancelled() {
+    let w = world().await;
+    w.source.count_takes(Duration::from_secs(30));
+    let sink = Arc::new(RecordingSink::default());
+    let mut s = take(&w, "a", &sink).await;
+    assert!(s.step().await.expect("first step"));
+    assert!(sink.statuses(&w.job.job_id).is_empty(), "announced early");
+    s.run.cancel = true;
+    assert!(!s.step().await.expect("cancelled"));
+    assert_eq!(
+        sink.statuses(&w.job.job_id),
+        vec![JobStatus::Processing, JobStatus::Cancelled]
+    );
+}

@@ -33,6 +33,8 @@ struct Data {
     fail_after: Option<usize>,
     /// Ranges opened so far.
     opened: Vec<IdRange>,
+    /// How long a count takes (a large organisation's).
+    count_takes: std::time::Duration,
 }
 
 /// In-memory contacts, pipelines and users; clones share them.
@@ -78,6 +80,11 @@ impl MemExport {
     /// The next range read fails after handing over `rows` more rows.
     pub fn fail_rows_after(&self, rows: usize) {
         self.data().fail_after = Some(rows);
+    }
+
+    /// Counts take `takes` from now on (a large organisation's count).
+    pub fn count_takes(&self, takes: std::time::Duration) {
+        self.data().count_takes = takes;
     }
 
     /// The ranges opened so far, in order.
@@ -128,6 +135,8 @@ impl ExportSource for MemExport {
     }
 
     async fn count(&self, job: &JobRecord, bound: ObjectId) -> Result<i64, JobError> {
+        let takes = self.data().count_takes;
+        tokio::time::sleep(takes).await;
         let n = self.selection(job, None, bound).len() as i64;
         Ok(job.filter.limit.map_or(n, |l| n.min(l as i64)))
     }
