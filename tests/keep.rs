@@ -133,7 +133,8 @@ async fn check_kept_once(
     (n("contacts"), n("conversations"), n("messages"))
 }
 
-async fn delete_all(client: &async_nats::Client, org: ObjectId) -> Value {
+/// Starts an org-wide delete; its job id.
+async fn start_delete(client: &async_nats::Client, org: ObjectId) -> String {
     let reply = request(
         client,
         "bulk.v1.delete",
@@ -141,7 +142,12 @@ async fn delete_all(client: &async_nats::Client, org: ObjectId) -> Value {
     )
     .await;
     let job = reply["jobId"].as_str().unwrap_or_else(|| panic!("{reply}"));
-    wait_terminal(client, org, job).await
+    job.to_string()
+}
+
+async fn delete_all(client: &async_nats::Client, org: ObjectId) -> Value {
+    let job = start_delete(client, org).await;
+    wait_terminal(client, org, &job).await
 }
 
 async fn restore(client: &async_nats::Client, org: ObjectId, source: &str) -> Value {
@@ -365,13 +371,7 @@ async fn a_child_written_while_its_contact_is_kept_is_kept_by_another_pass_and_c
     let pause = failpoint::pause_at(failpoint::KEEP_AFTER_READ, &org.to_hex());
     let _svc = stack.service_with(|c| c.delete_batch = 12).await;
     let client = stack.client().await;
-    let reply = request(
-        &client,
-        "bulk.v1.delete",
-        json!({"orgId": org.to_hex(), "filter": {"orgWide": true}}),
-    )
-    .await;
-    let job = reply["jobId"].as_str().unwrap().to_string();
+    let job = start_delete(&client, org).await;
     // The first slice's children are read; before they are deleted, the CRM
     // writes a conversation and a message for its first contact.
     tokio::time::timeout(Duration::from_secs(60), pause.reached())

@@ -155,7 +155,6 @@ async fn step(s: &mut ExportState) -> Result<bool, JobError> {
         read_batch(s, max_id).await?;
     }
     settle_count(s, false).await?;
-    announce(s, false).await;
     let due = s.buf.len() >= s.run.env.settings.flush_bytes
         || s.last_flush.elapsed() >= s.run.env.settings.flush_interval;
     if s.buf_rows > 0 && (due || s.exhausted) {

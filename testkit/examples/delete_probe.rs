@@ -6,27 +6,8 @@
 use std::time::Instant;
 
 use bson::{doc, oid::ObjectId, Document, RawDocumentBuf};
-use contact_bulk_testkit::bench::cpu::CpuProbe;
-use contact_bulk_testkit::bench::{Common, Harness};
-use contact_bulk_testkit::seed::{seed_org, SeedSpec};
+use contact_bulk_testkit::bench::cpu::{measure, CpuProbe};
 use futures::TryStreamExt;
-
-async fn probe<F: std::future::Future<Output = anyhow::Result<u64>>>(
-    cpu: &CpuProbe,
-    what: &str,
-    f: F,
-) -> anyhow::Result<()> {
-    let before = cpu.sample();
-    let t = Instant::now();
-    let n = f.await?;
-    let wall = t.elapsed();
-    println!(
-        "{what:<56} n={n:<6} wall {:.3} s  cpu {}",
-        wall.as_secs_f64(),
-        cpu.sample().json_since(&before)
-    );
-    Ok(())
-}
 
 async fn drain(coll: &mongodb::Collection<RawDocumentBuf>, q: Document) -> anyhow::Result<u64> {
     let mut c = coll.find(q).batch_size(10_000).await?;
@@ -43,33 +24,9 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
-    let common = Common {
-        data_dir: None,
-        keep: false,
-    };
-    let h = Harness::start(&common).await?;
-    contact_bulk_actors::store::ensure_indexes(&h.db).await?;
-    let spec = SeedSpec {
-        contacts,
-        conversation_every: 1,
-        conversations_per_contact: 2,
-        messages_per_conversation: 3,
-        ..SeedSpec::demo()
-    };
-    let org = seed_org(&h.db, ObjectId::new(), &spec).await?.org_id;
+    let (h, org, ids) = contact_bulk_testkit::bench::delete::probe_org(contacts).await?;
     let cpu = CpuProbe::new(h.dir(), std::process::id());
     let raw = |name: &str| h.db.collection::<RawDocumentBuf>(name);
-    let ids: Vec<ObjectId> =
-        h.db.collection::<Document>("contacts")
-            .find(doc! {"orgId": org})
-            .sort(doc! {"_id": 1})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .filter_map(|d| d.get_object_id("_id").ok())
-            .collect();
     let batches: Vec<&[ObjectId]> = ids.chunks(1000).collect();
     let b = batches[batches.len() / 2];
     let indexes = h.db.run_command(doc! {"listIndexes": "messages"}).await?;
@@ -92,32 +49,32 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         println!("-- round {round} (reads of one batch of {})", b.len());
-        probe(
+        measure(
             &cpu,
             "contacts {_id $in, orgId}",
             drain(&raw("contacts"), doc! {"_id": {"$in": b}, "orgId": org}),
         )
         .await?;
         for coll in ["conversations", "messages"] {
-            probe(
+            measure(
                 &cpu,
                 &format!("{coll} {{orgId, contactId $in}}"),
                 drain(&raw(coll), doc! {"orgId": org, "contactId": {"$in": b}}),
             )
             .await?;
-            probe(
+            measure(
                 &cpu,
                 &format!("{coll} {{contactId $in, orgId}}"),
                 drain(&raw(coll), doc! {"contactId": {"$in": b}, "orgId": org}),
             )
             .await?;
-            probe(
+            measure(
                 &cpu,
                 &format!("{coll} {{contactId $in}}"),
                 drain(&raw(coll), doc! {"contactId": {"$in": b}}),
             )
             .await?;
-            probe(
+            measure(
                 &cpu,
                 &format!("{coll} find_one {{orgId, contactId $in}}"),
                 async {
@@ -128,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             )
             .await?;
-            probe(
+            measure(
                 &cpu,
                 &format!("{coll} find_one {{contactId $in, orgId}}"),
                 async {
@@ -151,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
         };
         for coll in ["messages", "conversations"] {
             let f = filter.clone();
-            probe(&cpu, &format!("delete_many {coll} {how}"), async {
+            measure(&cpu, &format!("delete_many {coll} {how}"), async {
                 Ok(h.db
                     .collection::<Document>(coll)
                     .delete_many(f)
@@ -160,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         }
-        probe(&cpu, "delete_many contacts {_id $in, orgId}", async {
+        measure(&cpu, "delete_many contacts {_id $in, orgId}", async {
             Ok(h.db
                 .collection::<Document>("contacts")
                 .delete_many(doc! {"_id": {"$in": *b}, "orgId": org})
@@ -170,16 +127,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
     if let Some(b) = rest.next() {
-        let ids: Vec<ObjectId> = raw("messages")
-            .find(doc! {"contactId": {"$in": *b}})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get_object_id("_id").ok())
-            .collect();
-        probe(&cpu, "delete_many messages {_id $in, orgId}", async {
+        let ids = message_ids(&raw("messages"), b).await?;
+        measure(&cpu, "delete_many messages {_id $in, orgId}", async {
             Ok(h.db
                 .collection::<Document>("messages")
                 .delete_many(doc! {"_id": {"$in": &ids}, "orgId": org})
@@ -189,16 +138,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     }
     if let Some(b) = rest.next() {
-        let ids: Vec<ObjectId> = raw("messages")
-            .find(doc! {"contactId": {"$in": *b}})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get_object_id("_id").ok())
-            .collect();
-        probe(&cpu, "delete_many messages {_id $in}", async {
+        let ids = message_ids(&raw("messages"), b).await?;
+        measure(&cpu, "delete_many messages {_id $in}", async {
             Ok(h.db
                 .collection::<Document>("messages")
                 .delete_many(doc! {"_id": {"$in": &ids}})
@@ -206,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 .deleted_count)
         })
         .await?;
-        probe(&cpu, "delete_many contacts {_id $in}", async {
+        measure(&cpu, "delete_many contacts {_id $in}", async {
             Ok(h.db
                 .collection::<Document>("contacts")
                 .delete_many(doc! {"_id": {"$in": *b}})
@@ -214,13 +155,13 @@ async fn main() -> anyhow::Result<()> {
                 .deleted_count)
         })
         .await?;
-        probe(
+        measure(
             &cpu,
             "find messages {contactId $in} after delete",
             drain(&raw("messages"), doc! {"contactId": {"$in": *b}}),
         )
         .await?;
-        probe(
+        measure(
             &cpu,
             "find messages {orgId, contactId $in} after delete",
             drain(
@@ -249,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
                 d
             })
             .collect();
-        probe(&cpu, "insert_many 1000 bundles of 6 messages", async {
+        measure(&cpu, "insert_many 1000 bundles of 6 messages", async {
             Ok(h.db
                 .collection::<RawDocumentBuf>("bulk_kept_probe")
                 .insert_many(bundles)
@@ -261,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(b) = rest.next() {
         let entries: Vec<Document> = b.iter().map(|c| doc! {"_id": ObjectId::new(), "orgId": org, "bulkKey": format!("{org}:{c}"), "type": "CONTACT_DELETE", "contactId": c}).collect();
-        probe(&cpu, "insert_many 1000 audit entries", async {
+        measure(&cpu, "insert_many 1000 audit entries", async {
             Ok(h.db
                 .collection::<Document>("event_logs")
                 .insert_many(entries)
@@ -280,32 +221,38 @@ async fn main() -> anyhow::Result<()> {
     notes.insert_many(prior).await?;
     for round in 0..2 {
         let key = format!("job{round}:owner");
-        probe(&cpu, "200 upserts {bulkKey, lastBatch $not $gte}", async {
-            for n in 0..200i64 {
-                notes
-                    .update_one(
-                        doc! {"bulkKey": &key, "lastBatch": {"$not": {"$gte": n}}},
-                        doc! {"$set": {"lastBatch": n}, "$inc": {"count": 1i64}},
-                    )
-                    .upsert(true)
-                    .await?;
-            }
-            Ok(200)
-        })
-        .await?;
-        probe(&cpu, "200 upserts {_id: key, lastBatch $not $gte}", async {
-            for n in 0..200i64 {
-                notes
-                    .update_one(
-                        doc! {"_id": &key, "lastBatch": {"$not": {"$gte": n}}},
-                        doc! {"$set": {"lastBatch": n}, "$inc": {"count": 1i64}},
-                    )
-                    .upsert(true)
-                    .await?;
-            }
-            Ok(200)
-        })
-        .await?;
+        for by in ["bulkKey", "_id"] {
+            let what = format!("200 upserts {{{by}: key, lastBatch $not $gte}}");
+            measure(&cpu, &what, async {
+                for n in 0..200i64 {
+                    notes
+                        .update_one(
+                            doc! {by: &key, "lastBatch": {"$not": {"$gte": n}}},
+                            doc! {"$set": {"lastBatch": n}, "$inc": {"count": 1i64}},
+                        )
+                        .upsert(true)
+                        .await?;
+                }
+                Ok(200)
+            })
+            .await?;
+        }
     }
     Ok(())
+}
+
+/// The `_id`s of the messages of these contacts.
+async fn message_ids(
+    messages: &mongodb::Collection<RawDocumentBuf>,
+    contacts: &[ObjectId],
+) -> anyhow::Result<Vec<ObjectId>> {
+    Ok(messages
+        .find(doc! {"contactId": {"$in": contacts}})
+        .projection(doc! {"_id": 1})
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .iter()
+        .filter_map(|d| d.get_object_id("_id").ok())
+        .collect())
 }

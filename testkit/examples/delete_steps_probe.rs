@@ -9,8 +9,6 @@ use std::time::Instant;
 
 use bson::{doc, oid::ObjectId, rawdoc, Document, RawDocumentBuf};
 use contact_bulk_testkit::bench::cpu::CpuProbe;
-use contact_bulk_testkit::bench::{Common, Harness};
-use contact_bulk_testkit::seed::{seed_org, SeedSpec};
 use futures::TryStreamExt;
 
 struct Steps<'a> {
@@ -50,33 +48,9 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
-    let h = Harness::start(&Common {
-        data_dir: None,
-        keep: false,
-    })
-    .await?;
-    contact_bulk_actors::store::ensure_indexes(&h.db).await?;
-    let spec = SeedSpec {
-        contacts,
-        conversation_every: 1,
-        conversations_per_contact: 2,
-        messages_per_conversation: 3,
-        ..SeedSpec::demo()
-    };
-    let org = seed_org(&h.db, ObjectId::new(), &spec).await?.org_id;
+    let (h, org, ids) = contact_bulk_testkit::bench::delete::probe_org(contacts).await?;
     let cpu = CpuProbe::new(h.dir(), std::process::id());
     let raw = |name: &str| h.db.collection::<RawDocumentBuf>(name);
-    let ids: Vec<ObjectId> =
-        h.db.collection::<Document>("contacts")
-            .find(doc! {"orgId": org})
-            .sort(doc! {"_id": 1})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .filter_map(|d| d.get_object_id("_id").ok())
-            .collect();
     let mut s = Steps {
         cpu: &cpu,
         totals: BTreeMap::new(),

@@ -8,27 +8,10 @@ use std::time::Instant;
 use bson::{doc, oid::ObjectId, Document, RawDocumentBuf};
 use contact_bulk_actors::filter::Filter;
 use contact_bulk_actors::id_ranges;
-use contact_bulk_testkit::bench::cpu::CpuProbe;
+use contact_bulk_testkit::bench::cpu::{measure, CpuProbe};
 use contact_bulk_testkit::bench::{Common, Harness};
 use contact_bulk_testkit::seed::{seed_org, SeedSpec};
 use futures::TryStreamExt;
-
-async fn probe<F: std::future::Future<Output = anyhow::Result<u64>>>(
-    cpu: &CpuProbe,
-    what: &str,
-    f: F,
-) -> anyhow::Result<()> {
-    let before = cpu.sample();
-    let t = Instant::now();
-    let n = f.await?;
-    let wall = t.elapsed();
-    println!(
-        "{what:<48} n={n:<8} wall {:.3} s  cpu {}",
-        wall.as_secs_f64(),
-        cpu.sample().json_since(&before)
-    );
-    Ok(())
-}
 
 async fn drain(coll: &mongodb::Collection<RawDocumentBuf>, q: Document) -> anyhow::Result<u64> {
     let mut c = coll.find(q).sort(doc! {"_id": 1}).batch_size(1000).await?;
@@ -73,40 +56,40 @@ async fn main() -> anyhow::Result<()> {
     );
     for round in 0..2 {
         println!("-- round {round}");
-        probe(&cpu, "drain {orgId} sort _id", drain(&coll, base.clone())).await?;
-        probe(
+        measure(&cpu, "drain {orgId} sort _id", drain(&coll, base.clone())).await?;
+        measure(
             &cpu,
             "find bounded both sides sort _id",
             drain(&coll, bounded.clone()),
         )
         .await?;
-        probe(&cpu, "snapshot bound (find_one > now)", async {
+        measure(&cpu, "snapshot bound (find_one > now)", async {
             contact_bulk_actors::snapshot::bound(&h.db, "contacts", &base).await?;
             Ok(0)
         })
         .await?;
-        probe(&cpu, "count bounded both sides", async {
+        measure(&cpu, "count bounded both sides", async {
             Ok(
                 contact_bulk_actors::snapshot::count(&h.db, "contacts", &bounded, None, None)
                     .await? as u64,
             )
         })
         .await?;
-        probe(&cpu, "count {orgId}", async {
+        measure(&cpu, "count {orgId}", async {
             Ok(
                 contact_bulk_actors::snapshot::count(&h.db, "contacts", &base, None, None).await?
                     as u64,
             )
         })
         .await?;
-        probe(&cpu, "count_documents {orgId}", async {
+        measure(&cpu, "count_documents {orgId}", async {
             Ok(h.db
                 .collection::<Document>("contacts")
                 .count_documents(base.clone())
                 .await?)
         })
         .await?;
-        probe(&cpu, "aggregate $match bounded, $count", async {
+        measure(&cpu, "aggregate $match bounded, $count", async {
             let mut c =
                 h.db.collection::<Document>("contacts")
                     .aggregate(vec![doc! {"$match": bounded.clone()}, doc! {"$count": "n"}])
@@ -118,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(n as u64)
         })
         .await?;
-        probe(&cpu, "find bounded projection {_id:1} (covered?)", async {
+        measure(&cpu, "find bounded projection {_id:1} (covered?)", async {
             let mut c = coll
                 .find(bounded.clone())
                 .projection(doc! {"_id": 1})
@@ -133,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         for parts in [4usize, 16] {
             let what = format!("{parts} ranges, sequential");
-            probe(&cpu, &what, async {
+            measure(&cpu, &what, async {
                 let mut n = 0;
                 for r in id_ranges::split(None, bound, org, parts) {
                     let mut q = base.clone();
@@ -149,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
         }
-        probe(&cpu, "find {orgId} projection customFields", async {
+        measure(&cpu, "find {orgId} projection customFields", async {
             let mut c = coll
                 .find(bounded.clone())
                 .sort(doc! {"_id": 1})
@@ -167,114 +150,52 @@ async fn main() -> anyhow::Result<()> {
     contact_bulk_actors::store::ensure_indexes(&h.db).await?;
     let chunks = h.db.collection::<Document>("export_chunks");
     let jobs = h.db.collection::<Document>("bulk_jobs");
-    let mb: usize = 40;
-    for (size, count) in [(1usize << 20, mb), (4 << 20, mb / 4), (256 << 10, mb * 4)] {
-        let what = format!("{count} chunks of {} KiB, replace upsert", size >> 10);
-        let job = ObjectId::new().to_hex();
-        probe(&cpu, &what, async {
-            for n in 0..count as i64 {
-                let data = vec![b'x'; size];
-                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
-                "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data }};
-                chunks
-                    .replace_one(
-                        doc! {"jobId": &job, "n": n, "epoch": {"$not": {"$gt": 1i64}}},
-                        chunk,
-                    )
-                    .upsert(true)
-                    .await?;
-            }
-            Ok(count as u64)
-        })
-        .await?;
-        let what = format!("{count} chunks of {} KiB, insert_one", size >> 10);
-        let job = ObjectId::new().to_hex();
-        probe(&cpu, &what, async {
-            for n in 0..count as i64 {
-                let data = vec![b'x'; size];
-                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
-                "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: data }};
-                chunks.insert_one(chunk).await?;
-            }
-            Ok(count as u64)
-        })
-        .await?;
-    }
+    // Each way an export chunk could be written, on 40 MiB: (KiB a chunk, how).
+    let variants = [
+        (1024, Write::FencedByJobAndN),
+        (1024, Write::Insert),
+        (4096, Write::FencedByJobAndN),
+        (4096, Write::Insert),
+        (256, Write::FencedByJobAndN),
+        (256, Write::Insert),
+        (1024, Write::ByJobAndN),
+        (1024, Write::ByJobAndNEpochLte),
+        (1024, Write::FencedById),
+    ];
     for round in 0..2 {
-        let job = ObjectId::new().to_hex();
-        let what = format!("round {round}: 40 x 1 MiB replace upsert {{jobId, n}} only");
-        probe(&cpu, &what, async {
-            for n in 0..40i64 {
-                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
-                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
-                chunks.replace_one(doc! {"jobId": &job, "n": n}, chunk).upsert(true).await?;
+        for (kib, how) in variants {
+            let job = ObjectId::new().to_hex();
+            let count = 40 * 1024 / kib;
+            let what = format!("round {round}: {count} chunks of {kib} KiB, {how:?}");
+            measure(
+                &cpu,
+                &what,
+                write_chunks(&chunks, &job, count, kib << 10, 1, how),
+            )
+            .await?;
+            if how == Write::FencedById {
+                let what = format!("round {round}: the same again, epoch 2 (a resume)");
+                measure(
+                    &cpu,
+                    &what,
+                    write_chunks(&chunks, &job, count, kib << 10, 2, how),
+                )
+                .await?;
+                let what = format!("round {round}: remove_from {{jobId, n >= 30}}");
+                measure(&cpu, &what, async {
+                    Ok(chunks
+                        .delete_many(doc! {"jobId": &job, "n": {"$gte": 30i64}})
+                        .await?
+                        .deleted_count)
+                })
+                .await?;
             }
-            Ok(40)
-        })
-        .await?;
-        let job = ObjectId::new().to_hex();
-        let what = format!("round {round}: 40 x 1 MiB replace upsert {{jobId, n, epoch $lte}}");
-        probe(&cpu, &what, async {
-            for n in 0..40i64 {
-                let chunk = doc! {"jobId": &job, "n": n, "epoch": 1i64,
-                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
-                chunks.replace_one(doc! {"jobId": &job, "n": n, "epoch": {"$lte": 1i64}}, chunk).upsert(true).await?;
-            }
-            Ok(40)
-        })
-        .await?;
-        let what =
-            format!("round {round}: 40 x 1 MiB replace upsert again {{jobId, n, epoch $lte 2}}");
-        probe(&cpu, &what, async {
-            for n in 0..40i64 {
-                let chunk = doc! {"jobId": &job, "n": n, "epoch": 2i64,
-                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
-                chunks.replace_one(doc! {"jobId": &job, "n": n, "epoch": {"$lte": 2i64}}, chunk).upsert(true).await?;
-            }
-            Ok(40)
-        })
-        .await?;
-        let job = ObjectId::new().to_hex();
-        let what = format!("round {round}: 40 x 1 MiB replace upsert {{_id: key, epoch}}");
-        probe(&cpu, &what, async {
-            for n in 0..40i64 {
-                let key = format!("{job}:{n}");
-                let chunk = doc! {"_id": &key, "jobId": &job, "n": n, "epoch": 1i64,
-                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
-                chunks.replace_one(doc! {"_id": &key, "epoch": {"$not": {"$gt": 1i64}}}, chunk).upsert(true).await?;
-            }
-            Ok(40)
-        })
-        .await?;
-        let what = format!("round {round}: same 40 again (rewrite, epoch 2)");
-        probe(&cpu, &what, async {
-            for n in 0..40i64 {
-                let key = format!("{job}:{n}");
-                let chunk = doc! {"_id": &key, "jobId": &job, "n": n, "epoch": 2i64,
-                    "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; 1 << 20] }};
-                chunks.replace_one(doc! {"_id": &key, "epoch": {"$not": {"$gt": 2i64}}}, chunk).upsert(true).await?;
-            }
-            Ok(40)
-        })
-        .await?;
-        let what = format!("round {round}: remove_from {{jobId, n >= 30}}");
-        probe(&cpu, &what, async {
-            Ok(chunks
-                .delete_many(doc! {"jobId": &job, "n": {"$gte": 30i64}})
-                .await?
-                .deleted_count)
-        })
-        .await?;
-        let what = format!("round {round}: count all chunks");
-        probe(&cpu, &what, async {
-            Ok(chunks.count_documents(doc! {}).await?)
-        })
-        .await?;
+        }
     }
     let id = ObjectId::new();
     jobs.insert_one(doc! {"_id": id, "jobId": id.to_hex(), "processed": 0i64})
         .await?;
-    probe(&cpu, "100 checkpoint update_one", async {
+    measure(&cpu, "100 checkpoint update_one", async {
         for n in 0..100i64 {
             jobs.update_one(
                 doc! {"_id": id, "lease.epoch": {"$not": {"$gt": 1i64}}},
@@ -298,4 +219,52 @@ async fn main() -> anyhow::Result<()> {
         .await;
     println!("explain count: {explain:?}");
     Ok(())
+}
+
+/// How a chunk is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// The fenced upsert chunks had before (filter `jobId`, `n`, `epoch $not $gt`).
+    FencedByJobAndN,
+    /// A plain `insert_one`.
+    Insert,
+    /// An upsert on `jobId` and `n` alone.
+    ByJobAndN,
+    /// An upsert on `jobId`, `n` and `epoch $lte`.
+    ByJobAndNEpochLte,
+    /// The fenced upsert chunks have now (filter `_id`, `epoch $not $gt`).
+    FencedById,
+}
+
+/// Writes `count` chunks of `size` bytes for `job` under `epoch`.
+async fn write_chunks(
+    chunks: &mongodb::Collection<Document>,
+    job: &str,
+    count: usize,
+    size: usize,
+    epoch: i64,
+    how: Write,
+) -> anyhow::Result<u64> {
+    for n in 0..count as i64 {
+        let key = format!("{job}:{n}");
+        let mut chunk = doc! {"jobId": job, "n": n, "epoch": epoch,
+        "data": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![b'x'; size] }};
+        let filter = match how {
+            Write::Insert => {
+                chunks.insert_one(chunk).await?;
+                continue;
+            }
+            Write::FencedByJobAndN => {
+                doc! {"jobId": job, "n": n, "epoch": {"$not": {"$gt": epoch}}}
+            }
+            Write::ByJobAndN => doc! {"jobId": job, "n": n},
+            Write::ByJobAndNEpochLte => doc! {"jobId": job, "n": n, "epoch": {"$lte": epoch}},
+            Write::FencedById => {
+                chunk.insert("_id", &key);
+                doc! {"_id": &key, "epoch": {"$not": {"$gt": epoch}}}
+            }
+        };
+        chunks.replace_one(filter, chunk).upsert(true).await?;
+    }
+    Ok(count as u64)
 }

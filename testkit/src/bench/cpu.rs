@@ -2,6 +2,7 @@
 //! MongoDB-wire server and nats-server over an interval, read from `/proc`.
 
 use std::path::Path;
+use std::time::Instant;
 
 /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
 const TICKS: f64 = 100.0;
@@ -83,6 +84,25 @@ fn parse_stat(stat: &str) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / TICKS)
+}
+
+/// Runs `f` (which returns how many documents it handled) and prints one
+/// line: its wall time and the CPU seconds of each process meanwhile. The
+/// probes of `testkit/examples/` are made of these.
+pub async fn measure<F: std::future::Future<Output = anyhow::Result<u64>>>(
+    cpu: &CpuProbe,
+    what: &str,
+    f: F,
+) -> anyhow::Result<()> {
+    let before = cpu.sample();
+    let t = Instant::now();
+    let n = f.await?;
+    println!(
+        "{what:<56} n={n:<8} wall {:.3} s  cpu {}",
+        t.elapsed().as_secs_f64(),
+        cpu.sample().json_since(&before)
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -171,7 +171,9 @@ pub async fn run(args: DeleteBench) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spec(n: u64) -> SeedSpec {
+/// An organisation of `n` contacts with 2 conversations × 3 messages each:
+/// the delete benchmark's (and the delete probes').
+pub fn children_spec(n: u64) -> SeedSpec {
     SeedSpec {
         contacts: n,
         pipelines: 1,
@@ -183,9 +185,37 @@ fn spec(n: u64) -> SeedSpec {
     }
 }
 
+/// The delete probes' world (`testkit/examples/delete_*probe.rs`): fresh
+/// servers with the service's indexes, one organisation of `n` contacts as
+/// [`children_spec`] seeds it, and its contact ids in `_id` order.
+pub async fn probe_org(n: u64) -> anyhow::Result<(Harness, ObjectId, Vec<ObjectId>)> {
+    use futures::TryStreamExt;
+    let h = Harness::start(&Common {
+        data_dir: None,
+        keep: false,
+    })
+    .await?;
+    contact_bulk_actors::store::ensure_indexes(&h.db).await?;
+    let org = crate::seed::seed_org(&h.db, ObjectId::new(), &children_spec(n))
+        .await?
+        .org_id;
+    let ids =
+        h.db.collection::<Document>("contacts")
+            .find(doc! {"orgId": org})
+            .sort(doc! {"_id": 1})
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .filter_map(|d| d.get_object_id("_id").ok())
+            .collect();
+    Ok((h, org, ids))
+}
+
 /// Seeds `count` organisations of `n` contacts side by side.
 async fn seed(h: &Harness, n: u64, count: usize) -> anyhow::Result<Vec<crate::seed::SeededOrg>> {
-    let spec = spec(n);
+    let spec = children_spec(n);
     eprintln!(
         "seeding {count} organisations of {n} contacts, {} conversations, {} messages",
         2 * n,
